@@ -1,0 +1,21 @@
+# Sourced by scripts/run and scripts/test: make .venv if absent and install the project.
+# The package names `supervisor`, `worker` and `shared` are generic (supervisord ships a
+# `supervisor` package too): install only into this venv, never system-wide.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+EXTRAS="${1:-}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.installed$EXTRAS"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+    if [ -n "$EXTRAS" ]; then
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[$EXTRAS]" >&2
+    else
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT" >&2
+    fi
+    touch "$stamp"
+fi

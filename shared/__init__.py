@@ -1,0 +1,1 @@
+"""Code shared by the supervisor and its workers: wire shapes, errors, ids, the pipe codec."""

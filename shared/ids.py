@@ -1,0 +1,80 @@
+"""Identifiers (ULIDs, prefixed ULIDs, trace ids) and RFC 3339 timestamps."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+
+from ulid import ULID
+
+ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+PREFIXED_RE = re.compile(r"^[a-z]+_[0-9A-HJKMNP-TV-Z]{26}$")
+TRACE_RE = re.compile(r"^[0-9a-f]{32}$")
+TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def new_ulid() -> str:
+    """26 characters of uppercase Crockford base32, time-ordered."""
+    return str(ULID())
+
+
+def new_id(prefix: str) -> str:
+    """`prefix_ULID`, e.g. `job_01JZ...`."""
+    return f"{prefix}_{ULID()}"
+
+
+def new_trace_id() -> str:
+    """A random W3C trace id: 32 lowercase hex digits, never all zeros."""
+    while True:
+        t = secrets.token_hex(16)
+        if t != "0" * 32:
+            return t
+
+
+def new_resume_token() -> str:
+    """An opaque resume token with 160 bits of randomness."""
+    return "rtk_" + secrets.token_hex(20)
+
+
+def parse_trace_id(value: object) -> str:
+    """Normalise a client's trace id (32 hex, or a traceparent); ValueError if neither."""
+    if not isinstance(value, str):
+        raise ValueError("trace_id must be a string")
+    low = value.strip().lower()
+    m = TRACEPARENT_RE.match(low)
+    if m:
+        low = m.group(1)
+    if not TRACE_RE.match(low) or low == "0" * 32:
+        raise ValueError("trace_id must be 32 hex digits (not all zero) or a W3C traceparent")
+    return low
+
+
+def format_ts(epoch: float) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` for a Unix time."""
+    secs = int(epoch)
+    micros = int((epoch - secs) * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+
+
+def now_ts() -> str:
+    return format_ts(time.time())
+
+
+def parse_ts(value: object) -> datetime:
+    """Parse an RFC 3339 timestamp that carries an explicit offset; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be a string")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        raise ValueError(f"timestamp {value!r} has no UTC offset")
+    return dt.astimezone(UTC)
+
+
+def format_dt(dt: datetime) -> str:
+    return format_ts(dt.timestamp())

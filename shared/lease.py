@@ -1,0 +1,164 @@
+"""Lease grammar, target canonicalisation and glob matching (protocol.md §8).
+
+Pure functions. Glob semantics follow the Go SDK: patterns and targets are
+split on "/"; a segment `**` matches zero or more whole segments, a segment
+`*` exactly one, and `*` inside a segment any run of characters within it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+RESERVED_CAPABILITIES = frozenset({
+    "fs.read", "fs.write", "net.fetch", "tool.call", "agent.delegate", "model.use", "cost.budget",
+})
+VENDOR_CAPABILITY_RE = re.compile(r"^x-vendor\.[A-Za-z0-9_-]+\.[A-Za-z0-9._-]+$")
+BUDGET_RE = re.compile(r"^([A-Z]{1,10}|[a-z]{1,10}):([0-9]+(?:\.[0-9]+)?)$")
+MAX_PATTERNS = 256
+MAX_PATTERN_LEN = 4096
+MAX_CAPABILITIES = 64
+
+Lease = dict[str, list[str]]
+
+
+class LeaseError(ValueError):
+    """A lease request that breaks the grammar; the message names capability and pattern."""
+
+
+def validate_lease_request(obj: Any) -> Lease:
+    """Check a `lease_request` object; return it as a plain dict of string lists."""
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise LeaseError(f"lease_request must be an object (got {type(obj).__name__})")
+    if len(obj) > MAX_CAPABILITIES:
+        raise LeaseError(f"lease_request has more than {MAX_CAPABILITIES} capabilities")
+    out: Lease = {}
+    for cap, patterns in obj.items():
+        if cap not in RESERVED_CAPABILITIES and not VENDOR_CAPABILITY_RE.match(cap):
+            raise LeaseError(
+                f"lease capability {cap!r} is neither reserved nor of the form x-vendor.<vendor>.<name>"
+            )
+        if not isinstance(patterns, list):
+            raise LeaseError(f"lease capability {cap!r}: patterns must be a list of strings")
+        if len(patterns) > MAX_PATTERNS:
+            raise LeaseError(f"lease capability {cap!r}: more than {MAX_PATTERNS} patterns")
+        for p in patterns:
+            if not isinstance(p, str):
+                raise LeaseError(f"lease capability {cap!r}: pattern {p!r} is not a string")
+            if len(p) > MAX_PATTERN_LEN:
+                raise LeaseError(f"lease capability {cap!r}: a pattern is longer than {MAX_PATTERN_LEN}")
+            if cap == "cost.budget":
+                parse_budget_entry(p)
+        out[cap] = list(patterns)
+    return out
+
+
+def parse_budget_entry(entry: str) -> tuple[str, Decimal]:
+    """`CUR:amount` -> (currency, Decimal); LeaseError naming the entry if malformed."""
+    m = BUDGET_RE.match(entry)
+    if not m:
+        raise LeaseError(
+            f"lease capability 'cost.budget': pattern {entry!r} is not CURRENCY:AMOUNT "
+            "(currency [A-Z]{1,10} or [a-z]{1,10}, amount digits with an optional fraction)"
+        )
+    try:
+        return m.group(1), Decimal(m.group(2))
+    except InvalidOperation as e:  # pragma: no cover - the regex admits only decimals
+        raise LeaseError(f"lease capability 'cost.budget': bad amount in {entry!r}") from e
+
+
+def initial_budget(lease: Lease) -> dict[str, Decimal]:
+    """Counters per currency; several entries of one currency add up."""
+    out: dict[str, Decimal] = {}
+    for entry in lease.get("cost.budget", []):
+        cur, amount = parse_budget_entry(entry)
+        out[cur] = out.get(cur, Decimal(0)) + amount
+    return out
+
+
+def clean_path(path: str) -> str:
+    """Lexical clean like Go's path.Clean: `..` never climbs above the root."""
+    if not path:
+        return "."
+    cleaned = posixpath.normpath(path)
+    if cleaned.startswith("//"):
+        cleaned = "/" + cleaned.lstrip("/")
+    return cleaned
+
+
+def canonical_target(capability: str, target: str) -> str:
+    """Normalise a target before matching (§8.3); patterns are never touched."""
+    if capability in ("fs.read", "fs.write"):
+        return clean_path(target)
+    if capability == "net.fetch":
+        try:
+            parts = urlsplit(target)
+        except ValueError:
+            return target
+        if not parts.scheme:
+            return target
+        path = clean_path(parts.path) if parts.path else ""
+        if path == ".":
+            path = ""
+        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, parts.fragment))
+    return target
+
+
+def _segment_match(pattern: str, segment: str) -> bool:
+    if "*" not in pattern:
+        return pattern == segment
+    return _segment_regex(pattern).match(segment) is not None
+
+
+@lru_cache(maxsize=4096)
+def _segment_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + ".*".join(re.escape(p) for p in pattern.split("*")) + "$", re.DOTALL)
+
+
+def _split(s: str) -> list[str]:
+    return s.split("/") if s else []
+
+
+def glob_match(pattern: str, target: str) -> bool:
+    """Go-SDK segment glob (protocol.md §8.2)."""
+    return _match(tuple(_split(pattern)), tuple(_split(target)))
+
+
+def _match(pat: tuple[str, ...], tgt: tuple[str, ...]) -> bool:
+    # Iterative with memo over (i, j) to stay linear-ish on hostile `**` chains.
+    seen: set[tuple[int, int]] = set()
+    stack = [(0, 0)]
+    while stack:
+        i, j = stack.pop()
+        if (i, j) in seen:
+            continue
+        seen.add((i, j))
+        if i == len(pat):
+            if j == len(tgt):
+                return True
+            continue
+        seg = pat[i]
+        if seg == "**":
+            for k in range(j, len(tgt) + 1):
+                stack.append((i + 1, k))
+            continue
+        if j == len(tgt):
+            continue
+        if seg == "*" or _segment_match(seg, tgt[j]):
+            stack.append((i + 1, j + 1))
+    return False
+
+
+def lease_allows(lease: Lease, capability: str, target: str) -> bool:
+    """True when some pattern of `capability` matches the canonical target."""
+    patterns = lease.get(capability)
+    if not patterns:
+        return False
+    canon = canonical_target(capability, target)
+    return any(glob_match(p, canon) for p in patterns)

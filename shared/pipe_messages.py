@@ -1,0 +1,35 @@
+"""Frames on the supervisor<->worker pipe (msgpack lists; first item is the tag).
+
+Supervisor -> worker:
+    ["job", spec]                      run one job (spec: see JobSpec keys below)
+    ["reply", call_id, ok, value]      answer to a "call"; value is the error dict when not ok
+    ["cancel", reason]                 stop the current job
+Worker -> supervisor:
+    ["ev", job_id, op, args]           fire-and-forget event (ops: EVENT_OPS)
+    ["call", job_id, call_id, op, args]  needs a "reply" (ops: CALL_OPS)
+    ["done", job_id, value]            the agent returned `value`
+    ["fail", job_id, error]            the agent raised; error = {code, message, retryable, details?}
+"""
+
+from __future__ import annotations
+
+JOB, REPLY, CANCEL = "job", "reply", "cancel"
+EV, CALL, DONE, FAIL = "ev", "call", "done", "fail"
+
+EVENT_OPS = frozenset({
+    "log", "thought", "status", "metric", "progress", "tool_result", "tool_error",
+    "artifact_ref", "stream_open", "chunk", "stream_close",
+})
+CALL_OPS = frozenset({
+    "tool_call", "budget", "reserve_budget", "validate_lease_op", "delegate", "rotate_credential",
+})
+
+# Keys of the job spec the supervisor sends with JOB.
+SPEC_KEYS = (
+    "job_id", "session_id", "trace_id", "agent", "entry", "input", "lease", "lease_constraints",
+    "max_result_bytes", "max_event_bytes", "chunk_size",
+)
+
+# Largest frame either side accepts on the pipe. An event body must also fit
+# one outbound transport frame, which the supervisor checks separately.
+MAX_PIPE_FRAME = 4 * 1024 * 1024

@@ -1,0 +1,3 @@
+"""The arcp-supervisor parent process: transports, sessions, jobs and authority."""
+
+__version__ = "0.1.0"

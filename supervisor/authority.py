@@ -1,0 +1,83 @@
+"""A job's authority, held by the supervisor: its lease, expiry and budget counters.
+
+Pure: callers pass `now` (wall-clock epoch seconds, for `expires_at`).
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from shared.errors import BudgetExhausted, InvalidRequest, LeaseExpired, PermissionDenied
+from shared.lease import Lease, initial_budget, lease_allows
+
+REMAINING_METRIC = "cost.budget.remaining"
+
+
+class Authority:
+    def __init__(self, lease: Lease, expires_at: float | None) -> None:
+        self.lease = lease
+        self.expires_at = expires_at
+        self.initial = initial_budget(lease)
+        self.remaining = dict(self.initial)
+        self._last_reported: dict[str, Decimal] = {}
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def exhausted(self) -> bool:
+        return any(v <= 0 for v in self.remaining.values())
+
+    def validate_op(self, capability: str, target: str, now: float) -> None:
+        """protocol.md §8.4: expiry, then the pattern, then every budget counter."""
+        if self.expired(now):
+            raise LeaseExpired("the job's lease has expired")
+        if not lease_allows(self.lease, capability, target):
+            raise PermissionDenied(f"lease does not grant {capability} on {target!r}")
+        if self.initial and self.exhausted():
+            spent = ", ".join(f"{c} {v}" for c, v in self.remaining.items() if v <= 0)
+            raise BudgetExhausted(f"budget exhausted ({spent} remaining)")
+
+    def debit_metric(self, name: str, value: float, unit: str | None) -> list[tuple[str, float, str]]:
+        """Apply a `cost.*` metric; return the `cost.budget.remaining` metrics to emit after it."""
+        if not name.startswith("cost.") or name == REMAINING_METRIC or unit not in self.remaining:
+            return []
+        if value < 0:
+            return []  # a cost never credits
+        cur = unit
+        self.remaining[cur] -= Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        now_left = self.remaining[cur]
+        last = self._last_reported.get(cur)
+        initial = self.initial[cur]
+        if last is None or now_left <= 0 or abs(last - now_left) >= initial * Decimal("0.05"):
+            self._last_reported[cur] = now_left
+            return [(REMAINING_METRIC, float(now_left), cur)]
+        return []
+
+    def reserve(self, amounts: Any, now: float) -> None:
+        """Check and debit atomically, or raise without touching any counter."""
+        if self.expired(now):
+            raise LeaseExpired("the job's lease has expired")
+        if not isinstance(amounts, dict) or not amounts:
+            raise InvalidRequest("reserve_budget takes a non-empty {currency: amount} mapping")
+        parsed: dict[str, Decimal] = {}
+        for cur, amt in amounts.items():
+            try:
+                d = Decimal(str(amt))
+            except (InvalidOperation, ValueError) as e:
+                raise InvalidRequest(f"reserve_budget amount {amt!r} for {cur!r} is not a number") from e
+            if not d.is_finite() or d < 0:
+                raise InvalidRequest(f"reserve_budget amount for {cur!r} must be a finite number >= 0")
+            parsed[str(cur)] = d
+        for cur, d in parsed.items():
+            if cur not in self.remaining:
+                raise BudgetExhausted(f"the lease has no budget in {cur}")
+            if self.remaining[cur] - d < 0:
+                raise BudgetExhausted(
+                    f"reserving {cur} {d} exceeds the remaining budget of {cur} {self.remaining[cur]}"
+                )
+        for cur, d in parsed.items():
+            self.remaining[cur] -= d
+
+    def budget_wire(self) -> dict[str, str]:
+        return {cur: str(v) for cur, v in self.remaining.items()}

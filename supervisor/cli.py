@@ -1,0 +1,116 @@
+"""`arcp-supervisor`: the command line (typer only; everything else is elsewhere)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from typing import Annotated, Any, Optional
+
+import typer
+
+from supervisor import __version__
+from supervisor.config import (
+    Config, ConfigError, Limits, check, load_file, parse_agent_flag, parse_size,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="ARCP v1.1 runtime with sandboxed workers.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"arcp-supervisor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """ARCP v1.1 runtime that runs every job in its own sandboxed worker process."""
+
+
+def _fail(msg: str) -> None:
+    print(f"arcp-supervisor: error: {msg}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind [127.0.0.1].")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port; 0 picks one [7777].")] = None,
+    path: Annotated[Optional[str], typer.Option("--path", help="WebSocket path [/arcp].")] = None,
+    stdio: Annotated[Optional[bool], typer.Option("--stdio", help="Serve one session on stdin/stdout.")] = None,
+    agent: Annotated[Optional[list[str]], typer.Option("--agent", help="NAME[@VERSION]=MODULE:FUNCTION")] = None,
+    default: Annotated[Optional[list[str]], typer.Option("--default", help="NAME@VERSION default")] = None,
+    token: Annotated[Optional[list[str]], typer.Option("--token", help="TOKEN=PRINCIPAL")] = None,
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Directory for durable state.")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="Per-job memory [1G].")] = None,
+    cpu_time: Annotated[Optional[int], typer.Option("--cpu-time", help="Per-job CPU seconds [300].")] = None,
+    max_procs: Annotated[Optional[int], typer.Option("--max-procs", help="Per-job processes [64].")] = None,
+    max_open_files: Annotated[Optional[int], typer.Option("--max-open-files", help="Per-job open files [1024].")] = None,
+    max_file_size: Annotated[Optional[str], typer.Option("--max-file-size", help="Per-job file size [1G].")] = None,
+    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds before a stopped job is killed [1.0].")] = None,
+    reuse_workers: Annotated[Optional[int], typer.Option("--reuse-workers", help="Jobs per worker process [1].")] = None,
+    heartbeat_interval: Annotated[Optional[int], typer.Option("--heartbeat-interval", help="Seconds [30].")] = None,
+    resume_window: Annotated[Optional[int], typer.Option("--resume-window", help="Seconds [600].")] = None,
+    retention_jobs: Annotated[Optional[int], typer.Option("--retention-jobs", help="Finished jobs kept [10000].")] = None,
+    retention_seconds: Annotated[Optional[int], typer.Option("--retention-seconds", help="Seconds [86400].")] = None,
+    max_result_bytes: Annotated[Optional[str], typer.Option("--max-result-bytes", help="Streamed result cap [32M].")] = None,
+    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="result_chunk size [256K].")] = None,
+    ws_compression: Annotated[Optional[bool], typer.Option("--ws-compression/--no-ws-compression",
+                                                           help="Accept permessage-deflate [no].")] = None,
+) -> None:
+    """Serve ARCP v1.1 over WebSocket (default) or stdio."""
+    try:
+        cfg = build_config(locals())
+    except ConfigError as e:
+        _fail(str(e))
+        return
+    from supervisor.app import run as run_app
+
+    run_app(cfg)
+
+
+def build_config(flags: dict[str, Any]) -> Config:
+    base: dict[str, Any] = load_file(flags["config"]) if flags.get("config") else {}
+    limits: Limits = base.pop("limits", Limits())
+    file_agents = base.pop("agents", ())
+    lim: dict[str, int] = {}
+    if flags.get("memory") is not None:
+        lim["memory"] = parse_size(flags["memory"], "--memory")
+    if flags.get("max_file_size") is not None:
+        lim["max_file_size"] = parse_size(flags["max_file_size"], "--max-file-size")
+    for key in ("cpu_time", "max_procs", "max_open_files"):
+        v = flags.get(key)
+        if v is not None:
+            if v <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')}: must be a positive integer")
+            lim[key] = v
+    limits = replace(limits, **lim)
+    agents = [replace(a, limits=replace(a.limits, **lim)) for a in file_agents]
+    agents += [parse_agent_flag(a, limits) for a in flags.get("agent") or []]
+    tokens = dict(base.pop("tokens", {}))
+    for t in flags.get("token") or []:
+        tok, sep, principal = t.partition("=")
+        if not sep or not tok or not principal:
+            raise ConfigError(f"--token {t!r}: expected TOKEN=PRINCIPAL")
+        tokens[tok] = principal
+    for key in ("host", "port", "path", "stdio", "state_dir", "grace", "reuse_workers", "heartbeat_interval",
+                "resume_window", "retention_jobs", "retention_seconds", "ws_compression"):
+        if flags.get(key) is not None:
+            base[key] = flags[key]
+    for key in ("max_result_bytes", "chunk_size"):
+        if flags.get(key) is not None:
+            base[key] = parse_size(flags[key], f"--{key.replace('_', '-')}")
+    for key in ("retention_jobs", "retention_seconds", "resume_window"):
+        if key in base and base[key] <= 0:
+            raise ConfigError(f"--{key.replace('_', '-')}: must be a positive integer")
+    defaults = tuple(flags.get("default") or ())
+    cfg = Config(limits=limits, agents=tuple(agents), tokens=tokens, defaults=defaults, **base)
+    return check(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

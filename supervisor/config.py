@@ -1,0 +1,267 @@
+"""Settings: the TOML config file and command-line flags, merged into a frozen Config.
+
+Every problem raises ConfigError with a message naming the flag or key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from shared.messages import AGENT_NAME_RE, AGENT_VERSION_RE
+
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """A bad flag or config key; the message names it."""
+
+
+def parse_size(text: Any, what: str) -> int:
+    """`512`, `64K`, `256M`, `2G` (binary) -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ConfigError(f"{what}: size must be positive")
+        return text
+    if not isinstance(text, str):
+        raise ConfigError(f"{what}: expected a size like 256M, got {text!r}")
+    m = SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a size (a number with an optional K, M or G suffix)")
+    n = int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": GiB}[m.group(2).upper()]
+    if n <= 0:
+        raise ConfigError(f"{what}: size must be positive")
+    return n
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-job resource limits (operator defaults and ceilings)."""
+
+    memory: int = 1 * GiB
+    cpu_time: int = 300
+    max_procs: int = 64
+    max_open_files: int = 1024
+    max_file_size: int = 1 * GiB
+
+    def as_wire(self) -> dict[str, int]:
+        return {
+            "memory_mb": self.memory // MiB,
+            "cpu_sec": self.cpu_time,
+            "max_procs": self.max_procs,
+            "max_open_files": self.max_open_files,
+            "max_file_size_mb": self.max_file_size // MiB,
+        }
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    name: str
+    version: str
+    entry: str
+    limits: Limits
+    default: bool = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 7777
+    path: str = "/arcp"
+    stdio: bool = False
+    state_dir: str | None = None
+    grace: float = 1.0
+    reuse_workers: int = 1
+    heartbeat_interval: int = 30
+    resume_window: int = 600
+    retention_jobs: int = 10000
+    retention_seconds: int = 86400
+    max_result_bytes: int = 32 * MiB
+    chunk_size: int = 256 * KiB
+    ws_compression: bool = False
+    tokens: dict[str, str] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    agents: tuple[AgentSpec, ...] = ()
+    defaults: tuple[str, ...] = ()
+    job_uids: tuple[int, int] | None = None
+    warm_workers: int = 4
+
+
+def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
+    """`NAME[@VERSION]=MODULE:FUNCTION`."""
+    ref, sep, entry = text.partition("=")
+    if not sep:
+        raise ConfigError(f"--agent {text!r}: expected NAME[@VERSION]=MODULE:FUNCTION")
+    return _agent(ref.strip(), entry.strip(), limits, False, f"--agent {text!r}")
+
+
+def _agent(ref: str, entry: str, limits: Limits, default: bool, what: str) -> AgentSpec:
+    name, _, version = ref.partition("@")
+    version = version or "0.0.0"
+    if not AGENT_NAME_RE.match(name):
+        raise ConfigError(f"{what}: agent name {name!r} is not valid ([a-z0-9][a-z0-9._-]*)")
+    if not AGENT_VERSION_RE.match(version):
+        raise ConfigError(f"{what}: agent version {version!r} is not valid")
+    if not ENTRY_RE.match(entry):
+        raise ConfigError(f"{what}: entry {entry!r} is not MODULE:FUNCTION")
+    return AgentSpec(name=name, version=version, entry=entry, limits=limits, default=default)
+
+
+def parse_uid_range(text: Any, what: str) -> tuple[int, int]:
+    if not isinstance(text, str) or not re.match(r"^\d+-\d+$", text):
+        raise ConfigError(f"{what}: expected FIRST-LAST, got {text!r}")
+    a, b = (int(x) for x in text.split("-"))
+    if not 0 < a <= b:
+        raise ConfigError(f"{what}: range {text!r} must be ascending and above 0")
+    return a, b
+
+
+_SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
+    "host": str, "port": int, "path": str, "stdio": bool, "state_dir": str, "grace": (int, float),
+    "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
+    "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
+    "ws_compression": bool,
+}
+_LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size")
+
+
+def _limits_from(table: Any, base: Limits, where: str) -> Limits:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table")
+    values: dict[str, int] = {}
+    for key, v in table.items():
+        what = f"{where}.{key}"
+        if key not in _LIMIT_KEYS:
+            raise ConfigError(f"{what}: unknown key (known: {', '.join(_LIMIT_KEYS)})")
+        if key in ("memory", "max_file_size"):
+            values[key] = parse_size(v, what)
+        else:
+            values[key] = _positive_int(v, what)
+    return replace(base, **values)
+
+
+def _positive_int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ConfigError(f"{what}: must be a positive integer, got {v!r}")
+    return v
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read and check a TOML config into keyword arguments for `Config`."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            doc = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path}: not valid TOML: {e}") from e
+    out: dict[str, Any] = {}
+    known = {"server", "auth", "limits", "agents", "sandbox"}
+    for key in doc:
+        if key not in known:
+            raise ConfigError(f"config key [{key}]: unknown section (known: {', '.join(sorted(known))})")
+    server = doc.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError("config key [server]: must be a table")
+    for key, v in server.items():
+        t = _SERVER_KEYS.get(key)
+        if t is None:
+            raise ConfigError(f"config key server.{key}: unknown key")
+        if isinstance(v, bool) and t is not bool:
+            raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
+        if not isinstance(v, t):
+            raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
+        if key in ("max_result_bytes", "chunk_size"):
+            v = parse_size(v, f"config key server.{key}")
+        out[key] = v
+    auth = doc.get("auth", {})
+    if not isinstance(auth, dict):
+        raise ConfigError("config key [auth]: must be a table")
+    tokens = auth.get("tokens", {})
+    if not isinstance(tokens, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                               for k, v in tokens.items()):
+        raise ConfigError("config key auth.tokens: must map token strings to principal strings")
+    if tokens:
+        out["tokens"] = dict(tokens)
+    limits = _limits_from(doc.get("limits", {}), Limits(), "config key limits")
+    out["limits"] = limits
+    agents = doc.get("agents", [])
+    if not isinstance(agents, list):
+        raise ConfigError("config key [[agents]]: must be an array of tables")
+    specs = []
+    for i, a in enumerate(agents):
+        where = f"config key agents[{i}]"
+        if not isinstance(a, dict):
+            raise ConfigError(f"{where}: must be a table")
+        extra = set(a) - {"name", "version", "entry", "default", "limits"}
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key")
+        name, version, entry = a.get("name"), a.get("version", "0.0.0"), a.get("entry")
+        if not isinstance(name, str) or not isinstance(version, str) or not isinstance(entry, str):
+            raise ConfigError(f"{where}: name, version and entry must be strings")
+        default = a.get("default", False)
+        if not isinstance(default, bool):
+            raise ConfigError(f"{where}.default: must be true or false")
+        alimits = _limits_from(a.get("limits", {}), limits, f"{where}.limits")
+        specs.append(_agent(f"{name}@{version}", entry, alimits, default, where))
+    out["agents"] = tuple(specs)
+    sandbox = doc.get("sandbox", {})
+    if not isinstance(sandbox, dict):
+        raise ConfigError("config key [sandbox]: must be a table")
+    for key, v in sandbox.items():
+        if key != "job_uids":
+            raise ConfigError(f"config key sandbox.{key}: unknown key")
+        out["job_uids"] = parse_uid_range(v, "config key sandbox.job_uids")
+    return out
+
+
+def check(cfg: Config) -> Config:
+    """Cross-field checks; ConfigError naming the flag."""
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"--port: {cfg.port} is not a TCP port")
+    if not cfg.path.startswith("/"):
+        raise ConfigError(f"--path: {cfg.path!r} must start with '/'")
+    if cfg.grace < 0:
+        raise ConfigError("--grace: must be >= 0")
+    if cfg.reuse_workers < 1:
+        raise ConfigError("--reuse-workers: must be >= 1")
+    if cfg.heartbeat_interval < 1:
+        raise ConfigError("--heartbeat-interval: must be >= 1")
+    if cfg.chunk_size < 1024:
+        raise ConfigError("--chunk-size: must be at least 1K")
+    if not cfg.stdio and not cfg.tokens and not _is_loopback(cfg.host):
+        raise ConfigError(
+            f"--host: {cfg.host} is not a loopback address; without --token the server runs "
+            "unauthenticated and binds loopback only"
+        )
+    if not cfg.agents:
+        raise ConfigError("--agent: no agent registered (give --agent or [[agents]] in --config)")
+    seen: set[str] = set()
+    for a in cfg.agents:
+        if a.ref in seen:
+            raise ConfigError(f"--agent: {a.ref} registered twice")
+        seen.add(a.ref)
+    for d in cfg.defaults:
+        if d not in seen:
+            raise ConfigError(f"--default {d}: no such agent version registered")
+    return cfg
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

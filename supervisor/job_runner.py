@@ -1,0 +1,256 @@
+"""Drive one job on a worker: send it, pump its frames, answer its calls, end it.
+
+The terminal frame is sent exactly once. A normal end (the agent returned or
+raised) sends it at once. A stop (cancel, max_runtime_sec, lease expiry)
+decides the terminal at once, tells the worker, gives it `--grace` seconds,
+then SIGTERM and SIGKILL, and sends the terminal when the worker is gone:
+never later than grace + 0.5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from shared import pipe_messages as pm
+from shared.errors import (
+    ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
+)
+from shared.ids import new_id
+from shared.lease import lease_allows
+from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
+from shared.pipe_codec import CodecError, FrameDecoder, encode
+from supervisor.worker_proc import WorkerHandle, WorkerSpawnError
+from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
+
+if TYPE_CHECKING:
+    from supervisor.jobs import Job
+    from supervisor.runtime import Runtime
+
+log = logging.getLogger("arcp.jobs")
+KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
+EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
+
+
+class _Died:
+    pass
+
+
+class JobRunner:
+    def __init__(self, runtime: Runtime, job: Job) -> None:
+        self.rt = runtime
+        self.job = job
+        self.worker: WorkerHandle | None = None
+        self.stop_kind: str | None = None
+        self._stop = asyncio.Event()
+        self._final: tuple[str, dict[str, Any]] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        cap = runtime.frame_cap
+        self.frames = WorkerFrames(job.id, runtime.config.max_result_bytes,
+                                   max(1024, min(runtime.config.chunk_size * 4 // 3 + 4, cap - 4096)))
+
+    # -- control --------------------------------------------------------------
+    def arm_timers(self) -> None:
+        loop = asyncio.get_running_loop()
+        req = self.job.request
+        if req.max_runtime_sec:
+            self._timers.append(loop.call_at(
+                loop.time() + req.max_runtime_sec - (time.monotonic() - self.job.created_mono),
+                self.request_stop, "timeout", f"job exceeded max_runtime_sec={req.max_runtime_sec}"))
+        if req.expires_at is not None:
+            self._timers.append(loop.call_at(loop.time() + max(0.0, req.expires_at - time.time()),
+                                             self.request_stop, "expired", "lease expired during execution"))
+
+    def request_stop(self, kind: str, reason: str) -> None:
+        """Cancel, timeout or expiry: decide the terminal now, end the worker after grace."""
+        job = self.job
+        if job.done or self.stop_kind is not None:
+            return
+        self.stop_kind = kind
+        if kind == "cancel":
+            status, err = CANCELLED, Cancelled(reason)
+        elif kind == "timeout":
+            status, err = TIMED_OUT, Timeout(reason)
+        else:
+            status, err = ERROR, LeaseExpired(reason)
+        self._final = (status, err.to_wire())
+        if kind == "cancel":
+            self.rt.emit_cancelled(job, reason)
+        job.status = status  # nothing of the job is sent from here on but its terminal
+        self._stop.set()
+
+    # -- the job's life -------------------------------------------------------
+    async def run(self) -> None:
+        job = self.job
+        try:
+            await self._run()
+        except Exception as e:  # a supervisor fault must still end the job, once
+            log.exception("job %s: runner failed", job.id)
+            self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
+        finally:
+            for t in self._timers:
+                t.cancel()
+
+    async def _run(self) -> None:
+        job = self.job
+        try:
+            worker = await self.rt.pool.acquire(self.rt.reuse_key(job))
+        except (WorkerSpawnError, TimeoutError, OSError) as e:
+            self._finish(ERROR, InternalError(f"could not start a worker: {e}").to_wire())
+            return
+        self.worker = worker
+        if self.stop_kind is not None:  # stopped while waiting for a worker
+            self.rt.pool.retire(worker)
+            self._finish(*self._final_or_internal())
+            return
+        job.status = RUNNING
+        assert worker.writer is not None
+        worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
+        pump = asyncio.create_task(self._pump(worker))
+        stopper = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if pump in done and self.stop_kind is None:
+            stopper.cancel()
+            await self._ended(worker, pump.result())
+            return
+        await self._stopping(worker, pump)
+        stopper.cancel()
+
+    async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
+        job = self.job
+        if isinstance(outcome, Done):
+            self.rt.pool.release(worker, self.rt.reuse_key(job))
+            result_id = size = None
+            s = self.frames.stream
+            if s is not None:
+                result_id, size = s.result_id, s.size
+            self._finish(SUCCESS, None, value=outcome.value, result_id=result_id, result_size=size)
+        elif isinstance(outcome, Fail):
+            if outcome.traceback:
+                log.warning("job %s: agent raised\n%s", job.id, outcome.traceback)
+            self.rt.pool.release(worker, self.rt.reuse_key(job))
+            self._finish(ERROR, outcome.error)
+        elif isinstance(outcome, WorkerProtocolError | CodecError):
+            log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, outcome)
+            await worker.kill(EXIT_WAIT)
+            self._finish(ERROR, InternalError(f"worker sent an invalid frame: {outcome}").to_wire())
+        else:  # the pipe closed without an outcome: the worker died
+            await worker.kill(1.0)
+            why = worker.exit_reason()
+            self._finish(ERROR, InternalError(
+                f"worker process ended unexpectedly: {why}", retryable=True,
+                details={"exit": why}).to_wire())
+
+    async def _stopping(self, worker: WorkerHandle, pump: asyncio.Task[Any]) -> None:
+        grace = self.rt.config.grace
+        assert worker.writer is not None
+        with contextlib.suppress(OSError, RuntimeError, CodecError):
+            worker.writer.write(encode([pm.CANCEL, self.stop_kind or "cancel"]))
+        # The worker has `grace` to end its agent; it reports, and (fresh workers) exits.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pump), grace)
+        if worker.alive:
+            worker.signal(15)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(worker.exited), KILL_SLACK if not pump.done() else 0.0)
+        await worker.kill(EXIT_WAIT)
+        pump.cancel()
+        with contextlib.suppress(BaseException):
+            await pump
+        self._finish(*self._final_or_internal())
+
+    def _final_or_internal(self) -> tuple[str, dict[str, Any]]:
+        return self._final or (ERROR, InternalError("job stopped").to_wire())
+
+    # -- frames from the worker -------------------------------------------------
+    async def _pump(self, worker: WorkerHandle) -> Any:
+        reader, writer = worker.reader, worker.writer
+        assert reader is not None and writer is not None
+        decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
+        frames = self.frames
+        job = self.job
+        outbox = job.owner.outbox
+        try:
+            while True:
+                data = await reader.read(1 << 18)
+                if not data:
+                    decoder.eof()
+                    return _Died()
+                for f in decoder.feed(data):
+                    for action in frames.actions(f):
+                        if isinstance(action, Event):
+                            self._event(action)
+                        elif isinstance(action, Call):
+                            self._answer(writer, action)
+                        else:
+                            return action
+                await outbox.wait_writable()
+        except (WorkerProtocolError, CodecError) as e:
+            return e
+        except (ConnectionError, OSError):
+            return _Died()
+
+    def _event(self, ev: Event) -> None:
+        job = self.job
+        if job.done:
+            return  # after a stop: discarded
+        self.rt.emit_event(job, ev.kind, ev.body)
+        if ev.kind == "metric":
+            b = ev.body
+            for name, value, unit in job.authority.debit_metric(b["name"], b["value"], b.get("unit")):
+                self.rt.emit_event(job, "metric", {"name": name, "value": value, "unit": unit})
+
+    def _answer(self, writer: asyncio.StreamWriter, call: Call) -> None:
+        job = self.job
+        try:
+            value = self._call(call.op, call.args)
+            reply = [pm.REPLY, call.call_id, True, value]
+        except ARCPError as e:
+            reply = [pm.REPLY, call.call_id, False, e.to_wire()]
+        except (TypeError, ValueError) as e:
+            reply = [pm.REPLY, call.call_id, False,
+                     InvalidRequest(f"bad arguments to {call.op}: {e}").to_wire()]
+        if job.done:
+            reply = [pm.REPLY, call.call_id, False, Cancelled("job has ended").to_wire()]
+        writer.write(encode(reply))
+
+    def _call(self, op: str, args: list[Any]) -> Any:
+        job = self.job
+        auth = job.authority
+        if op == "budget":
+            return auth.budget_wire()
+        if op == "validate_lease_op":
+            cap, target = args
+            if not isinstance(cap, str) or not isinstance(target, str):
+                raise InvalidRequest("validate_lease_op takes two strings")
+            auth.validate_op(cap, target, time.time())
+            return None
+        if op == "reserve_budget":
+            (amounts,) = args
+            auth.reserve(amounts, time.time())
+            return None
+        if op == "tool_call":
+            tool, tool_args = args
+            if not isinstance(tool, str) or not tool:
+                raise InvalidRequest("tool name must be a non-empty string")
+            if "tool.call" in job.request.lease and not lease_allows(job.request.lease, "tool.call", tool):
+                raise PermissionDenied(f"lease does not grant tool.call on {tool!r}")
+            call_id = new_id("c")
+            self._event(Event("tool_call", {"tool": tool, "args": tool_args, "call_id": call_id}))
+            return call_id
+        if op == "delegate":
+            agent = args[0] if args else None
+            if not isinstance(agent, str) or not lease_allows(job.request.lease, "agent.delegate", agent):
+                raise PermissionDenied(f"lease does not grant agent.delegate on {agent!r}")
+            raise InvalidRequest("job.delegate is not available on this supervisor yet")
+        if op == "rotate_credential":
+            raise InvalidRequest("no credential provisioner is configured, so there is nothing to rotate")
+        raise InvalidRequest(f"unknown call {op!r}")
+
+    # -- the end ------------------------------------------------------------------
+    def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
+                result_id: str | None = None, result_size: int | None = None) -> None:
+        self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size)

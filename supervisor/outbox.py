@@ -1,0 +1,60 @@
+"""A session's outbound queue: sequence numbers, order, and back-pressure.
+
+Frames are stamped with the session's next `event_seq` at the moment they are
+queued, so the queue order is the number order and one writer sends them in
+that order. Past the high-water mark, producers (job pumps) wait until the
+writer has brought the queue below the low-water mark: the supervisor then
+stops reading those workers' pipes, and their agents block, instead of this
+queue growing. With no transport attached the frames are dropped (resume
+keeps its own log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+
+class Outbox:
+    def __init__(self, high_water: int = 2048, low_water: int = 512) -> None:
+        self.high_water = high_water
+        self.low_water = low_water
+        self._queue: deque[dict[str, Any]] = deque()
+        self._nonempty = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.attached = True
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, frame: dict[str, Any]) -> None:
+        if not self.attached:
+            return
+        self._queue.append(frame)
+        self._nonempty.set()
+        if len(self._queue) >= self.high_water:
+            self._writable.clear()
+
+    async def wait_writable(self) -> None:
+        """Return once the queue is below its high-water mark (at once when it is)."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    async def get_batch(self, max_items: int = 256) -> list[dict[str, Any]]:
+        while not self._queue:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+        n = min(max_items, len(self._queue))
+        batch = [self._queue.popleft() for _ in range(n)]
+        if len(self._queue) <= self.low_water:
+            self._writable.set()
+        return batch
+
+    def detach(self) -> None:
+        """The transport is gone: drop what is queued and release blocked producers."""
+        self.attached = False
+        self._queue.clear()
+        self._writable.set()
+        self._nonempty.set()

@@ -1,0 +1,65 @@
+"""The WebSocket transport: a thin shell over `websockets` (protocol.md §1.1)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from supervisor.connection import serve_connection
+from supervisor.runtime import WS_FRAME_CAP, Runtime
+
+log = logging.getLogger("arcp.ws")
+MAX_INBOUND = 4 * 1024 * 1024
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+class WSTransport:
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    async def recv(self) -> str | bytes | None:
+        try:
+            return await self.ws.recv()
+        except ConnectionClosed:
+            return None
+
+    async def send_many(self, frames: list[bytes]) -> None:
+        try:
+            for data in frames:
+                await self.ws.send(data, text=True)
+        except ConnectionClosed:
+            pass
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+
+async def start_ws(rt: Runtime) -> Server:
+    cfg = rt.config
+    allowed_hosts = set(LOOPBACK_NAMES) | {cfg.host.strip("[]")}
+    open_hosts = cfg.host in ("0.0.0.0", "::", "")
+
+    def process_request(conn: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path != cfg.path:
+            return conn.respond(HTTPStatus.NOT_FOUND, f"no ARCP endpoint at {path}; try {cfg.path}\n")
+        host = request.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
+        if not open_hosts and name not in allowed_hosts:
+            return conn.respond(HTTPStatus.MISDIRECTED_REQUEST, f"host {name!r} is not served here\n")
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await serve_connection(rt, WSTransport(ws), WS_FRAME_CAP)
+
+    return await serve(
+        handler, cfg.host, cfg.port, process_request=process_request,
+        compression="deflate" if cfg.ws_compression else None,
+        max_size=MAX_INBOUND, max_queue=64, ping_interval=None,
+    )

@@ -1,0 +1,312 @@
+"""Worker processes: the fork server, one handle per worker, and the warm pool.
+
+The supervisor never runs agent code. It starts one fork server (`python -m
+worker`) that has imported the worker runtime once; every worker is a fork of
+it, made ahead of need and kept idle in a small pool, so that a job start
+costs a pipe write, not an interpreter start. Each worker has its own session
+and process group. Its exit status reaches us from the fork server, which
+reaps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+import msgpack
+
+from shared.exit_codes import describe_wait_status
+
+log = logging.getLogger("arcp.workers")
+
+MAX_PACKET = 64 * 1024
+SPAWN_TIMEOUT = 10.0
+
+
+class WorkerSpawnError(Exception):
+    pass
+
+
+class WorkerHandle:
+    """One worker process and the supervisor's end of its pipe."""
+
+    def __init__(self, pid: int, sock: socket.socket, exited: asyncio.Future[int]) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.exited = exited
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.jobs_run = 0
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def signal(self, sig: int) -> None:
+        """Signal the worker's process group (never a pid that was already reaped)."""
+        if self.exited.done():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def exit_reason(self) -> str:
+        if not self.exited.done():
+            return "still running"
+        return describe_wait_status(self.exited.result())
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM, wait `grace`, SIGKILL, wait (bounded); close the pipe."""
+        if self.alive:
+            self.signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), grace)
+        await self.kill()
+
+    async def kill(self, wait: float = 2.0) -> None:
+        self.signal(signal.SIGKILL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.exited), wait)
+        self.close_pipe()
+
+    def close_pipe(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.sock.close()
+
+
+class ForkServer:
+    """The supervisor's client of `python -m worker`."""
+
+    def __init__(self, env: dict[str, str], cwd: str) -> None:
+        self._env = env
+        self._cwd = cwd
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._ctl: socket.socket | None = None
+        self._next_req = 0
+        self._spawning: dict[int, tuple[asyncio.Future[int], socket.socket]] = {}
+        self._exits: dict[int, asyncio.Future[int]] = {}
+        self._early_exits: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
+            stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self._ctl = ours
+        self._loop.add_reader(ours.fileno(), self._on_control)
+        log.debug("fork server started, pid %d", self._proc.pid)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def _on_control(self) -> None:
+        assert self._ctl is not None
+        while True:
+            try:
+                data = self._ctl.recv(MAX_PACKET)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                data = b""
+                log.error("fork server control socket failed: %s", e)
+            if not data:
+                self._on_fork_server_gone()
+                return
+            try:
+                msg = msgpack.unpackb(data)
+                self._dispatch(msg)
+            except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+                log.error("bad message from the fork server: %s", e)
+
+    def _dispatch(self, msg: list[Any]) -> None:
+        op = msg[0]
+        if op == "spawned":
+            entry = self._spawning.pop(msg[1], None)
+            if entry and not entry[0].done():
+                entry[0].set_result(int(msg[2]))
+        elif op == "spawn_failed":
+            entry = self._spawning.pop(msg[1], None)
+            if entry and not entry[0].done():
+                entry[0].set_exception(WorkerSpawnError(str(msg[2])))
+        elif op == "exited":
+            pid, status = int(msg[1]), int(msg[2])
+            fut = self._exits.pop(pid, None)
+            if fut is None:
+                self._early_exits[pid] = status
+            elif not fut.done():
+                fut.set_result(status)
+
+    def _on_fork_server_gone(self) -> None:
+        assert self._loop is not None and self._ctl is not None
+        self._loop.remove_reader(self._ctl.fileno())
+        self._ctl.close()
+        self._ctl = None
+        status = self._proc.wait() if self._proc else -1
+        log.error("the fork server exited (%s); starting a new one", status)
+        for fut, _ in self._spawning.values():
+            if not fut.done():
+                fut.set_exception(WorkerSpawnError("the fork server exited"))
+        self._spawning.clear()
+        # Workers of the old fork server died with it (parent-death signal).
+        for fut in self._exits.values():
+            if not fut.done():
+                fut.set_result(signal.SIGKILL)
+        self._exits.clear()
+        self.start()
+
+    async def spawn(self, reuse: int) -> WorkerHandle:
+        if self._ctl is None:
+            raise WorkerSpawnError("no fork server")
+        assert self._loop is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._next_req += 1
+        req = self._next_req
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._spawning[req] = (fut, ours)
+        try:
+            socket.send_fds(self._ctl, [msgpack.packb(["spawn", req, reuse])], [theirs.fileno()])
+        except OSError as e:
+            self._spawning.pop(req, None)
+            ours.close()
+            raise WorkerSpawnError(f"cannot reach the fork server: {e}") from e
+        finally:
+            theirs.close()
+        try:
+            pid = await asyncio.wait_for(fut, SPAWN_TIMEOUT)
+        except BaseException:
+            ours.close()
+            raise
+        exited: asyncio.Future[int] = self._loop.create_future()
+        early = self._early_exits.pop(pid, None)
+        if early is not None:
+            exited.set_result(early)
+        else:
+            self._exits[pid] = exited
+        handle = WorkerHandle(pid, ours, exited)
+        await handle.open()
+        return handle
+
+    def close(self) -> None:
+        if self._ctl is not None and self._loop is not None:
+            self._loop.remove_reader(self._ctl.fileno())
+            self._ctl.close()
+            self._ctl = None
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+class WorkerPool:
+    """Warm workers ready before they are needed; reuse only within one key."""
+
+    def __init__(self, fork_server: ForkServer, warm: int, reuse: int, max_idle_reused: int = 32) -> None:
+        self._fs = fork_server
+        self._warm = max(0, warm)
+        self._reuse = max(1, reuse)
+        self._max_idle_reused = max_idle_reused
+        self._fresh: deque[WorkerHandle] = deque()
+        self._reused: dict[Hashable, deque[WorkerHandle]] = {}
+        self._reused_count = 0
+        self._refilling = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def start(self) -> None:
+        self._refill()
+
+    async def acquire(self, key: Hashable) -> WorkerHandle:
+        if self._reuse > 1:
+            idle = self._reused.get(key)
+            while idle:
+                h = idle.popleft()
+                self._reused_count -= 1
+                if h.alive:
+                    return h
+                h.close_pipe()
+        while self._fresh:
+            h = self._fresh.popleft()
+            self._refill()
+            if h.alive:
+                return h
+            h.close_pipe()
+        self._refill()
+        return await self._fs.spawn(self._reuse)
+
+    def release(self, handle: WorkerHandle, key: Hashable) -> None:
+        """A job ended normally on `handle`: keep it for `key` or retire it."""
+        handle.jobs_run += 1
+        if (self._reuse > 1 and not self._closed and handle.alive and handle.jobs_run < self._reuse):
+            if self._reused_count >= self._max_idle_reused:
+                self._evict_one()
+            self._reused.setdefault(key, deque()).append(handle)
+            self._reused_count += 1
+            return
+        self.retire(handle)
+
+    def retire(self, handle: WorkerHandle) -> None:
+        """End a worker now (its job is over): kill its group, close its pipe."""
+        handle.signal(signal.SIGKILL)
+        handle.close_pipe()
+
+    def _evict_one(self) -> None:
+        for key, idle in self._reused.items():
+            if idle:
+                self.retire(idle.popleft())
+                self._reused_count -= 1
+                if not idle:
+                    del self._reused[key]
+                return
+
+    def _refill(self) -> None:
+        if self._closed:
+            return
+        while len(self._fresh) + self._refilling < self._warm:
+            self._refilling += 1
+            task = asyncio.get_running_loop().create_task(self._spawn_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _spawn_one(self) -> None:
+        try:
+            h = await self._fs.spawn(self._reuse)
+        except (WorkerSpawnError, TimeoutError, OSError) as e:
+            log.error("could not start a warm worker: %s", e)
+            return
+        finally:
+            self._refilling -= 1
+        if self._closed:
+            self.retire(h)
+        else:
+            self._fresh.append(h)
+
+    def close(self) -> None:
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for h in self._fresh:
+            self.retire(h)
+        self._fresh.clear()
+        for idle in self._reused.values():
+            for h in idle:
+                self.retire(h)
+        self._reused.clear()

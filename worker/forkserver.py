@@ -1,0 +1,158 @@
+"""The fork server: a warm, pre-imported process that forks one worker per request.
+
+The supervisor starts this process once, with one end of a SOCK_SEQPACKET
+socket pair. Each request is one packet:
+
+    ["spawn", req_id, reuse]  + one descriptor (the worker's end of its job pipe)
+
+and is answered with ``["spawned", req_id, pid]`` (or ``["spawn_failed",
+req_id, message]``). Whenever a worker exits, the fork server reaps it and
+sends ``["exited", pid, wait_status]``. Forking a process that has already
+imported the runtime costs about a millisecond; starting an interpreter costs
+tens. The fork server is single-threaded, so forking it is safe, and it dies
+with the supervisor (parent-death signal), as its workers die with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import socket
+import sys
+from typing import Any
+
+import msgpack
+
+# Pre-import what every job needs, so that a forked worker starts warm.
+import asyncio  # noqa: F401
+import importlib  # noqa: F401
+import inspect  # noqa: F401
+import json  # noqa: F401
+import orjson  # noqa: F401
+import decimal  # noqa: F401
+import threading  # noqa: F401
+import traceback  # noqa: F401
+import worker.runner  # noqa: F401
+from shared.exit_codes import BOOT_ERROR
+
+PR_SET_PDEATHSIG = 1
+MAX_PACKET = 64 * 1024
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_parent_death_signal(expected_parent: int) -> None:
+    """Die with SIGKILL when the parent goes; exit now if it is already gone."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != expected_parent:
+        os._exit(BOOT_ERROR)
+
+
+def _send(ctl: socket.socket, msg: list[Any]) -> None:
+    ctl.send(msgpack.packb(msg))
+
+
+def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: int, zygote: int) -> None:
+    """In the forked worker: detach, keep only its pipe, then serve jobs."""
+    try:
+        os.setsid()
+        set_parent_death_signal(zygote)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        ctl.close()
+        os.close(wake_r)
+        os.close(wake_w)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        if devnull != 0:
+            os.close(devnull)
+        if pipe_fd < 3:
+            moved = os.dup(pipe_fd)
+            os.close(pipe_fd)
+            pipe_fd = moved
+        os.closerange(3, pipe_fd)
+        os.closerange(pipe_fd + 1, 1 << 16)
+        os.set_inheritable(pipe_fd, False)
+    except BaseException as e:  # set-up failed: report on the real stderr and exit
+        print(f"arcp worker: set-up failed: {e}", file=sys.__stderr__)
+        os._exit(BOOT_ERROR)
+    worker.runner.worker_main(pipe_fd, reuse)
+
+
+def serve(ctl_fd: int, parent: int) -> None:
+    set_parent_death_signal(parent)
+    zygote = os.getpid()
+    ctl = socket.socket(fileno=ctl_fd)
+    ctl.setblocking(True)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    while True:
+        try:
+            ready, _, _ = select.select([ctl, wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+            _reap(ctl)
+        if ctl in ready:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_PACKET, 4)
+            except InterruptedError:
+                continue
+            if not data:
+                os._exit(0)  # supervisor closed the control socket
+            _handle(ctl, data, fds, wake_r, wake_w, zygote)
+
+
+def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w: int, zygote: int) -> None:
+    try:
+        msg = msgpack.unpackb(data)
+        op, req_id, reuse = msg[0], msg[1], int(msg[2])
+        if op != "spawn" or len(fds) != 1:
+            raise ValueError(f"bad request {op!r} with {len(fds)} descriptors")
+    except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+        for fd in fds:
+            os.close(fd)
+        print(f"arcp fork server: bad request: {e}", file=sys.stderr)
+        return
+    pipe_fd = fds[0]
+    try:
+        pid = os.fork()
+    except OSError as e:
+        os.close(pipe_fd)
+        _send(ctl, ["spawn_failed", req_id, f"fork failed: {e}"])
+        return
+    if pid == 0:
+        _child(ctl, wake_r, wake_w, pipe_fd, reuse, zygote)
+        os._exit(0)  # not reached
+    os.close(pipe_fd)
+    _send(ctl, ["spawned", req_id, pid])
+
+
+def _reap(ctl: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(ctl, ["exited", pid, status])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        print("usage: python -m worker CTL_FD PARENT_PID", file=sys.stderr)
+        sys.exit(2)
+    sys.path.insert(0, os.getcwd())
+    serve(int(argv[0]), int(argv[1]))

@@ -1,0 +1,191 @@
+"""Run jobs in this worker process: import the agent, call it, report the outcome.
+
+The agent runs in the main thread, so a cancel can reach it between any two
+bytecodes: the pipe thread marks the context cancelled, fails its pending
+calls, cancels an async agent's task, and interrupts a sync agent with
+SIGUSR1, whose handler raises Cancelled in the agent's own frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from shared import pipe_messages as pm
+from shared.errors import ARCPError, Cancelled, InternalError
+from worker.context import JobContext
+from worker.rpc_client import Channel
+from worker.stdio_capture import StdioCapture
+
+CANCEL_SIGNAL = signal.SIGUSR1
+ASYNC_INTERRUPT_DELAY = 0.25  # seconds an async agent gets to honour task.cancel()
+
+
+def load_entry(entry: str) -> Callable[..., Any]:
+    module_name, _, func_name = entry.partition(":")
+    module = importlib.import_module(module_name)
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise InternalError(f"agent entry {entry!r} is not a callable")
+    return fn  # type: ignore[no-any-return]
+
+
+class Runner:
+    """One worker's job loop."""
+
+    def __init__(self, channel: Channel, reuse: int) -> None:
+        self.ch = channel
+        self.reuse = max(1, reuse)
+        self.loop = asyncio.new_event_loop()
+        self.ctx: JobContext | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.in_agent = False
+        self.is_async = False
+        self._main_ident = threading.get_ident()
+        self.capture = StdioCapture(self._emit_output)
+        channel.on_cancel = self._on_cancel
+        signal.signal(CANCEL_SIGNAL, self._on_signal)
+
+    # -- output and cancel, called from other threads -------------------------
+    def _emit_output(self, level: str, line: str) -> None:
+        ctx = self.ctx
+        if ctx is not None and not ctx.cancelled:
+            self.ch.send([pm.EV, ctx.job_id, "log", [level, line, None]])
+
+    def _on_cancel(self, reason: str) -> None:
+        ctx = self.ctx
+        if ctx is None:
+            return
+        ctx._mark_cancelled()
+        if not self.in_agent:
+            return
+        if self.is_async and self.task is not None:
+            self.loop.call_soon_threadsafe(self.task.cancel)
+            threading.Timer(ASYNC_INTERRUPT_DELAY, self._interrupt).start()
+        else:
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self.in_agent:
+            signal.pthread_kill(self._main_ident, CANCEL_SIGNAL)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.in_agent and self.ctx is not None and self.ctx.cancelled:
+            self.in_agent = False  # one interrupt per job
+            raise Cancelled("job cancelled")
+
+    # -- the loop ---------------------------------------------------------
+    def serve(self) -> None:
+        for _ in range(self.reuse):
+            spec = self.ch.jobs.get()
+            self.run(spec)
+
+    def run(self, spec: dict[str, Any]) -> None:
+        ctx = JobContext(self.ch, spec)
+        self.ctx = ctx
+        outcome: list[Any]
+        try:
+            fn = load_entry(spec["entry"])
+            value = self._call_agent(fn, spec.get("input"), ctx)
+            if ctx.cancelled:
+                raise Cancelled("job cancelled")
+            ctx._close_stream()
+            outcome = [pm.DONE, ctx.job_id, self._result_value(value, ctx)]
+        except BaseException as e:  # everything the agent raises ends its job
+            outcome = [pm.FAIL, ctx.job_id, self._error_of(e, ctx)]
+        finally:
+            self.in_agent = False
+        self._flush_output()
+        self.ch.send(outcome)
+        self.ctx = None
+
+    def _call_agent(self, fn: Callable[..., Any], input: Any, ctx: JobContext) -> Any:
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.in_agent = True
+        try:
+            if self.is_async:
+                return self._run_coroutine(fn(input, ctx))
+            value = fn(input, ctx)
+            if inspect.isawaitable(value):
+                self.is_async = True
+                return self._run_coroutine(value)
+            return value
+        finally:
+            self.in_agent = False
+
+    def _run_coroutine(self, coro: Any) -> Any:
+        self.task = self.loop.create_task(coro)
+        try:
+            return self.loop.run_until_complete(self.task)
+        except asyncio.CancelledError:
+            raise Cancelled("job cancelled") from None
+        finally:
+            self.task = None
+
+    def _flush_output(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self.capture.drain()
+
+    def _result_value(self, value: Any, ctx: JobContext) -> Any:
+        if ctx.streamed:
+            if value is not None:
+                print(f"arcp worker: job {ctx.job_id} streamed a result and also returned a value; "
+                      "the value is dropped", file=sys.__stderr__)
+            return None
+        try:
+            raw = orjson.dumps(value)
+        except TypeError as e:
+            raise InternalError(f"the agent's return value is not JSON-serialisable: {e}") from e
+        limit = ctx._max_event
+        if len(raw) > limit:
+            raise InternalError(
+                f"inline result of {len(raw)} bytes does not fit one frame (limit {limit} bytes); "
+                "use job.stream_result for large results"
+            )
+        return orjson.loads(raw)
+
+    @staticmethod
+    def _error_of(exc: BaseException, ctx: JobContext) -> dict[str, Any]:
+        if isinstance(exc, ARCPError):
+            err = exc.to_wire()
+        elif isinstance(exc, asyncio.CancelledError) or (ctx.cancelled and isinstance(exc, Cancelled)):
+            err = Cancelled("job cancelled").to_wire()
+        else:
+            err = InternalError(f"{type(exc).__name__}: {exc}").to_wire()
+            err["traceback"] = "".join(traceback.format_exception(exc))[-8000:]
+        if err.get("details") is not None:
+            try:
+                err["details"] = orjson.loads(orjson.dumps(err["details"]))
+            except TypeError:
+                err["details"] = {"unserialisable": repr(err["details"])[:200]}
+        return err
+
+
+def worker_main(sock_fd: int, reuse: int) -> None:
+    """Entry point of a forked worker: serve jobs on the pipe, then exit."""
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    channel = Channel(sock)
+    runner = Runner(channel, reuse)
+    channel.start()
+    runner.serve()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(0)
