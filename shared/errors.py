@@ -22,7 +22,7 @@ Raise inside; translate once at each edge (`to_wire` / `from_wire`).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 # code -> default `retryable` (protocol.md §9.1; HEARTBEAT_LOST follows Go).
 RETRYABLE_DEFAULTS: dict[str, bool] = {
@@ -84,8 +84,6 @@ class ARCPError(Exception):
 
 
 class _CodedError(ARCPError):
-    code: ClassVar[str]  # type: ignore[misc]
-
     def __init__(self, message: str, *, retryable: bool | None = None,
                  details: dict[str, Any] | None = None) -> None:
         super().__init__(type(self).code, message, retryable=retryable, details=details)

@@ -47,10 +47,11 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         return
 
     closing = asyncio.Event()
-    close_code = [1000, "bye"]
+    close_as: tuple[int, str] = (1000, "bye")
 
     def close(code: int, reason: str) -> None:
-        close_code[:] = [code, reason]
+        nonlocal close_as
+        close_as = (code, reason)
         closing.set()
 
     session = Session(rt, principal, detect_flavour(hello), negotiate(hello), frame_cap, close)
@@ -80,7 +81,7 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
             await writer
         session.outbox.detach()
         rt.session_closed(session)
-        await transport.close(close_code[0], str(close_code[1]))
+        await transport.close(*close_as)
         log.info("session %s closed", session.id)
 
 

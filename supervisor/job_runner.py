@@ -70,6 +70,7 @@ class JobRunner:
         if job.done or self.stop_kind is not None:
             return
         self.stop_kind = kind
+        err: ARCPError
         if kind == "cancel":
             status, err = CANCELLED, Cancelled(reason)
         elif kind == "timeout":

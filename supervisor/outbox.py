@@ -1,4 +1,4 @@
-"""A session's outbound queue: sequence numbers, order, and back-pressure.
+"""A session's outbound queue of serialised frames: sequence numbers, order, and back-pressure.
 
 Frames are stamped with the session's next `event_seq` at the moment they are
 queued, so the queue order is the number order and one writer sends them in
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
 
 
 class Outbox:
     def __init__(self, high_water: int = 2048, low_water: int = 512) -> None:
         self.high_water = high_water
         self.low_water = low_water
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[bytes] = deque()
         self._nonempty = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
@@ -29,7 +28,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def put(self, frame: dict[str, Any]) -> None:
+    def put(self, frame: bytes) -> None:
         if not self.attached:
             return
         self._queue.append(frame)
@@ -42,7 +41,7 @@ class Outbox:
         if not self._writable.is_set():
             await self._writable.wait()
 
-    async def get_batch(self, max_items: int = 256) -> list[dict[str, Any]]:
+    async def get_batch(self, max_items: int = 256) -> list[bytes]:
         while not self._queue:
             self._nonempty.clear()
             await self._nonempty.wait()

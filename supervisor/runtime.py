@@ -204,12 +204,12 @@ class Runtime:
         page = rows[start:start + limit]
         out = []
         for job in page:
-            e = {"job_id": job.id, "agent": job.agent_ref, "status": job.status,
-                 "lease": job.request.lease, "created_at": job.created_at,
-                 "submitted_at": job.created_at, "trace_id": job.trace_id}
+            entry = {"job_id": job.id, "agent": job.agent_ref, "status": job.status,
+                     "lease": job.request.lease, "created_at": job.created_at,
+                     "submitted_at": job.created_at, "trace_id": job.trace_id}
             if job.request.parent_job_id:
-                e["parent_job_id"] = job.request.parent_job_id
-            out.append(e)
+                entry["parent_job_id"] = job.request.parent_job_id
+            out.append(entry)
         payload: dict[str, Any] = {"request_id": env.id, "jobs": out}
         if start + limit < len(rows):
             payload["next_cursor"] = f"o:{start + limit}"

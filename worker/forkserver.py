@@ -95,7 +95,7 @@ def serve(ctl_fd: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     while True:
         try:
-            ready, _, _ = select.select([ctl, wake_r], [], [])
+            ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
         except InterruptedError:
             continue
         if wake_r in ready:
@@ -104,7 +104,7 @@ def serve(ctl_fd: int, parent: int) -> None:
             except BlockingIOError:
                 pass
             _reap(ctl)
-        if ctl in ready:
+        if ctl.fileno() in ready:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_PACKET, 4)
             except InterruptedError:

@@ -1,0 +1,122 @@
+"""Agents the project's own tests register with a real server (`tests.agents:NAME`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from shared.errors import PermissionDenied
+from worker import JobContext
+
+
+async def echo(input: Any, job: JobContext) -> Any:
+    job.log("info", "echoing")
+    return {"echo": input}
+
+
+def sync_echo(input: Any, job: JobContext) -> Any:
+    return {"echo": input, "sync": True}
+
+
+def logs(input: Any, job: JobContext) -> Any:
+    n = int(input.get("n", 10))
+    for i in range(n):
+        job.log("info", f"log {i}")
+    return {"n": n}
+
+
+async def sleep(input: Any, job: JobContext) -> Any:
+    job.log("info", "sleeping")
+    await asyncio.sleep(float(input.get("seconds", 1.0)))
+    return {"slept": True}
+
+
+def busy(input: Any, job: JobContext) -> Any:
+    """Spins in pure Python without calling the job: cancel must interrupt it."""
+    job.log("info", "spinning")
+    x = 0
+    while True:
+        x += 1
+
+
+def stubborn(input: Any, job: JobContext) -> Any:
+    """Ignores cancellation and SIGTERM: only the kill ends it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    job.log("info", "ignoring you")
+    while True:
+        try:
+            time.sleep(0.05)
+        except BaseException:
+            continue
+
+
+def stream(input: Any, job: JobContext) -> None:
+    size = int(input.get("size", 1024))
+    data = bytes(range(256)) * (size // 256 + 1)
+    with job.stream_result("base64") as w:
+        w.write(data[:size])
+
+
+def stream_text(input: Any, job: JobContext) -> None:
+    with job.stream_result("utf8") as w:
+        w.write(input.get("text", "hello"))
+
+
+def printer(input: Any, job: JobContext) -> Any:
+    print("to stdout")
+    print("to stderr", file=sys.stderr)
+    return {"printed": True}
+
+
+def raises(input: Any, job: JobContext) -> Any:
+    raise ValueError(input.get("message", "boom"))
+
+
+def denies(input: Any, job: JobContext) -> Any:
+    raise PermissionDenied("agent says no", details={"why": "test"})
+
+
+def suicide(input: Any, job: JobContext) -> Any:
+    """The worker kills itself with SIGKILL mid-job."""
+    job.log("info", "about to die")
+    os.kill(os.getpid(), signal.SIGKILL)
+    return None
+
+
+def garbage(input: Any, job: JobContext) -> Any:
+    """Writes bytes that are not a frame onto the supervisor pipe."""
+    sock = job._ch.sock
+    sock.sendall(b"\xff\xff\xff\xffnot a frame at all")
+    time.sleep(5)
+    return None
+
+
+def other_job(input: Any, job: JobContext) -> Any:
+    """Sends a well-formed frame that claims to be about another job."""
+    job._ch.send(["ev", "job_01ARZ3NDEKTSV4RRFFQ69G5FAV", "log", ["info", "forged", None]])
+    time.sleep(5)
+    return None
+
+
+def big_result(input: Any, job: JobContext) -> Any:
+    return {"blob": "x" * int(input.get("size", 2 * 1024 * 1024))}
+
+
+def identity(input: Any, job: JobContext) -> Any:
+    return {"job_id": job.job_id, "session_id": job.session_id, "trace_id": job.trace_id,
+            "agent": job.agent, "lease": job.lease, "pid": os.getpid(),
+            "env": sorted(os.environ)}
+
+
+REGISTRY = [
+    "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
+    "sleep=tests.agents:sleep", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
+    "stream=tests.agents:stream", "streamtext=tests.agents:stream_text", "printer=tests.agents:printer",
+    "raises=tests.agents:raises", "denies=tests.agents:denies", "suicide=tests.agents:suicide",
+    "garbage=tests.agents:garbage", "otherjob=tests.agents:other_job", "bigresult=tests.agents:big_result",
+    "identity=tests.agents:identity",
+]

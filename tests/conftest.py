@@ -1,0 +1,96 @@
+"""Fixtures: a real arcp-supervisor process on 127.0.0.1:0, killed by process group."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.agents import REGISTRY
+
+ROOT = Path(__file__).resolve().parent.parent
+EXE = Path(sys.executable).with_name("arcp-supervisor")
+READY = re.compile(r"^arcp-supervisor listening on (ws://127\.0\.0\.1:\d+/\S*)$")
+
+
+def agent_flags() -> list[str]:
+    flags = []
+    for a in REGISTRY:
+        flags += ["--agent", a]
+    return flags + ["--default", "echo@1.0.0"]
+
+
+class Server:
+    """`arcp-supervisor run --port 0` with the test agents; `stop()` kills its process group."""
+
+    def __init__(self, *extra: str) -> None:
+        self.argv = [str(EXE), "run", "--port", "0", *agent_flags(), *extra]
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, start_new_session=True)
+        self.url = ""
+        self.stderr_lines: list[str] = []
+        ready = threading.Event()
+
+        def read_stdout() -> None:
+            assert self.proc.stdout is not None
+            for raw in self.proc.stdout:
+                m = READY.match(raw.decode().strip())
+                if m and not self.url:
+                    self.url = m.group(1)
+                    ready.set()
+            ready.set()
+
+        def read_stderr() -> None:
+            assert self.proc.stderr is not None
+            for raw in self.proc.stderr:
+                self.stderr_lines.append(raw.decode(errors="replace"))
+
+        threading.Thread(target=read_stdout, daemon=True).start()
+        threading.Thread(target=read_stderr, daemon=True).start()
+        if not ready.wait(30) or not self.url:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.stderr_lines[-30:]))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def make_server() -> Iterator[type[Server]]:
+    started: list[Server] = []
+
+    class Tracked(Server):
+        def __init__(self, *extra: str) -> None:
+            super().__init__(*extra)
+            started.append(self)
+
+    yield Tracked
+    for s in started:
+        s.stop()
