@@ -46,7 +46,7 @@ def busy(input: Any, job: JobContext) -> Any:
 def stubborn(input: Any, job: JobContext) -> Any:
     """Ignores cancellation and SIGTERM: only the kill ends it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    job.log("info", "ignoring you")
+    job.log("info", f"pid {os.getpid()}")
     while True:
         try:
             time.sleep(0.05)

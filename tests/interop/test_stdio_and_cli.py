@@ -1,0 +1,85 @@
+"""The stdio transport with the SDK's StdioTransport, and the command line's errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from arcp import ClientInfo, StdioTransport
+from arcp.client import ARCPClient
+
+from tests.conftest import EXE, ROOT, agent_flags
+
+
+def test_stdio_session_with_official_client() -> None:
+    async def go() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            str(EXE), "run", "--stdio", *agent_flags(), cwd=ROOT, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            limit=16 * 1024 * 1024)
+        try:
+            client = ARCPClient(client=ClientInfo(name="stdio", version="1"), token="")
+            await asyncio.wait_for(client.connect(await StdioTransport.from_process_pipes(proc)), 15)
+            h = await client.submit(agent="logs", input={"n": 5})
+            r = await asyncio.wait_for(h.done, 15)
+            assert r.result == {"n": 5}
+            h = await client.submit(agent="stream", input={"size": 200_000})
+            data = await asyncio.wait_for(h.collect_chunks(), 15)
+            assert len(data) == 200_000
+            await client.close()
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()
+    asyncio.run(go())
+
+
+def _run(*args: str, config: str | None = None, tmp: Path | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [str(EXE), *args]
+    if config is not None:
+        assert tmp is not None
+        f = tmp / "c.toml"
+        f.write_text(config)
+        argv += ["--config", str(f)]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_version() -> None:
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("arcp-supervisor ")
+
+
+def test_bad_flags_exit_2_naming_the_flag(tmp_path: Path) -> None:
+    cases = [
+        (["run", "--port", "x", "--agent", "e=tests.agents:echo"], "--port"),
+        (["run", "--memory", "lots", "--agent", "e=tests.agents:echo"], "--memory"),
+        (["run", "--agent", "e=nocolon"], "--agent"),
+        (["run", "--agent", "e=tests.agents:echo", "--host", "0.0.0.0"], "--host"),
+        (["run", "--agent", "e=tests.agents:echo", "--default", "x@1"], "--default"),
+        (["run", "--agent", "e=tests.agents:echo", "--token", "nope"], "--token"),
+        (["run", "--no-such-flag"], "--no-such-flag"),
+    ]
+    for args, flag in cases:
+        r = _run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert flag in r.stderr, (args, r.stderr)
+        assert r.stdout == ""
+
+
+def test_bad_config_exit_2_naming_the_key(tmp_path: Path) -> None:
+    cases = [
+        ("[server]\nport = 'x'\n", "server.port"),
+        ("[server]\nbogus = 1\n", "server.bogus"),
+        ("[limits]\nmemory = 'huge'\n", "limits.memory"),
+        ("[[agents]]\nname = 'e'\nentry = 'bad'\n", "agents[0]"),
+        ("not toml [", "not valid TOML"),
+    ]
+    for text, key in cases:
+        r = _run("run", "--agent", "e=tests.agents:echo", config=text, tmp=tmp_path)
+        assert r.returncode == 2, (text, r.stderr)
+        assert key in r.stderr, (text, r.stderr)
