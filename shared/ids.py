@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -16,14 +18,53 @@ TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-def new_ulid() -> str:
-    """26 characters of uppercase Crockford base32, time-ordered."""
-    return str(ULID())
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> 2 characters
+
+
+class MonotonicULID:
+    """ULIDs at a few hundred nanoseconds each: the 48-bit millisecond time, then 80
+    bits that start random each millisecond and count up within it (the ULID spec's
+    monotonic mode). Every envelope carries a fresh id, so this sits on the hot path;
+    python-ulid's `ULID()` costs about ten times as much per id.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = -1
+        self._head = ""
+        self._counter = 0
+
+    def __call__(self) -> str:
+        ms = time.time_ns() // 1_000_000
+        with self._lock:
+            if ms != self._ms:
+                self._ms = ms
+                rnd = int.from_bytes(os.urandom(10), "big")
+                self._head = str(ULID.from_timestamp(ms / 1000))[:10] + _encode(rnd >> 40, 8)
+                self._counter = (rnd & ((1 << 39) - 1))  # room to count up within the ms
+            else:
+                self._counter += 1
+            c = self._counter
+        p = _PAIRS
+        return self._head + p[(c >> 30) & 1023] + p[(c >> 20) & 1023] + p[(c >> 10) & 1023] + p[c & 1023]
+
+
+def _encode(value: int, chars: int) -> str:
+    out = []
+    for _ in range(chars):
+        out.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+new_ulid = MonotonicULID()
+"""26 characters of uppercase Crockford base32, time-ordered."""
 
 
 def new_id(prefix: str) -> str:
     """`prefix_ULID`, e.g. `job_01JZ...`."""
-    return f"{prefix}_{ULID()}"
+    return f"{prefix}_{new_ulid()}"
 
 
 def new_trace_id() -> str:

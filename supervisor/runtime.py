@@ -42,7 +42,8 @@ class Runtime:
         self.frame_cap = frame_cap
         self.registry = AgentRegistry(config.agents, config.defaults)
         self.jobs = JobTable(config.retention_jobs)
-        self.fork_server = ForkServer(worker_env(), os.getcwd())
+        modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
+        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
         self.sandbox_layers: list[str] = ["process-group", "parent-death-signal", "scrubbed-env"]
         self._tasks: set[asyncio.Task[None]] = set()

@@ -90,9 +90,10 @@ class WorkerHandle:
 class ForkServer:
     """The supervisor's client of `python -m worker`."""
 
-    def __init__(self, env: dict[str, str], cwd: str) -> None:
+    def __init__(self, env: dict[str, str], cwd: str, agent_modules: list[str]) -> None:
         self._env = env
         self._cwd = cwd
+        self._modules = agent_modules
         self._proc: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None
         self._next_req = 0
@@ -105,7 +106,7 @@ class ForkServer:
         self._loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid())],
+            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()), *self._modules],
             pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
         )

@@ -16,6 +16,7 @@ with the supervisor (parent-death signal), as its workers die with it.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -25,17 +26,32 @@ from typing import Any
 
 import msgpack
 
-# Pre-import what every job needs, so that a forked worker starts warm.
+# Pre-import the runtime and the standard library agents commonly use (trusted
+# code only: agent modules are compiled here, never run), so a forked worker starts warm.
 import asyncio  # noqa: F401
-import importlib  # noqa: F401
-import inspect  # noqa: F401
-import json  # noqa: F401
-import orjson  # noqa: F401
+import base64  # noqa: F401
+import collections  # noqa: F401
+import dataclasses  # noqa: F401
+import datetime  # noqa: F401
 import decimal  # noqa: F401
+import functools  # noqa: F401
+import hashlib  # noqa: F401
+import inspect  # noqa: F401
+import itertools  # noqa: F401
+import json  # noqa: F401
+import pathlib  # noqa: F401
+import random  # noqa: F401
+import re  # noqa: F401
 import threading  # noqa: F401
+import time  # noqa: F401
 import traceback  # noqa: F401
+import typing  # noqa: F401
+
+import orjson  # noqa: F401
+
 import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
+from worker.agent_loader import precompile
 
 PR_SET_PDEATHSIG = 1
 MAX_PACKET = 64 * 1024
@@ -151,8 +167,13 @@ def _reap(ctl: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        print("usage: python -m worker CTL_FD PARENT_PID", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: python -m worker CTL_FD PARENT_PID [AGENT_MODULE...]", file=sys.stderr)
         sys.exit(2)
     sys.path.insert(0, os.getcwd())
+    precompile(argv[2:])
+    # Everything imported so far lives as long as we do: keep the collector from
+    # walking (and so copying) those pages in every forked worker.
+    gc.collect()
+    gc.freeze()
     serve(int(argv[0]), int(argv[1]))

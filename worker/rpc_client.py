@@ -43,10 +43,27 @@ class Channel:
         self._next_call = 0
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
         self.on_cancel: Callable[[str], None] = lambda reason: None
+        self._decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
+        self._go = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="arcp-pipe", daemon=True)
 
     def start(self) -> None:
+        """Start the reader thread; it waits until `first_job()` hands the pipe over."""
         self._reader.start()
+
+    def first_job(self) -> dict[str, Any]:
+        """Read the first job on this thread (no thread hand-off on a job's critical path)."""
+        try:
+            while self.jobs.empty():
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    os._exit(PIPE_ERROR)
+                for frame in self._decoder.feed(data):
+                    self._dispatch(frame)
+        except (OSError, CodecError, ValueError):
+            os._exit(PIPE_ERROR)
+        self._go.set()
+        return self.jobs.get_nowait()
 
     # -- sending ------------------------------------------------------------
     def send(self, obj: Any) -> None:
@@ -96,7 +113,8 @@ class Channel:
 
     # -- receiving ----------------------------------------------------------
     def _read_loop(self) -> None:
-        decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
+        self._go.wait()
+        decoder = self._decoder
         try:
             while True:
                 data = self.sock.recv(1 << 16)

@@ -9,8 +9,11 @@ output always precedes its result.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
+import struct
+import termios
 import threading
 from collections.abc import Callable
 
@@ -32,10 +35,13 @@ class StdioCapture:
         self._levels = {out_r: "info", err_r: "warn"}
         self._partial: dict[int, bytes] = {out_r: b"", err_r: b""}
         self._drained = threading.Event()
+        self._busy = False  # the thread holds bytes it has read but not yet sent
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="arcp-stdio", daemon=True).start()
 
     def drain(self, timeout: float = 2.0) -> None:
+        if not self._busy and not any(_pending(fd) for fd in self._levels):
+            return  # nothing written, nothing in flight: no round trip to the thread
         with self._lock:
             self._drained.clear()
             os.write(self._wake_w, b"d")
@@ -45,6 +51,7 @@ class StdioCapture:
         fds = [*self._levels, self._wake_r]
         while True:
             ready, _, _ = select.select(fds, [], [])
+            self._busy = True
             drain = False
             for fd in ready:
                 if fd == self._wake_r:
@@ -56,6 +63,7 @@ class StdioCapture:
                 for fd in self._levels:
                     self._read(fd, final=True)
                 self._drained.set()
+            self._busy = False
 
     def _read(self, fd: int, final: bool) -> None:
         buf = self._partial[fd]
@@ -80,3 +88,9 @@ class StdioCapture:
         level = self._levels[fd]
         for line in lines:
             self._emit(level, line.decode("utf-8", "replace").rstrip("\r"))
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
