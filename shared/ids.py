@@ -100,8 +100,16 @@ def format_ts(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
 
 
+_second_cache: list[object] = [-1, ""]
+
+
 def now_ts() -> str:
-    return format_ts(time.time())
+    """The current time as `format_ts` gives it; the date part is cached per second."""
+    ns = time.time_ns()
+    secs, micros = divmod(ns // 1000, 1_000_000)
+    if _second_cache[0] != secs:
+        _second_cache[0], _second_cache[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_second_cache[1]}.{micros:06d}Z"
 
 
 def parse_ts(value: object) -> datetime:

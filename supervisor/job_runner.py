@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,8 @@ class JobRunner:
         self.job = job
         self.worker: WorkerHandle | None = None
         self.stop_kind: str | None = None
-        self._stop = asyncio.Event()
+        self._pump_done = asyncio.Event()
+        self._stopper: asyncio.Task[None] | None = None
         self._final: tuple[str, dict[str, Any]] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         cap = runtime.frame_cap
@@ -81,7 +83,8 @@ class JobRunner:
         if kind == "cancel":
             self.rt.emit_cancelled(job, reason)
         job.status = status  # nothing of the job is sent from here on but its terminal
-        self._stop.set()
+        if self.worker is not None:
+            self._stopper = asyncio.get_running_loop().create_task(self._stopping(self.worker))
 
     # -- the job's life -------------------------------------------------------
     async def run(self) -> None:
@@ -110,15 +113,12 @@ class JobRunner:
         job.status = RUNNING
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
-        pump = asyncio.create_task(self._pump(worker))
-        stopper = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if pump in done and self.stop_kind is None:
-            stopper.cancel()
-            await self._ended(worker, pump.result())
-            return
-        await self._stopping(worker, pump)
-        stopper.cancel()
+        outcome = await self._pump(worker)
+        self._pump_done.set()
+        if self.stop_kind is None:
+            await self._ended(worker, outcome)
+        elif self._stopper is not None:
+            await self._stopper  # it sends the terminal once the worker is gone
 
     async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
         job = self.job
@@ -145,23 +145,22 @@ class JobRunner:
                 f"worker process ended unexpectedly: {why}", retryable=True,
                 details={"exit": why}).to_wire())
 
-    async def _stopping(self, worker: WorkerHandle, pump: asyncio.Task[Any]) -> None:
-        grace = self.rt.config.grace
-        assert worker.writer is not None
-        with contextlib.suppress(OSError, RuntimeError, CodecError):
-            worker.writer.write(encode([pm.CANCEL, self.stop_kind or "cancel"]))
-        # The worker has `grace` to end its agent; it reports, and (fresh workers) exits.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pump), grace)
-        if worker.alive:
-            worker.signal(15)
+    async def _stopping(self, worker: WorkerHandle) -> None:
+        """Tell the worker, give it `grace`, then SIGTERM and SIGKILL; then the terminal."""
+        try:
+            assert worker.writer is not None
+            with contextlib.suppress(OSError, RuntimeError, CodecError):
+                worker.writer.write(encode([pm.CANCEL, self.stop_kind or "cancel"]))
+            # The agent has `grace` to unwind; the worker then reports its end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(worker.exited), KILL_SLACK if not pump.done() else 0.0)
-        await worker.kill(EXIT_WAIT)
-        pump.cancel()
-        with contextlib.suppress(BaseException):
-            await pump
-        self._finish(*self._final_or_internal())
+                await asyncio.wait_for(self._pump_done.wait(), self.rt.config.grace)
+            if worker.alive and not self._pump_done.is_set():
+                worker.signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(worker.exited), KILL_SLACK)
+            await worker.kill(EXIT_WAIT)  # also closes the pipe, which ends the pump
+        finally:
+            self._finish(*self._final_or_internal())
 
     def _final_or_internal(self) -> tuple[str, dict[str, Any]]:
         return self._final or (ERROR, InternalError("job stopped").to_wire())
