@@ -1,16 +1,19 @@
-"""One client connection, whatever the transport: handshake, then read and write loops."""
+"""One client connection, whatever the transport: handshake (new or resumed session),
+then the read loop, the write loop and the heartbeat."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Protocol
 
 import orjson
 
-from shared.envelope import request_id_of
-from shared.errors import ARCPError, InvalidRequest
+from shared.envelope import frame, request_id_of
+from shared.errors import ARCPError, HeartbeatLost, InternalError, InvalidRequest
+from shared.ids import new_id, new_ulid, now_ts
 from supervisor.frames import session_error
 from supervisor.runtime import Runtime
 from supervisor.session import Session, authenticate, check_hello, detect_flavour, negotiate
@@ -18,6 +21,7 @@ from supervisor.session import Session, authenticate, check_hello, detect_flavou
 log = logging.getLogger("arcp.connection")
 HANDSHAKE_TIMEOUT = 30.0
 CLOSE_DRAIN = 2.0
+STALL_LIMIT = 60.0  # seconds a client may leave its queue at the high-water mark
 
 
 class Transport(Protocol):
@@ -37,13 +41,17 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
     try:
         obj = orjson.loads(first)
     except orjson.JSONDecodeError as e:
-        await _refuse(transport, InvalidRequest(f"frame is not valid JSON: {e}"), None)
+        await _refuse(transport, InvalidRequest(f"frame is not valid JSON: {e}"), None, None)
         return
+    resume_sid = None
     try:
         hello = check_hello(obj)
+        r = hello.payload.get("resume")
+        resume_sid = r.get("session_id") if isinstance(r, dict) and isinstance(r.get("session_id"), str) else None
         principal = authenticate(rt.config.tokens, hello)
+        resumed = rt.resume(hello, principal) if hello.payload.get("resume") is not None else None
     except ARCPError as e:
-        await _refuse(transport, e, request_id_of(obj))
+        await _refuse(transport, e, request_id_of(obj), resume_sid)
         return
 
     closing = asyncio.Event()
@@ -54,10 +62,23 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         close_as = (code, reason)
         closing.set()
 
-    session = Session(rt, principal, detect_flavour(hello), negotiate(hello), frame_cap, close)
-    session.send(session.welcome(hello.payload.get("capabilities")))
-    log.info("session %s opened for %s (%s flavour)", session.id, principal, session.flavour)
+    if resumed is None:
+        session = Session(rt, principal, detect_flavour(hello), negotiate(hello), frame_cap, close)
+        rt.open_session(session)
+        session.send(session.welcome())
+        log.info("session %s opened for %s (%s flavour)", session.id, principal, session.flavour)
+    else:
+        session, last = resumed
+        session.features = negotiate(hello)
+        session.attach(close)
+        session.send(session.welcome())
+        n = rt.replay(session, last)
+        log.info("session %s resumed after seq %d; %d frames replayed", session.id, last, n)
+
     writer = asyncio.create_task(_write_loop(session, transport))
+    heart = asyncio.create_task(_heartbeat(rt, session, close))
+    last_in = [time.monotonic()]
+    session.last_inbound = last_in
     try:
         while not closing.is_set():
             recv = asyncio.ensure_future(transport.recv())
@@ -72,17 +93,44 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
             data = recv.result()
             if data is None:
                 break
+            last_in[0] = time.monotonic()
             session.receive(data)
         if closing.is_set():
             await _drain(session)
     finally:
+        heart.cancel()
         writer.cancel()
-        with contextlib.suppress(BaseException):
-            await writer
-        session.outbox.detach()
-        rt.session_closed(session)
+        for t in (heart, writer):
+            with contextlib.suppress(BaseException):
+                await t
+        rt.session_detached(session)
         await transport.close(*close_as)
-        log.info("session %s closed", session.id)
+        log.info("session %s transport closed (%s)", session.id, close_as[1])
+
+
+async def _heartbeat(rt: Runtime, session: Session, close: object) -> None:
+    """Ping after an idle interval; end a silent session with HEARTBEAT_LOST after two."""
+    interval = rt.config.heartbeat_interval
+    enabled = "heartbeat" in session.features
+    tick = min(interval / 2, 5.0)
+    while True:
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        if session.outbox.stalled_for(now) > STALL_LIMIT:
+            session.error(InternalError("consumer too slow: the client stopped reading"))
+            session.close_transport(1011, "consumer too slow")
+            return
+        if not enabled:
+            continue
+        idle = now - session.last_inbound[0]
+        if idle >= 2 * interval:
+            session.error(HeartbeatLost(f"no traffic from the client for {idle:.0f} s", retryable=True))
+            session.close_transport(1001, "heartbeat lost")
+            return
+        if idle >= interval and now - session.last_ping >= interval:
+            session.last_ping = now
+            session.send(frame("session.ping", new_ulid(), {"nonce": new_id("p"), "sent_at": now_ts()},
+                               session_id=session.id))
 
 
 async def _drain(session: Session) -> None:
@@ -101,8 +149,8 @@ async def _write_loop(session: Session, transport: Transport) -> None:
             await transport.send_many(batch)
 
 
-async def _refuse(transport: Transport, err: ARCPError, request_id: str | None) -> None:
-    data = orjson.dumps(session_error(err, session_id=None, request_id=request_id))
+async def _refuse(transport: Transport, err: ARCPError, request_id: str | None, session_id: str | None) -> None:
+    data = orjson.dumps(session_error(err, session_id=session_id, request_id=request_id))
     with contextlib.suppress(Exception):
         await transport.send_many([data])
     await transport.close(1008 if err.code == "UNAUTHENTICATED" else 1002, err.code.lower())

@@ -44,6 +44,9 @@ class JobRunner:
     def __init__(self, runtime: Runtime, job: Job) -> None:
         self.rt = runtime
         self.job = job
+        assert job.request is not None and job.owner is not None
+        self.request = job.request
+        self.owner = job.owner
         self.worker: WorkerHandle | None = None
         self.stop_kind: str | None = None
         self._pump_done = asyncio.Event()
@@ -57,7 +60,7 @@ class JobRunner:
     # -- control --------------------------------------------------------------
     def arm_timers(self) -> None:
         loop = asyncio.get_running_loop()
-        req = self.job.request
+        req = self.request
         if req.max_runtime_sec:
             self._timers.append(loop.call_at(
                 loop.time() + req.max_runtime_sec - (time.monotonic() - self.job.created_mono),
@@ -171,8 +174,7 @@ class JobRunner:
         assert reader is not None and writer is not None
         decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
         frames = self.frames
-        job = self.job
-        outbox = job.owner.outbox
+        outbox = self.owner.outbox
         try:
             while True:
                 data = await reader.read(1 << 18)
@@ -236,14 +238,14 @@ class JobRunner:
             tool, tool_args = args
             if not isinstance(tool, str) or not tool:
                 raise InvalidRequest("tool name must be a non-empty string")
-            if "tool.call" in job.request.lease and not lease_allows(job.request.lease, "tool.call", tool):
+            if "tool.call" in self.request.lease and not lease_allows(self.request.lease, "tool.call", tool):
                 raise PermissionDenied(f"lease does not grant tool.call on {tool!r}")
             call_id = new_id("c")
             self._event(Event("tool_call", {"tool": tool, "args": tool_args, "call_id": call_id}))
             return call_id
         if op == "delegate":
             agent = args[0] if args else None
-            if not isinstance(agent, str) or not lease_allows(job.request.lease, "agent.delegate", agent):
+            if not isinstance(agent, str) or not lease_allows(self.request.lease, "agent.delegate", agent):
                 raise PermissionDenied(f"lease does not grant agent.delegate on {agent!r}")
             raise InvalidRequest("job.delegate is not available on this supervisor yet")
         if op == "rotate_credential":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from shared.envelope import Envelope
-from shared.errors import ARCPError, DuplicateKey, InvalidRequest
+from shared.errors import DuplicateKey, InvalidRequest
 from shared.ids import format_dt, new_id, new_trace_id, now_ts, parse_trace_id, parse_ts
 from shared.lease import LeaseError, validate_lease_request
 from shared.messages import PENDING, TERMINAL_STATUSES
@@ -125,33 +125,46 @@ def _trace_of(env: Envelope) -> str:
     return new_trace_id()
 
 
-@dataclass
+@dataclass(eq=False)
+class Watch:
+    """A session that follows a job it did not submit (subscribe, or an idempotent replay).
+
+    While `pending` is a list the watch is still being given the job's history:
+    live frames wait there so that they follow the history in order.
+    """
+
+    session: Session
+    pending: list[tuple[str, dict[str, Any]]] | None = None
+
+
+@dataclass(eq=False)
 class Job:
     id: str
     principal: str
-    owner: Session
-    request: SubmitRequest
-    authority: Authority
+    owner_id: str
+    agent_ref: str
+    trace_id: str
     created_at: str
-    created_mono: float
+    lease: dict[str, list[str]]
+    lease_constraints: dict[str, Any]
+    parent_job_id: str | None
+    idempotency_key: str | None
+    fingerprint: bytes | None
+    authority: Authority
+    accepted: dict[str, Any]  # the job.accepted payload without request_id and budget
     status: str = PENDING
-    sandbox: list[str] = field(default_factory=list)
-    accepted: dict[str, Any] = field(default_factory=dict)  # payload without request_id
+    request: SubmitRequest | None = None  # None for a job restored from the store
+    owner: Session | None = None  # the submitting session, while it exists
     terminal: dict[str, Any] | None = None  # the terminal outcome, for replays
-    watchers: list[Session] = field(default_factory=list)
+    watchers: list[Watch] = field(default_factory=list)
     runner: Any = None  # the JobRunner driving it
+    created_mono: float = field(default_factory=time.monotonic)
+    finished_mono: float | None = None
+    last_seq: int = 0  # the highest event_seq this job took in its submitting session
 
     @property
     def done(self) -> bool:
         return self.status in TERMINAL_STATUSES
-
-    @property
-    def agent_ref(self) -> str:
-        return self.request.agent.ref
-
-    @property
-    def trace_id(self) -> str:
-        return self.request.trace_id
 
     def accepted_payload(self, flavour: str, request_id: str) -> dict[str, Any]:
         from supervisor.frames import budget_wire
@@ -162,14 +175,20 @@ class Job:
         p["request_id"] = request_id
         return p
 
+    def record(self) -> dict[str, Any]:
+        """What the store keeps to rebuild this job after a restart."""
+        return {"accepted": self.accepted, "lease": self.lease, "lease_constraints": self.lease_constraints,
+                "parent_job_id": self.parent_job_id, "last_seq": self.last_seq}
+
 
 class JobTable:
     """Every job the supervisor knows, and the idempotency keys of each principal."""
 
-    def __init__(self, retention_jobs: int = 10000) -> None:
+    def __init__(self, retention_jobs: int = 10000, retention_seconds: int = 86400) -> None:
         self.jobs: dict[str, Job] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
         self.retention_jobs = retention_jobs
+        self.retention_seconds = retention_seconds
         self.idempotency: dict[tuple[str, str], tuple[bytes, str]] = {}
 
     def lookup_idempotent(self, principal: str, req: SubmitRequest) -> Job | None:
@@ -192,16 +211,12 @@ class JobTable:
 
     def create(self, principal: str, owner: Session, req: SubmitRequest, sandbox: list[str]) -> Job:
         job_id = new_id("job")
-        job = Job(
-            id=job_id, principal=principal, owner=owner, request=req,
-            authority=Authority(req.lease, req.expires_at), created_at=now_ts(),
-            created_mono=time.monotonic(), sandbox=sandbox,
-        )
+        created_at = now_ts()
         wire_limits = req.limits.as_wire()
         lease = dict(req.lease)
         if LIMITS_KEY in lease:
             lease[LIMITS_KEY] = [f"{k}:{v}" for k, v in wire_limits.items() if k in req.asked_limits]
-        p: dict[str, Any] = {"job_id": job_id, "agent": req.agent.ref, "accepted_at": job.created_at,
+        p: dict[str, Any] = {"job_id": job_id, "agent": req.agent.ref, "accepted_at": created_at,
                              "lease": lease, "trace_id": req.trace_id}
         if req.lease_constraints:
             p["lease_constraints"] = req.lease_constraints
@@ -211,29 +226,50 @@ class JobTable:
             p["delegate_id"] = req.delegate_id
         p[LIMITS_KEY] = wire_limits
         p[SANDBOX_KEY] = sandbox
-        job.accepted = p
-        self.jobs[job_id] = job
-        if req.idempotency_key is not None:
-            self.idempotency[(principal, req.idempotency_key)] = (req.fingerprint(), job_id)
+        job = Job(
+            id=job_id, principal=principal, owner_id=owner.id, agent_ref=req.agent.ref, trace_id=req.trace_id,
+            created_at=created_at, lease=lease, lease_constraints=req.lease_constraints,
+            parent_job_id=req.parent_job_id, idempotency_key=req.idempotency_key,
+            fingerprint=req.fingerprint() if req.idempotency_key is not None else None,
+            authority=Authority(req.lease, req.expires_at), accepted=p, request=req, owner=owner,
+        )
+        self.add(job)
         return job
 
-    def finished_job(self, job: Job) -> None:
-        """Retention: keep at most `retention_jobs` finished jobs."""
+    def add(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if job.idempotency_key is not None and job.fingerprint is not None:
+            self.idempotency[(job.principal, job.idempotency_key)] = (job.fingerprint, job.id)
+        if job.done:
+            self.finished[job.id] = None
+
+    def finished_job(self, job: Job) -> list[str]:
+        """A job ended; return the ids of finished jobs retention now drops."""
+        job.finished_mono = time.monotonic()
         self.finished[job.id] = None
+        dropped = []
         while len(self.finished) > self.retention_jobs:
-            old_id, _ = self.finished.popitem(last=False)
-            old = self.jobs.pop(old_id, None)
-            if old is not None and old.request.idempotency_key is not None:
-                self.idempotency.pop((old.principal, old.request.idempotency_key), None)
+            dropped.append(self._drop_oldest())
+        return dropped
 
-    def visible(self, job_id: Any, principal: str) -> Job | None:
-        if not isinstance(job_id, str):
-            return None
-        job = self.jobs.get(job_id)
-        if job is None or job.principal != principal:
-            return None
-        return job
+    def expire(self, now_mono: float) -> list[str]:
+        """Drop finished jobs older than the retention period."""
+        dropped = []
+        while self.finished:
+            oldest = self.jobs.get(next(iter(self.finished)))
+            if oldest is not None and oldest.finished_mono is not None and \
+                    now_mono - oldest.finished_mono < self.retention_seconds:
+                break
+            dropped.append(self._drop_oldest())
+        return dropped
+
+    def _drop_oldest(self) -> str:
+        old_id, _ = self.finished.popitem(last=False)
+        old = self.jobs.pop(old_id, None)
+        if old is not None and old.idempotency_key is not None:
+            entry = self.idempotency.get((old.principal, old.idempotency_key))
+            if entry is not None and entry[1] == old_id:
+                del self.idempotency[(old.principal, old.idempotency_key)]
+        return old_id
 
 
-def error_dict(err: ARCPError) -> dict[str, Any]:
-    return err.to_wire()

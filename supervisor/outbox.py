@@ -5,13 +5,14 @@ queued, so the queue order is the number order and one writer sends them in
 that order. Past the high-water mark, producers (job pumps) wait until the
 writer has brought the queue below the low-water mark: the supervisor then
 stops reading those workers' pipes, and their agents block, instead of this
-queue growing. With no transport attached the frames are dropped (resume
-keeps its own log).
+queue growing. With no transport attached the frames are dropped: the session's
+frames are logged in the store, and a resume replays them from there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 
 
@@ -24,6 +25,7 @@ class Outbox:
         self._writable = asyncio.Event()
         self._writable.set()
         self.attached = True
+        self._stalled_since: float | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -33,8 +35,9 @@ class Outbox:
             return
         self._queue.append(frame)
         self._nonempty.set()
-        if len(self._queue) >= self.high_water:
+        if len(self._queue) >= self.high_water and self._writable.is_set():
             self._writable.clear()
+            self._stalled_since = time.monotonic()
 
     async def wait_writable(self) -> None:
         """Return once the queue is below its high-water mark (at once when it is)."""
@@ -47,8 +50,9 @@ class Outbox:
             await self._nonempty.wait()
         n = min(max_items, len(self._queue))
         batch = [self._queue.popleft() for _ in range(n)]
-        if len(self._queue) <= self.low_water:
+        if len(self._queue) <= self.low_water and not self._writable.is_set():
             self._writable.set()
+            self._stalled_since = None
         return batch
 
     def detach(self) -> None:
@@ -57,3 +61,13 @@ class Outbox:
         self._queue.clear()
         self._writable.set()
         self._nonempty.set()
+        self._stalled_since = None
+
+    def attach(self) -> None:
+        """A transport (a new one, on resume) takes frames again."""
+        self.attached = True
+        self._nonempty.clear()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the queue has been at its high-water mark (0 when it is not)."""
+        return 0.0 if self._stalled_since is None else now - self._stalled_since

@@ -1,31 +1,40 @@
-"""The runtime: sessions, the job table, the worker pool, and delivery of job frames."""
+"""The runtime: sessions, the job table, the store, the worker pool, and delivery of job frames."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
+import time
 from typing import Any
 
+import orjson
+
 from shared.envelope import Envelope, frame
-from shared.errors import InternalError, InvalidRequest, JobNotFound, PermissionDenied
-from shared.ids import new_ulid, now_ts, parse_ts
-from shared.messages import TERMINAL_STATUSES
+from shared.errors import (
+    InternalError, InvalidRequest, JobNotFound, PermissionDenied, ResumeWindowExpired, Unauthenticated,
+)
+from shared.ids import new_resume_token, new_ulid, now_ts, parse_ts
+from supervisor.authority import Authority
 from supervisor.config import Config
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_runner import JobRunner
-from supervisor.jobs import Job, JobTable, parse_submit
+from supervisor.jobs import Job, JobTable, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
+from supervisor.store import Store, StoredJob
 from supervisor.worker_proc import ForkServer, WorkerPool
 from supervisor.worker_rpc import WorkerProtocolError
 
 log = logging.getLogger("arcp.runtime")
 WS_FRAME_CAP = 1024 * 1024 - 4096
 STDIO_FRAME_CAP = 64 * 1024 - 1024
-SUBSCRIBE_PAUSE = 0.02  # protocol.md rule 11
+SUBSCRIBE_PAUSE = 0.02  # protocol.md rule 11: let the Python client register the subscription
 LIST_MAX = 1000
 ENV_PASSED = ("PATH", "LANG", "TZ")
+SWEEP_INTERVAL = 5.0
+INLINE_KEPT = 4096  # terminal values larger than this live only in the store
 
 
 def worker_env() -> dict[str, str]:
@@ -41,18 +50,26 @@ class Runtime:
         self.config = config
         self.frame_cap = frame_cap
         self.registry = AgentRegistry(config.agents, config.defaults)
-        self.jobs = JobTable(config.retention_jobs)
+        self.jobs = JobTable(config.retention_jobs, config.retention_seconds)
+        self.store = Store(config.state_dir)
+        self.sessions: dict[str, Session] = {}
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
         self.sandbox_layers: list[str] = ["process-group", "parent-death-signal", "scrubbed-env"]
+        self.back_pressure_threshold = 1024
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._restore()
 
     async def start(self) -> None:
         self.fork_server.start()
         self.pool.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for job in list(self.jobs.jobs.values()):
             if not job.done and job.runner is not None:
                 job.runner.request_stop("cancel", "server shutting down")
@@ -60,67 +77,167 @@ class Runtime:
             await asyncio.wait(self._tasks, timeout=self.config.grace + 1.0)
         self.pool.close()
         self.fork_server.close()
+        self.store.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- restart --------------------------------------------------------------
+    def _restore(self) -> None:
+        stored, interrupted = self.store.recover(self.config.retention_jobs, self.config.retention_seconds)
+        for sj in stored:
+            self.jobs.add(_restored_job(sj))
+        if stored:
+            log.info("restored %d finished jobs (%d were running and ended with INTERNAL_ERROR)",
+                     len(stored), interrupted)
+
+    # -- sessions -------------------------------------------------------------
+    def open_session(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def resume(self, hello: Envelope, principal: str) -> tuple[Session, int]:
+        """Check a resume request (protocol.md §5.1); the session and the client's last seq."""
+        r = hello.payload.get("resume")
+        if not isinstance(r, dict) or not isinstance(r.get("session_id"), str):
+            raise InvalidRequest("session.hello 'resume' needs a 'session_id' string")
+        sid, token, last = r["session_id"], r.get("resume_token"), r.get("last_event_seq", 0)
+        if not isinstance(token, str):
+            raise Unauthenticated("resume needs a 'resume_token' string")
+        if last is None:
+            last = 0
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+            raise InvalidRequest("resume 'last_event_seq' must be an integer >= 0")
+        s = self.sessions.get(sid)
+        if s is None or s.expired or s.detached_at is None:
+            raise ResumeWindowExpired(f"no resumable session {sid!r}")
+        if time.monotonic() - s.detached_at > self.config.resume_window:
+            self._expire_session(s)
+            raise ResumeWindowExpired(f"the resume window of session {sid!r} has passed")
+        if not hmac.compare_digest(token.encode(), s.resume_token.encode()) or principal != s.principal:
+            raise Unauthenticated("resume token or principal does not match the session")
+        if s.closed and not any(j.owner is s and not j.done for j in self.jobs.jobs.values()):
+            raise ResumeWindowExpired(f"session {sid!r} was closed and has no running jobs")
+        if last > s.seq:
+            raise InvalidRequest(f"resume 'last_event_seq' {last} is beyond the session's last seq {s.seq}")
+        oldest = self.store.oldest_seq(s.id)
+        if last < s.seq and (oldest is None or oldest > last + 1):
+            raise ResumeWindowExpired(
+                f"events after seq {last} of session {sid!r} are no longer kept")
+        s.resume_token = new_resume_token()
+        s.closed = False
+        return s, last
+
+    def replay(self, s: Session, last: int) -> int:
+        """Queue every logged frame after `last`, unchanged; returns how many."""
+        rows = self.store.frames_since(s.id, last)
+        for _, data in rows:
+            s.outbox.put(data)
+        return len(rows)
+
+    def session_detached(self, s: Session) -> None:
+        s.detach(time.monotonic())
+
+    def _expire_session(self, s: Session) -> None:
+        s.expired = True
+        s.outbox.detach()
+        self.sessions.pop(s.id, None)
+        for job in self.jobs.jobs.values():
+            job.watchers = [w for w in job.watchers if w.session is not s]
+        self.store.forget_session(s.id)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Forget sessions past their resume window and jobs past retention."""
+        for s in list(self.sessions.values()):
+            if s.detached_at is not None and now - s.detached_at > self.config.resume_window:
+                self._expire_session(s)
+        self.store.delete_jobs(self.jobs.expire(now))
 
     # -- jobs ---------------------------------------------------------------
     def reuse_key(self, job: Job) -> tuple[Any, ...]:
         r = job.request
-        return (job.principal, r.agent.ref, repr(sorted(r.lease.items())), r.limits,
+        assert r is not None
+        return (job.principal, job.agent_ref, repr(sorted(r.lease.items())), r.limits,
                 r.lease_constraints.get("expires_at"))
 
     def job_spec(self, job: Job) -> dict[str, Any]:
         r = job.request
+        assert r is not None
         return {
-            "job_id": job.id, "session_id": job.owner.id, "trace_id": r.trace_id, "agent": r.agent.ref,
+            "job_id": job.id, "session_id": job.owner_id, "trace_id": job.trace_id, "agent": job.agent_ref,
             "entry": r.agent.entry, "input": r.input, "lease": r.lease,
             "lease_constraints": r.lease_constraints, "max_result_bytes": self.config.max_result_bytes,
             "max_event_bytes": self.frame_cap - 8192, "chunk_size": self.config.chunk_size,
         }
 
     def submit(self, session: Session, env: Envelope) -> None:
-        import time
-
         req = parse_submit(env, self.registry, time.time())
         existing = self.jobs.lookup_idempotent(session.principal, req)
         if existing is not None:
             self._replay_accept(session, env.id, existing)
             return
         job = self.jobs.create(session.principal, session, req, self.sandbox_layers)
+        self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
+                              job.trace_id, job.idempotency_key, job.fingerprint, job.record())
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
                            session_id=session.id, job_id=job.id, trace_id=job.trace_id))
         runner = JobRunner(self, job)
         job.runner = runner
         runner.arm_timers()
-        task = asyncio.get_running_loop().create_task(runner.run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(runner.run())
 
     def _replay_accept(self, session: Session, request_id: str, job: Job) -> None:
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, request_id),
                            session_id=session.id, job_id=job.id, trace_id=job.trace_id))
         if job.terminal is not None:
-            self._send_terminal(session, job)
-        elif session is not job.owner and session not in job.watchers:
-            job.watchers.append(session)  # §11.7: follow the job, without cancel authority
-
-    def _recipients(self, job: Job) -> list[Session]:
-        if not job.watchers:
-            return [job.owner]
-        return [job.owner, *job.watchers]
+            self._send_terminal(session, job, log=session.id != job.owner_id)
+        elif session.id != job.owner_id and not any(w.session is session for w in job.watchers):
+            job.watchers.append(Watch(session))  # §11.7: follow the job, without cancel authority
 
     def emit_event(self, job: Job, kind: str, body: dict[str, Any]) -> None:
         payload = {"kind": kind, "ts": now_ts(), "body": body}
-        for s in self._recipients(job):
-            env = frame("job.event", new_ulid(), payload, session_id=s.id, job_id=job.id,
-                        trace_id=job.trace_id)
-            try:
-                s.send_seq(env)
-            except FrameTooLarge as e:
-                raise WorkerProtocolError(f"event does not fit one frame: {e}") from e
+        owner = job.owner
+        try:
+            if owner is not None:
+                env = frame("job.event", new_ulid(), payload, session_id=owner.id, job_id=job.id,
+                            trace_id=job.trace_id)
+                job.last_seq = owner.send_seq(env, job.id)
+                if owner.seq - owner.last_ack >= self.back_pressure_threshold and "ack" in owner.features \
+                        and not owner.back_pressure_signalled:
+                    self._signal_back_pressure(owner, job)
+            for w in job.watchers:
+                self._forward(w, job, "job.event", payload)
+        except FrameTooLarge as e:
+            raise WorkerProtocolError(f"event does not fit one frame: {e}") from e
+
+    def _signal_back_pressure(self, s: Session, job: Job) -> None:
+        s.back_pressure_signalled = True
+        body = {"phase": "back_pressure", "message": "unacked event lag exceeded threshold",
+                "details": {"threshold": self.back_pressure_threshold, "current_seq": s.seq + 1,
+                            "last_ack": s.last_ack}}
+        env = frame("job.event", new_ulid(), {"kind": "status", "ts": now_ts(), "body": body},
+                    session_id=s.id, job_id=job.id, trace_id=job.trace_id)
+        job.last_seq = s.send_seq(env, job.id)
+
+    def _forward(self, w: Watch, job: Job, type_: str, payload: dict[str, Any]) -> None:
+        if w.pending is not None:
+            w.pending.append((type_, payload))
+            return
+        s = w.session
+        s.send_seq(frame(type_, new_ulid(), payload, session_id=s.id, job_id=job.id, trace_id=job.trace_id),
+                   job.id)
 
     def emit_cancelled(self, job: Job, reason: str) -> None:
         s = job.owner
-        s.send_seq(frame("job.cancelled", new_ulid(), {"job_id": job.id, "reason": reason},
-                         session_id=s.id, job_id=job.id, trace_id=job.trace_id))
+        if s is not None:
+            job.last_seq = s.send_seq(frame("job.cancelled", new_ulid(), {"job_id": job.id, "reason": reason},
+                                            session_id=s.id, job_id=job.id, trace_id=job.trace_id), job.id)
 
     def finish(self, job: Job, status: str, err: dict[str, Any] | None, *, value: Any = None,
                result_id: str | None = None, result_size: int | None = None) -> None:
@@ -129,13 +246,32 @@ class Runtime:
         job.status = status
         job.terminal = {"status": status, "error": err, "value": value, "result_id": result_id,
                         "result_size": result_size, "completed_at": now_ts()}
-        for s in self._recipients(job):
-            self._send_terminal(s, job)
-        self.jobs.finished_job(job)
+        if job.owner is not None:
+            self._send_terminal(job.owner, job, log=True)
+        for w in job.watchers:
+            if w.pending is not None:
+                w.pending.append(("terminal", {}))
+            else:
+                self._send_terminal(w.session, job, log=True)
+        job.watchers = [w for w in job.watchers if w.pending is not None]
+        self.store.finish_job(job.id, job.status, job.terminal, job.record())
+        if value is not None and len(orjson.dumps(value)) > INLINE_KEPT:
+            job.terminal = {**job.terminal, "value": None, "value_in_store": True}
+        job.runner = None
+        job.request = None  # the input and the agent spec are no longer needed
+        self.store.delete_jobs(self.jobs.finished_job(job))
 
-    def _send_terminal(self, s: Session, job: Job) -> None:
+    def _terminal_of(self, job: Job) -> dict[str, Any]:
         t = job.terminal
         assert t is not None
+        if t.get("value_in_store"):
+            stored = self.store.terminal_of(job.id)
+            if stored is not None:
+                return stored
+        return t
+
+    def _send_terminal(self, s: Session, job: Job, log: bool) -> None:
+        t = self._terminal_of(job)
         if t["error"] is None:
             payload = result_payload(t["value"], completed_at=t["completed_at"], flavour=s.flavour,
                                      result_id=t["result_id"], result_size=t["result_size"])
@@ -146,17 +282,18 @@ class Runtime:
             kind = "job.error"
         env = frame(kind, new_ulid(), payload, session_id=s.id, job_id=job.id, trace_id=job.trace_id)
         try:
-            s.send_seq(env)
+            seq = s.send_seq(env, job.id, log=log)
         except FrameTooLarge:
-            size = len(repr(t["value"]))
-            t["status"], t["value"] = "error", None
-            t["error"] = InternalError(
-                f"inline result of about {size} bytes does not fit one frame ({self.frame_cap} bytes); "
-                "use job.stream_result for large results", retryable=False).to_wire()
+            job.terminal = t = {**t, "status": "error", "value": None, "error": InternalError(
+                f"inline result of {len(orjson.dumps(t['value']))} bytes does not fit one frame "
+                f"({self.frame_cap} bytes); use job.stream_result for large results",
+                retryable=False).to_wire()}
             job.status = "error"
-            s.send_seq(frame("job.error", new_ulid(), error_payload(
+            seq = s.send_seq(frame("job.error", new_ulid(), error_payload(
                 t["error"], status="error", completed_at=t["completed_at"], flavour=s.flavour),
-                session_id=s.id, job_id=job.id, trace_id=job.trace_id))
+                session_id=s.id, job_id=job.id, trace_id=job.trace_id), job.id, log=log)
+        if s.id == job.owner_id and log:
+            job.last_seq = seq
 
     # -- list and subscribe ---------------------------------------------------
     def list_jobs(self, session: Session, env: Envelope) -> dict[str, Any]:
@@ -165,6 +302,8 @@ class Runtime:
         if not isinstance(flt, dict):
             raise InvalidRequest("session.list_jobs field 'filter' must be an object")
         statuses = flt.get("status")
+        if isinstance(statuses, str):
+            statuses = [statuses]
         if statuses is not None and (not isinstance(statuses, list)
                                      or not all(isinstance(x, str) for x in statuses)):
             raise InvalidRequest("session.list_jobs filter 'status' must be a list of strings")
@@ -198,22 +337,28 @@ class Runtime:
             if agent is not None and agent != job.agent_ref and (
                     "@" in agent or job.agent_ref.split("@")[0] != agent):
                 continue
-            created = parse_ts(job.created_at).timestamp()
-            if (after is not None and created < after) or (before is not None and created > before):
-                continue
+            if after is not None or before is not None:
+                created = parse_ts(job.created_at).timestamp()
+                if (after is not None and created < after) or (before is not None and created > before):
+                    continue
             rows.append(job)
-        page = rows[start:start + limit]
-        out = []
-        for job in page:
-            entry = {"job_id": job.id, "agent": job.agent_ref, "status": job.status,
-                     "lease": job.request.lease, "created_at": job.created_at,
-                     "submitted_at": job.created_at, "trace_id": job.trace_id}
-            if job.request.parent_job_id:
-                entry["parent_job_id"] = job.request.parent_job_id
+        out: list[dict[str, Any]] = []
+        size = 256
+        end = start
+        for job in rows[start:start + limit]:
+            entry = {"job_id": job.id, "agent": job.agent_ref, "status": job.status, "lease": job.lease,
+                     "created_at": job.created_at, "submitted_at": job.created_at, "trace_id": job.trace_id,
+                     "last_event_seq": job.last_seq}
+            if job.parent_job_id:
+                entry["parent_job_id"] = job.parent_job_id
+            size += len(orjson.dumps(entry)) + 1
+            if size > session.frame_cap and out:
+                break  # a page must fit one frame: the rest goes to the next page
             out.append(entry)
+            end += 1
         payload: dict[str, Any] = {"request_id": env.id, "jobs": out}
-        if start + limit < len(rows):
-            payload["next_cursor"] = f"o:{start + limit}"
+        if end < len(rows):
+            payload["next_cursor"] = f"o:{end}"
         return frame("session.jobs", new_ulid(), payload, session_id=session.id)
 
     def subscribe(self, session: Session, env: Envelope, job_id: str) -> None:
@@ -221,33 +366,79 @@ class Runtime:
         if job is None:
             raise JobNotFound(f"no job {job_id!r}")
         if job.principal != session.principal:
+            log.info("subscribe refused: %s (%s) to %s of %s", session.id, session.principal, job_id,
+                     job.principal)
             raise PermissionDenied(f"job {job_id!r} belongs to another principal")
+        history = env.payload.get("history", False)
+        from_seq = env.payload.get("from_event_seq", 0) or 0
+        if not isinstance(history, bool):
+            raise InvalidRequest("job.subscribe field 'history' must be a boolean")
+        if isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 0:
+            raise InvalidRequest("job.subscribe field 'from_event_seq' must be an integer >= 0")
+        frames = self.store.job_frames(job.owner_id, job.id, from_seq) if history else []
+        replay = [orjson.loads(f) for f in frames]
+        replay = [f for f in replay if f.get("type") != "job.cancelled"]
+        if job.terminal is not None:
+            replay = [f for f in replay if f.get("type") not in ("job.result", "job.error")]
         p: dict[str, Any] = {"request_id": env.id, "job_id": job.id, "current_status": job.status,
-                             "agent": job.agent_ref, "lease": job.request.lease,
-                             "trace_id": job.trace_id, "subscribed_from": session.seq,
-                             "replayed": False if session.flavour == GO else 0}
-        if job.request.lease_constraints:
-            p["lease_constraints"] = job.request.lease_constraints
+                             "agent": job.agent_ref, "lease": job.lease, "trace_id": job.trace_id,
+                             "subscribed_from": session.seq,
+                             "replayed": bool(replay) if session.flavour == GO else len(replay)}
+        if job.lease_constraints:
+            p["lease_constraints"] = job.lease_constraints
         if job.authority.initial:
             p["budget"] = {c: float(v) for c, v in job.authority.remaining.items()}
+        if job.parent_job_id:
+            p["parent_job_id"] = job.parent_job_id
         session.send(frame("job.subscribed", new_ulid(), p, session_id=session.id, job_id=job.id,
                            trace_id=job.trace_id))
+        log.info("subscribe: %s (%s) follows %s", session.id, session.principal, job_id)
+        if session.id == job.owner_id and job.terminal is None:
+            return  # the submitter already gets every frame
+        watch = Watch(session, pending=[])
         if job.terminal is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(SUBSCRIBE_PAUSE, self._send_terminal, session, job)
-        elif session is not job.owner and session not in job.watchers:
-            job.watchers.append(session)
+            watch.pending = [("terminal", {})]
+        else:
+            job.watchers = [w for w in job.watchers if w.session is not session] + [watch]
+        asyncio.get_running_loop().call_later(SUBSCRIBE_PAUSE, self._flush_watch, watch, job, replay)
+
+    def _flush_watch(self, watch: Watch, job: Job, replay: list[dict[str, Any]]) -> None:
+        """After the pause: history, then whatever arrived meanwhile, then live."""
+        s = watch.session
+        for f in replay:
+            self._forward_replayed(s, job, f)
+        pending, watch.pending = watch.pending or [], None
+        for type_, payload in pending:
+            if type_ == "terminal":
+                self._send_terminal(s, job, log=True)
+                job.watchers = [w for w in job.watchers if w is not watch]
+            else:
+                self._forward(watch, job, type_, payload)
+
+    def _forward_replayed(self, s: Session, job: Job, f: dict[str, Any]) -> None:
+        if f.get("type") != "job.event":
+            return
+        s.send_seq(frame("job.event", new_ulid(), f["payload"], session_id=s.id, job_id=job.id,
+                         trace_id=job.trace_id), job.id)
 
     def unsubscribe(self, session: Session, job_id: str) -> None:
         job = self.jobs.jobs.get(job_id)
-        if job is not None and session in job.watchers:
-            job.watchers.remove(session)
-
-    def session_closed(self, session: Session) -> None:
-        """The session's transport is gone; its jobs go on (their frames are dropped)."""
-        for job in self.jobs.jobs.values():
-            if session in job.watchers:
-                job.watchers.remove(session)
+        if job is not None:
+            job.watchers = [w for w in job.watchers if w.session is not session]
 
 
-__all__ = ["Runtime", "STDIO_FRAME_CAP", "WS_FRAME_CAP", "TERMINAL_STATUSES"]
+def _restored_job(sj: StoredJob) -> Job:
+    rec = sj.record
+    job = Job(
+        id=sj.job_id, principal=sj.principal, owner_id=sj.session_id, agent_ref=sj.agent,
+        trace_id=sj.trace_id, created_at=sj.created_at, lease=rec.get("lease") or {},
+        lease_constraints=rec.get("lease_constraints") or {}, parent_job_id=rec.get("parent_job_id"),
+        idempotency_key=sj.idempotency_key, fingerprint=sj.fingerprint,
+        authority=Authority({k: v for k, v in (rec.get("lease") or {}).items() if k == "cost.budget"}, None),
+        accepted=rec.get("accepted") or {}, status=sj.status, terminal=sj.terminal,
+    )
+    job.last_seq = int(rec.get("last_seq") or 0)
+    return job
+
+
+__all__ = ["Runtime", "STDIO_FRAME_CAP", "WS_FRAME_CAP"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,9 @@ def authenticate(tokens: dict[str, str], hello: Envelope) -> str:
 
 
 class Session:
+    """A session outlives its transport: detached, it keeps its seq space and logs its
+    frames in the store until a resume attaches a new transport or its window passes."""
+
     def __init__(self, runtime: Runtime, principal: str, flavour: str, features: list[str],
                  frame_cap: int, close: Callable[[int, str], None]) -> None:
         self.runtime = runtime
@@ -77,8 +81,25 @@ class Session:
         self.outbox = Outbox()
         self.seq = 0
         self.last_ack = 0
-        self.closed = False
+        self.closed = False  # the client said close/bye
+        self.expired = False  # past its resume window: forgotten
+        self.detached_at: float | None = None  # monotonic time the transport went away
+        self.back_pressure_signalled = False
+        self.last_inbound = [time.monotonic()]  # shared with the connection that reads
+        self.last_ping = 0.0
         self._close = close
+
+    def attach(self, close: Callable[[int, str], None]) -> None:
+        self._close = close
+        self.detached_at = None
+        self.outbox.attach()
+
+    def detach(self, now: float) -> None:
+        self.detached_at = now
+        self.outbox.detach()
+
+    def close_transport(self, code: int, reason: str) -> None:
+        self._close(code, reason)
 
     # -- outbound -----------------------------------------------------------
     def encode(self, env: dict[str, Any]) -> bytes:
@@ -91,17 +112,25 @@ class Session:
         """Queue an unsequenced frame."""
         self.outbox.put(self.encode(env))
 
-    def send_seq(self, env: dict[str, Any]) -> None:
-        """Stamp the next event_seq and queue; FrameTooLarge leaves the counter untouched."""
+    def send_seq(self, env: dict[str, Any], job_id: str, log: bool = True) -> int:
+        """Stamp the next event_seq, log for resume, queue; return the seq.
+
+        FrameTooLarge leaves the counter untouched.
+        """
+        if self.expired:
+            return 0
         env["event_seq"] = self.seq + 1
         data = self.encode(env)
         self.seq += 1
+        if log:
+            self.runtime.store.log_frame(self.id, self.seq, job_id, data)
         self.outbox.put(data)
+        return self.seq
 
     def error(self, err: ARCPError, request_id: str | None = None, job_id: str | None = None) -> None:
         self.send(session_error(err, session_id=self.id, request_id=request_id, job_id=job_id))
 
-    def welcome(self, hello_features: Any) -> dict[str, Any]:
+    def welcome(self) -> dict[str, Any]:
         return frame("session.welcome", new_ulid(), {
             "runtime": {"name": "arcp-supervisor", "version": __version__},
             "session_id": self.id,
@@ -146,8 +175,14 @@ class Session:
             pass
         elif t == "session.ack":
             seq = env.payload.get("last_processed_seq")
-            if "ack" in self.features and isinstance(seq, int) and not isinstance(seq, bool):
-                self.last_ack = max(self.last_ack, min(seq, self.seq))
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+                raise InvalidRequest("session.ack needs 'last_processed_seq', an integer >= 0")
+            if seq > self.seq:
+                raise InvalidRequest(f"session.ack of seq {seq}, beyond the last sent ({self.seq})")
+            if "ack" in self.features:
+                self.last_ack = max(self.last_ack, seq)
+                if self.seq - self.last_ack < self.runtime.back_pressure_threshold:
+                    self.back_pressure_signalled = False
         elif t == "job.cancel":
             self._cancel(env)
         elif t == "session.list_jobs":
@@ -188,7 +223,7 @@ class Session:
         job = self.runtime.jobs.jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id!r}")
-        if job.principal != self.principal or job.owner is not self:
+        if job.principal != self.principal or job.owner_id != self.id:
             if self.flavour == GO:
                 raise PermissionDenied(f"only the submitting session may cancel job {job_id!r}")
             log.info("session %s: cancel of %s refused (not the submitter)", self.id, job_id)

@@ -1,0 +1,197 @@
+"""Durable state in SQLite: job records and results, idempotency keys, and the
+sequenced frames each session was sent (for resume and subscribe history).
+
+With `--state-dir DIR` the database is `DIR/arcp-supervisor.sqlite3` in WAL
+mode; without it the same code runs on an in-memory database. Job rows are
+written at once (acceptance and terminal), so an idempotent resubmission after
+a crash finds them; frames are written in batches, once per event-loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("arcp.store")
+DB_NAME = "arcp-supervisor.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    finished_ns INTEGER,
+    trace_id TEXT NOT NULL,
+    idempotency_key TEXT,
+    fingerprint BLOB,
+    record BLOB NOT NULL,      -- accepted payload, lease, constraints, parent (JSON)
+    terminal BLOB              -- the terminal outcome (JSON)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (principal, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_ns) WHERE finished_ns IS NOT NULL;
+CREATE TABLE IF NOT EXISTS frames (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    job_id TEXT NOT NULL,
+    frame BLOB NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS frames_job ON frames (job_id, seq);
+"""
+
+
+@dataclass
+class StoredJob:
+    job_id: str
+    principal: str
+    session_id: str
+    agent: str
+    status: str
+    created_at: str
+    trace_id: str
+    idempotency_key: str | None
+    fingerprint: bytes | None
+    record: dict[str, Any]
+    terminal: dict[str, Any] | None
+
+
+class Store:
+    def __init__(self, state_dir: str | None) -> None:
+        if state_dir:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+            path = os.path.join(state_dir, DB_NAME)
+        else:
+            path = ":memory:"
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        if path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._pending: list[tuple[str, int, str, bytes]] = []
+        self._flush_scheduled = False
+
+    # -- jobs ---------------------------------------------------------------
+    def insert_job(self, job_id: str, principal: str, session_id: str, agent: str, status: str,
+                   created_at: str, trace_id: str, idempotency_key: str | None, fingerprint: bytes | None,
+                   record: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO jobs (job_id, principal, session_id, agent, status, created_at, created_ns, trace_id,"
+            " idempotency_key, fingerprint, record) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (job_id, principal, session_id, agent, status, created_at, time.time_ns(), trace_id,
+             idempotency_key, fingerprint, orjson.dumps(record)))
+
+    def set_status(self, job_id: str, status: str) -> None:
+        self.db.execute("UPDATE jobs SET status = ? WHERE job_id = ?", (status, job_id))
+
+    def finish_job(self, job_id: str, status: str, terminal: dict[str, Any], record: dict[str, Any]) -> None:
+        self.flush()
+        self.db.execute("UPDATE jobs SET status = ?, terminal = ?, record = ?, finished_ns = ? WHERE job_id = ?",
+                        (status, orjson.dumps(terminal), orjson.dumps(record), time.time_ns(), job_id))
+
+    def terminal_of(self, job_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT terminal FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return orjson.loads(row[0]) if row and row[0] is not None else None
+
+    def delete_jobs(self, job_ids: Iterable[str]) -> None:
+        ids = [(j,) for j in job_ids]
+        if not ids:
+            return
+        self.flush()
+        self.db.execute("BEGIN")
+        self.db.executemany("DELETE FROM frames WHERE job_id = ?", ids)
+        self.db.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
+        self.db.execute("COMMIT")
+
+    def recover(self, retention_jobs: int, retention_seconds: int) -> tuple[list[StoredJob], int]:
+        """After a restart: end jobs that were running, apply retention, return what is kept."""
+        now = time.time_ns()
+        interrupted = self.db.execute(
+            "SELECT job_id FROM jobs WHERE finished_ns IS NULL").fetchall()
+        for (job_id,) in interrupted:
+            term = {"status": "error", "error": {
+                "code": "INTERNAL_ERROR", "retryable": True,
+                "message": "the supervisor restarted while the job was running"},
+                "value": None, "result_id": None, "result_size": None,
+                "completed_at": _ts(now)}
+            self.db.execute("UPDATE jobs SET status='error', terminal=?, finished_ns=? WHERE job_id=?",
+                            (orjson.dumps(term), now, job_id))
+        old = self.db.execute(
+            "SELECT job_id FROM jobs WHERE finished_ns < ?", (now - retention_seconds * 1_000_000_000,)
+        ).fetchall()
+        self.delete_jobs(j for (j,) in old)
+        excess = self.db.execute(
+            "SELECT job_id FROM jobs ORDER BY finished_ns DESC LIMIT -1 OFFSET ?", (retention_jobs,)).fetchall()
+        self.delete_jobs(j for (j,) in excess)
+        rows = self.db.execute(
+            "SELECT job_id, principal, session_id, agent, status, created_at, trace_id, idempotency_key,"
+            " fingerprint, record, terminal FROM jobs ORDER BY created_ns").fetchall()
+        jobs = [StoredJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], orjson.loads(r[9]),
+                          orjson.loads(r[10]) if r[10] is not None else None) for r in rows]
+        return jobs, len(interrupted)
+
+    # -- frames ---------------------------------------------------------------
+    def log_frame(self, session_id: str, seq: int, job_id: str, data: bytes) -> None:
+        self._pending.append((session_id, seq, job_id, data))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (tests): flush now
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR REPLACE INTO frames (session_id, seq, job_id, frame) VALUES (?,?,?,?)",
+                            pending)
+        self.db.execute("COMMIT")
+
+    def frames_since(self, session_id: str, after_seq: int) -> list[tuple[int, bytes]]:
+        self.flush()
+        return self.db.execute(
+            "SELECT seq, frame FROM frames WHERE session_id = ? AND seq > ? ORDER BY seq",
+            (session_id, after_seq)).fetchall()
+
+    def oldest_seq(self, session_id: str) -> int | None:
+        self.flush()
+        row = self.db.execute("SELECT MIN(seq) FROM frames WHERE session_id = ?", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    def job_frames(self, session_id: str, job_id: str, after_seq: int) -> list[bytes]:
+        self.flush()
+        return [r[0] for r in self.db.execute(
+            "SELECT frame FROM frames WHERE job_id = ? AND session_id = ? AND seq > ? ORDER BY seq",
+            (job_id, session_id, after_seq))]
+
+    def forget_session(self, session_id: str) -> None:
+        """A session past its resume window: its copies of other sessions' jobs go."""
+        self.flush()
+        self.db.execute("DELETE FROM frames WHERE session_id = ? AND job_id NOT IN "
+                        "(SELECT job_id FROM jobs WHERE session_id = ?)", (session_id, session_id))
+
+    def close(self) -> None:
+        self.flush()
+        self.db.close()
+
+
+def _ts(ns: int) -> str:
+    from shared.ids import format_ts
+
+    return format_ts(ns / 1e9)
