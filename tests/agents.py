@@ -35,6 +35,14 @@ async def sleep(input: Any, job: JobContext) -> Any:
     return {"slept": True}
 
 
+async def ticker(input: Any, job: JobContext) -> Any:
+    n = int(input.get("n", 10))
+    for i in range(n):
+        job.log("info", f"tick {i}")
+        await asyncio.sleep(float(input.get("interval", 0.05)))
+    return {"ticks": n}
+
+
 def busy(input: Any, job: JobContext) -> Any:
     """Spins in pure Python without calling the job: cancel must interrupt it."""
     job.log("info", "spinning")
@@ -114,7 +122,7 @@ def identity(input: Any, job: JobContext) -> Any:
 
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
-    "sleep=tests.agents:sleep", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
+    "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
     "stream=tests.agents:stream", "streamtext=tests.agents:stream_text", "printer=tests.agents:printer",
     "raises=tests.agents:raises", "denies=tests.agents:denies", "suicide=tests.agents:suicide",
     "garbage=tests.agents:garbage", "otherjob=tests.agents:other_job", "bigresult=tests.agents:big_result",

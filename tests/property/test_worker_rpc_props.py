@@ -1,0 +1,109 @@
+"""Properties of WorkerFrames: hostile values only ever raise WorkerProtocolError."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from shared import pipe_messages as pm
+from supervisor.worker_rpc import Event, WorkerFrames, WorkerProtocolError
+
+JOB = "job_01ARZ3NDEKTSV4RRFFQ69G5FAV"
+
+scalars = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats() | st.text(max_size=20) | st.binary(max_size=20)
+)
+hashable_words = st.sampled_from(
+    sorted(pm.EVENT_OPS | pm.CALL_OPS | {"ev", "call", "done", "fail", "info", "utf8", "base64",
+                                          "TIMEOUT", "INTERNAL_ERROR", "credential_rotated"})
+)
+msgpack_values = st.recursive(
+    scalars | hashable_words,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8) | hashable_words,
+                                                                  inner, max_size=4),
+    max_leaves=15,
+)
+
+
+def _frames(leaf: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly frame-shaped lists (right tag and job id), sometimes anything."""
+    tag = st.sampled_from(["ev", "call", "done", "fail"]) | leaf
+    job = st.just(JOB) | leaf
+    args = st.lists(leaf, max_size=5)
+    return st.one_of(
+        st.tuples(st.just("ev"), st.just(JOB), hashable_words | leaf, args).map(list),
+        st.tuples(st.just("call"), st.just(JOB), st.integers(-3, 3) | leaf, hashable_words | leaf, args).map(list),
+        st.tuples(st.sampled_from(["done", "fail"]), st.just(JOB),
+                  st.fixed_dictionaries({"code": st.sampled_from(["TIMEOUT", "X"]) | leaf,
+                                         "message": st.text(max_size=5) | leaf}) | leaf).map(list),
+        st.lists(st.none(), max_size=0).flatmap(lambda _: st.tuples(tag, job).map(list)),
+        st.lists(leaf, max_size=6).map(lambda xs: [*xs]),
+        leaf,
+    )
+
+
+scalar_leaf = scalars | hashable_words
+
+
+def _feed(w: WorkerFrames, frames: list[Any]) -> None:
+    for f in frames:
+        try:
+            acts = w.actions(f)
+        except WorkerProtocolError:
+            continue
+        assert isinstance(acts, list)
+        for a in acts:
+            if isinstance(a, Event):
+                orjson.dumps(a.body)  # every event body must serialise
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_frames(scalar_leaf), max_size=6))
+def test_frames_without_unhashable_keys_only_raise_protocol_error(frames: list[Any]) -> None:
+    """Frames built from hashable scalars: actions or WorkerProtocolError."""
+    _feed(WorkerFrames(JOB, 1 << 16, 1024), frames)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: unhashable values (lists/maps) as call op, log level or "
+                   "error code raise TypeError; +/-inf metrics and bytes in tool_error details produce "
+                   "bodies orjson cannot faithfully serialise")
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_frames(msgpack_values), max_size=6))
+def test_any_msgpack_value_only_raises_protocol_error(frames: list[Any]) -> None:
+    _feed(WorkerFrames(JOB, 1 << 16, 1024), frames)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=3000), st.integers(min_value=64, max_value=2048))
+def test_utf8_chunks_reassemble(text: str, max_text: int) -> None:
+    w = WorkerFrames(JOB, 1 << 20, max_text)
+    w.actions(["ev", JOB, "stream_open", ["utf8"]])
+    acts = w.actions(["ev", JOB, "chunk", [text]]) + w.actions(["ev", JOB, "stream_close", []])
+    bodies = [a.body for a in acts if isinstance(a, Event)]
+    assert "".join(b["data"] for b in bodies) == text
+    assert [b["chunk_seq"] for b in bodies] == list(range(len(bodies)))
+    assert bodies[-1]["more"] is False and all(b["more"] for b in bodies[:-1])
+    for b in bodies:
+        assert len(orjson.dumps(b["data"])) <= max_text + 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=2000), max_size=5), st.integers(min_value=4, max_value=2048))
+def test_base64_chunks_reassemble(pieces: list[bytes], max_text: int) -> None:
+    w = WorkerFrames(JOB, 1 << 20, max_text)
+    w.actions(["ev", JOB, "stream_open", ["base64"]])
+    acts = []
+    for p in pieces:
+        acts += w.actions(["ev", JOB, "chunk", [p]])
+    acts += w.actions(["done", JOB, None])
+    bodies = [a.body for a in acts if isinstance(a, Event)]
+    assert b"".join(base64.b64decode(b["data"]) for b in bodies) == b"".join(pieces)
+    assert [b["chunk_seq"] for b in bodies] == list(range(len(bodies)))
+    assert all(len(b["data"]) <= max_text for b in bodies)
