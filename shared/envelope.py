@@ -58,7 +58,9 @@ def parse_envelope(obj: Any) -> Envelope:
         payload = {}
     if not isinstance(payload, dict):
         raise InvalidRequest(f"envelope field 'payload' must be an object (got {type(payload).__name__})")
-    ext = obj.get("extensions") or {}
+    ext = obj.get("extensions")
+    if ext is None:
+        ext = {}
     if not isinstance(ext, dict):
         raise InvalidRequest("envelope field 'extensions' must be an object")
     out: dict[str, str | None] = {}

@@ -171,8 +171,8 @@ def from_wire(obj: Any) -> ARCPError:
     if not isinstance(obj, dict):
         raise ValueError("error is not an object")
     code, message = obj.get("code"), obj.get("message")
-    if code not in CODES:
-        raise ValueError(f"unknown error code {code!r}")
+    if not isinstance(code, str) or code not in CODES:
+        raise ValueError(f"unknown error code {str(code)[:40]!r}")
     if not isinstance(message, str):
         raise ValueError("error message is not a string")
     retryable = obj.get("retryable")

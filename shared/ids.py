@@ -94,22 +94,22 @@ def parse_trace_id(value: object) -> str:
 
 
 def format_ts(epoch: float) -> str:
-    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` for a Unix time."""
-    secs = int(epoch)
-    micros = int((epoch - secs) * 1_000_000)
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` for a Unix time (rounded to the microsecond)."""
+    secs, micros = divmod(round(epoch * 1_000_000), 1_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
 
 
-_second_cache: list[object] = [-1, ""]
+_second_cache: tuple[int, str] = (-1, "")
 
 
 def now_ts() -> str:
     """The current time as `format_ts` gives it; the date part is cached per second."""
-    ns = time.time_ns()
-    secs, micros = divmod(ns // 1000, 1_000_000)
-    if _second_cache[0] != secs:
-        _second_cache[0], _second_cache[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
-    return f"{_second_cache[1]}.{micros:06d}Z"
+    global _second_cache
+    secs, micros = divmod(time.time_ns() // 1000, 1_000_000)
+    cached = _second_cache  # one read: the pair is replaced whole, never torn
+    if cached[0] != secs:
+        cached = _second_cache = (secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def parse_ts(value: object) -> datetime:
@@ -126,4 +126,4 @@ def parse_ts(value: object) -> datetime:
 
 
 def format_dt(dt: datetime) -> str:
-    return format_ts(dt.timestamp())
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

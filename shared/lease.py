@@ -10,9 +10,8 @@ from __future__ import annotations
 import posixpath
 import re
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 RESERVED_CAPABILITIES = frozenset({
     "fs.read", "fs.write", "net.fetch", "tool.call", "agent.delegate", "model.use", "cost.budget",
@@ -40,7 +39,7 @@ def validate_lease_request(obj: Any) -> Lease:
         raise LeaseError(f"lease_request has more than {MAX_CAPABILITIES} capabilities")
     out: Lease = {}
     for cap, patterns in obj.items():
-        if cap not in RESERVED_CAPABILITIES and not VENDOR_CAPABILITY_RE.match(cap):
+        if cap not in RESERVED_CAPABILITIES and not VENDOR_CAPABILITY_RE.fullmatch(cap):
             raise LeaseError(
                 f"lease capability {cap!r} is neither reserved nor of the form x-vendor.<vendor>.<name>"
             )
@@ -61,7 +60,7 @@ def validate_lease_request(obj: Any) -> Lease:
 
 def parse_budget_entry(entry: str) -> tuple[str, Decimal]:
     """`CUR:amount` -> (currency, Decimal); LeaseError naming the entry if malformed."""
-    m = BUDGET_RE.match(entry)
+    m = BUDGET_RE.fullmatch(entry)
     if not m:
         raise LeaseError(
             f"lease capability 'cost.budget': pattern {entry!r} is not CURRENCY:AMOUNT "
@@ -103,7 +102,8 @@ def canonical_target(capability: str, target: str) -> str:
             return target
         if not parts.scheme:
             return target
-        path = clean_path(parts.path) if parts.path else ""
+        # Decode before cleaning, as a server would: `%2e%2e` is `..` and must not escape.
+        path = clean_path(unquote(parts.path)) if parts.path else ""
         if path == ".":
             path = ""
         return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, parts.fragment))
@@ -111,14 +111,32 @@ def canonical_target(capability: str, target: str) -> str:
 
 
 def _segment_match(pattern: str, segment: str) -> bool:
+    """`*` matches any run of characters within the segment.
+
+    Two pointers that fall back to the last `*`: linear in practice and never
+    worse than O(len(pattern) * len(segment)), whatever a hostile pattern holds.
+    """
     if "*" not in pattern:
         return pattern == segment
-    return _segment_regex(pattern).match(segment) is not None
-
-
-@lru_cache(maxsize=4096)
-def _segment_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile("^" + ".*".join(re.escape(p) for p in pattern.split("*")) + "$", re.DOTALL)
+    p = s = 0
+    star = -1
+    mark = 0
+    while s < len(segment):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark = p, s
+            p += 1
+        elif p < len(pattern) and pattern[p] == segment[s]:
+            p += 1
+            s += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            s = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _split(s: str) -> list[str]:

@@ -68,10 +68,10 @@ def split_agent_ref(ref: str) -> tuple[str, str | None]:
     if len(ref) > MAX_AGENT_REF:
         raise ValueError(f"agent reference longer than {MAX_AGENT_REF} characters")
     name, sep, version = ref.partition("@")
-    if not AGENT_NAME_RE.match(name):
+    if not AGENT_NAME_RE.fullmatch(name):
         raise ValueError(f"agent name {name!r} does not match [a-z0-9][a-z0-9._-]*")
     if sep:
-        if not AGENT_VERSION_RE.match(version):
+        if not AGENT_VERSION_RE.fullmatch(version):
             raise ValueError(f"agent version {version!r} does not match [a-zA-Z0-9.+_-]+")
         return name, version
     return name, None

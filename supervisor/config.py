@@ -15,7 +15,7 @@ from typing import Any
 from shared.messages import AGENT_NAME_RE, AGENT_VERSION_RE
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+SIZE_RE = re.compile(r"\s*(\d+)\s*(?:([KMG])(?:i?B)?|B?)\s*", re.IGNORECASE)
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -31,10 +31,10 @@ def parse_size(text: Any, what: str) -> int:
         return text
     if not isinstance(text, str):
         raise ConfigError(f"{what}: expected a size like 256M, got {text!r}")
-    m = SIZE_RE.match(text)
+    m = SIZE_RE.fullmatch(text)
     if not m:
         raise ConfigError(f"{what}: {text!r} is not a size (a number with an optional K, M or G suffix)")
-    n = int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": GiB}[m.group(2).upper()]
+    n = int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": GiB}[(m.group(2) or "").upper()]
     if n <= 0:
         raise ConfigError(f"{what}: size must be positive")
     return n
@@ -106,13 +106,14 @@ def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
 
 
 def _agent(ref: str, entry: str, limits: Limits, default: bool, what: str) -> AgentSpec:
-    name, _, version = ref.partition("@")
-    version = version or "0.0.0"
-    if not AGENT_NAME_RE.match(name):
+    name, at, version = ref.partition("@")
+    if not at:
+        version = "0.0.0"
+    if not AGENT_NAME_RE.fullmatch(name):
         raise ConfigError(f"{what}: agent name {name!r} is not valid ([a-z0-9][a-z0-9._-]*)")
-    if not AGENT_VERSION_RE.match(version):
+    if not AGENT_VERSION_RE.fullmatch(version):
         raise ConfigError(f"{what}: agent version {version!r} is not valid")
-    if not ENTRY_RE.match(entry):
+    if not ENTRY_RE.fullmatch(entry):
         raise ConfigError(f"{what}: entry {entry!r} is not MODULE:FUNCTION")
     return AgentSpec(name=name, version=version, entry=entry, limits=limits, default=default)
 
@@ -166,6 +167,8 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: cannot read: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {path}: not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text: {e}") from e
     out: dict[str, Any] = {}
     known = {"server", "auth", "limits", "agents", "sandbox"}
     for key in doc:

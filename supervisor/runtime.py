@@ -364,11 +364,11 @@ class Runtime:
     def subscribe(self, session: Session, env: Envelope, job_id: str) -> None:
         job = self.jobs.jobs.get(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {job_id[:128]!r}")
         if job.principal != session.principal:
             log.info("subscribe refused: %s (%s) to %s of %s", session.id, session.principal, job_id,
                      job.principal)
-            raise PermissionDenied(f"job {job_id!r} belongs to another principal")
+            raise PermissionDenied(f"job {job_id[:128]!r} belongs to another principal")
         history = env.payload.get("history", False)
         from_seq = env.payload.get("from_event_seq", 0) or 0
         if not isinstance(history, bool):

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arcp.session")
 FLAVOUR_KEY = "x-vendor.arcp-supervisor.flavour"
+MAX_ECHO = 128  # longest client value echoed back (ids are at most 128 characters)
+MAX_MESSAGE = 4096
 ANONYMOUS = "anonymous"
 
 
@@ -128,7 +130,16 @@ class Session:
         return self.seq
 
     def error(self, err: ARCPError, request_id: str | None = None, job_id: str | None = None) -> None:
-        self.send(session_error(err, session_id=self.id, request_id=request_id, job_id=job_id))
+        """Answer with session.error; whatever a client echoes into it, it fits one frame."""
+        if job_id is not None and len(job_id) > MAX_ECHO:
+            job_id = None
+        if len(err.message) > MAX_MESSAGE:
+            err = type(err)(err.message[:MAX_MESSAGE] + "...", retryable=err.retryable)  # type: ignore[call-arg]
+        try:
+            self.send(session_error(err, session_id=self.id, request_id=request_id, job_id=job_id))
+        except FrameTooLarge:
+            self.send(session_error(type(err)(f"{err.code}: the error's details do not fit one frame"),  # type: ignore[call-arg]
+                                    session_id=self.id, request_id=request_id))
 
     def welcome(self) -> dict[str, Any]:
         return frame("session.welcome", new_ulid(), {
@@ -208,7 +219,7 @@ class Session:
         elif t in CLIENT_TYPES:  # pragma: no cover - every client type is handled above
             raise InvalidRequest(f"message type {t!r} is not handled")
         else:
-            raise InvalidRequest(f"unknown envelope type {t!r}")
+            raise InvalidRequest(f"unknown envelope type {t[:MAX_ECHO]!r}")
 
     def _require(self, feature: str, t: str) -> None:
         if feature not in self.features:
@@ -222,10 +233,10 @@ class Session:
         reason = reason if isinstance(reason, str) and reason else "cancelled by client"
         job = self.runtime.jobs.jobs.get(job_id)
         if job is None:
-            raise JobNotFound(f"no job {job_id!r}")
+            raise JobNotFound(f"no job {job_id[:MAX_ECHO]!r}")
         if job.principal != self.principal or job.owner_id != self.id:
             if self.flavour == GO:
-                raise PermissionDenied(f"only the submitting session may cancel job {job_id!r}")
+                raise PermissionDenied(f"only the submitting session may cancel job {job_id[:MAX_ECHO]!r}")
             log.info("session %s: cancel of %s refused (not the submitter)", self.id, job_id)
             return
         if job.done:

@@ -7,6 +7,7 @@ worker sends raises WorkerProtocolError, and the job ends with INTERNAL_ERROR.
 from __future__ import annotations
 
 import base64
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,9 +116,10 @@ class WorkerFrames:
                 raise WorkerProtocolError("event frame is not [ev, job, op, args]")
             return self._event(frame[2], frame[3])
         if tag == pm.CALL:
-            if len(frame) != 5 or not isinstance(frame[2], int) or not isinstance(frame[4], list):
+            if len(frame) != 5 or not isinstance(frame[4], list):
                 raise WorkerProtocolError("call frame is not [call, job, id, op, args]")
-            if frame[3] not in pm.CALL_OPS:
+            _int(frame[2], "call id")
+            if not isinstance(frame[3], str) or frame[3] not in pm.CALL_OPS:
                 raise WorkerProtocolError(f"unknown call {str(frame[3])[:40]!r}")
             return [Call(frame[2], frame[3], frame[4])]
         if tag == pm.DONE:
@@ -139,19 +141,22 @@ class WorkerFrames:
         raise WorkerProtocolError(f"unknown frame tag {str(tag)[:40]!r}")
 
     def _event(self, op: Any, a: list[Any]) -> list[Action]:
+        if not isinstance(op, str):
+            raise WorkerProtocolError("event op is not a string")
         if op == "log":
             level, message, fields = _args(a, 3, "log")
-            if level not in LOG_LEVELS:
+            if not isinstance(level, str) or level not in LOG_LEVELS:
                 raise WorkerProtocolError(f"log level {str(level)[:20]!r} is not valid")
             if not isinstance(message, str):
                 raise WorkerProtocolError("log message is not a string")
             body: dict[str, Any] = {"level": level, "message": message}
-            if fields:
+            if fields is not None:
                 if not isinstance(fields, dict):
                     raise WorkerProtocolError("log fields are not an object")
-                _json(fields, "log fields")
-                body["fields"] = fields
-                body["attributes"] = fields
+                if fields:  # sent under both names (Go: fields, Python: attributes)
+                    _json(fields, "log fields")
+                    body["fields"] = fields
+                    body["attributes"] = fields
             return [Event("log", body)]
         if op == "thought":
             (text,) = _args(a, 1, "thought")
@@ -170,8 +175,8 @@ class WorkerFrames:
         if op == "metric":
             name, value, unit, dims = _args(a, 4, "metric")
             body = {"name": _req_str(name, "metric name")}
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-                raise WorkerProtocolError("metric value is not a number")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise WorkerProtocolError("metric value is not a finite number")
             body["value"] = value
             if _opt_str(unit, "metric unit") is not None:
                 body["unit"] = unit
@@ -203,6 +208,8 @@ class WorkerFrames:
                 wire = from_wire(err).to_wire()
             except ValueError as e:
                 raise WorkerProtocolError(f"tool error is malformed: {e}") from e
+            if "details" in wire:
+                _json(wire["details"], "tool error details")
             return [Event("tool_result", {"call_id": _req_str(call_id, "call_id"), "error": wire})]
         if op == "artifact_ref":
             uri, ctype, size, sha = _args(a, 4, "artifact_ref")
@@ -226,7 +233,7 @@ class WorkerFrames:
         if op == "stream_close":
             _args(a, 0, "stream_close")
             return self._finish_stream()
-        raise WorkerProtocolError(f"unknown event op {str(op)[:40]!r}")
+        raise WorkerProtocolError(f"unknown event op {str(op)[:40]!r}")  # pragma: no cover
 
     def _chunk(self, data: Any) -> list[Action]:
         s = self.stream

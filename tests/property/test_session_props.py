@@ -42,7 +42,7 @@ def _check_replies(h: Harness) -> None:
             assert f["payload"]["message"]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(frames, max_size=5))
 def test_envelope_shaped_frames(objs: list[dict[str, Any]]) -> None:
     h = Harness()

@@ -70,9 +70,6 @@ def test_frames_without_unhashable_keys_only_raise_protocol_error(frames: list[A
     _feed(WorkerFrames(JOB, 1 << 16, 1024), frames)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: unhashable values (lists/maps) as call op, log level or "
-                   "error code raise TypeError; +/-inf metrics and bytes in tool_error details produce "
-                   "bodies orjson cannot faithfully serialise")
 @settings(max_examples=300, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_frames(msgpack_values), max_size=6))

@@ -37,8 +37,6 @@ def test_parse_size_rejects_naming_flag(text: Any) -> None:
     assert str(ei.value).startswith("--memory")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SIZE_RE's `(?:i?B)?` admits 'iB' with no K/M/G unit, so "
-                   "'2iB' parses as 2 bytes")
 def test_parse_size_rejects_bare_ib() -> None:
     with pytest.raises(ConfigError):
         parse_size("2iB", "--memory")
@@ -59,9 +57,6 @@ def test_parse_agent_flag_rejects(text: str) -> None:
         parse_agent_flag(text, Limits())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an explicit empty version ('echo@=m:f', or version = \"\" "
-                   "in [[agents]]) silently becomes 0.0.0 (`version or \"0.0.0\"`), while split_agent_ref "
-                   "rejects 'echo@'")
 def test_parse_agent_flag_rejects_empty_version() -> None:
     with pytest.raises(ConfigError, match="--agent"):
         parse_agent_flag("echo@=m:f", Limits())
@@ -184,8 +179,6 @@ def test_load_directory(tmp_path: Path) -> None:
         load_file(str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a config file that is not UTF-8 raises UnicodeDecodeError "
-                   "out of load_file (tomllib decodes before parsing; only TOMLDecodeError is caught)")
 def test_load_file_not_utf8(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--config"):
         load_file(write(tmp_path, b'[server]\nhost = "\xff"\n'))

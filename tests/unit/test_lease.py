@@ -84,14 +84,12 @@ def test_hostile_double_star_chain_terminates() -> None:
     assert time.perf_counter() - start < 5.0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: in-segment stars compile to a backtracking regex "
-                   "('^.*a.*a.*a.*a.*b$'): pattern '*a*a*a*a*b' vs 400 'a's takes ~1 min (ReDoS)")
 def test_hostile_in_segment_stars_terminate() -> None:
-    code = "from shared.lease import glob_match; glob_match('/' + '*a' * 4 + '*b', '/' + 'a' * 400)"
+    code = "from shared.lease import glob_match; glob_match('/' + '*a' * 5 + '*b', '/' + 'a' * 400)"
     try:
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=3, check=True)
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=2, check=True)
     except subprocess.TimeoutExpired:
-        pytest.fail("glob_match did not finish within 3 s")
+        pytest.fail("glob_match did not finish within 2 s")
 
 
 # -- §8.3 canonical targets -------------------------------------------------------------------------
@@ -145,9 +143,6 @@ def test_net_fetch_dotdot_cannot_escape_prefix() -> None:
     assert not lease_allows(lease, "net.fetch", "https://api.example.com/v1/../admin")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: percent-encoded dot segments are not decoded before the "
-                   "path is cleaned (Go's url.Parse decodes them), so '/v1/%2e%2e/admin' passes a "
-                   "'/v1/**' lease")
 def test_net_fetch_encoded_dotdot_cannot_escape_prefix() -> None:
     lease = {"net.fetch": ["https://api.example.com/v1/**"]}
     assert not lease_allows(lease, "net.fetch", "https://api.example.com/v1/%2e%2e/admin")
@@ -232,8 +227,6 @@ def test_validate_rejects(obj: Any, needle: str) -> None:
     assert isinstance(ei.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: BUDGET_RE and VENDOR_CAPABILITY_RE end in `$`, which also "
-                   "matches before a trailing newline, so 'USD:5\\n' and 'x-vendor.a.b\\n' pass")
 @pytest.mark.parametrize("obj", [{"cost.budget": ["USD:5\n"]}, {"x-vendor.acme.gpu\n": []}])
 def test_trailing_newline_rejected(obj: Any) -> None:
     with pytest.raises(LeaseError):

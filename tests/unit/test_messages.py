@@ -40,8 +40,6 @@ def test_error_names_the_part() -> None:
         split_agent_ref("@1.0.0")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AGENT_NAME_RE/AGENT_VERSION_RE end in `$`, which matches "
-                   "before a trailing newline, so 'echo\\n' and 'echo@1.0.0\\n' are accepted")
 @pytest.mark.parametrize("ref", ["echo\n", "echo@1.0.0\n"])
 def test_trailing_newline_rejected(ref: str) -> None:
     with pytest.raises(ValueError):

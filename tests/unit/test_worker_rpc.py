@@ -345,8 +345,6 @@ def test_stream_over_max_result_bytes_rejected() -> None:
 
 # -- known bugs ------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="BUG: unhashable values in a set-membership position "
-                   "(call op, log level, error code) raise TypeError, not WorkerProtocolError")
 @pytest.mark.parametrize(
     "frame",
     [
@@ -363,31 +361,23 @@ def test_unhashable_values_rejected(frame: Any) -> None:
         wf().actions(frame)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tool_error details are not checked for JSON data (fail "
-                   "details are), so bytes reach the outbound orjson.dumps")
 def test_tool_error_details_must_be_json() -> None:
     with pytest.raises(WorkerProtocolError):
         wf().actions(ev("tool_error", "c", {"code": "TIMEOUT", "message": "m", "details": {"b": b"x"}}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: metric value +/-inf is accepted; orjson serialises it as "
-                   "null, so the client gets a metric without a number")
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
 def test_metric_value_must_be_finite(value: float) -> None:
     with pytest.raises(WorkerProtocolError):
         wf().actions(ev("metric", "cost.x", value, "USD", None))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: falsy non-object log fields (0, '', false, []) are "
-                   "silently dropped (`if fields:`) instead of rejected")
 @pytest.mark.parametrize("fields", [0, "", False, []])
 def test_falsy_non_object_log_fields_rejected(fields: Any) -> None:
     with pytest.raises(WorkerProtocolError):
         wf().actions(ev("log", "info", "m", fields))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: call ids are checked with isinstance(int), which admits "
-                   "booleans and negative numbers")
 @pytest.mark.parametrize("call_id", [True, False, -1])
 def test_call_id_must_be_non_negative_int(call_id: Any) -> None:
     with pytest.raises(WorkerProtocolError):
