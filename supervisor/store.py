@@ -22,6 +22,8 @@ import orjson
 
 log = logging.getLogger("arcp.store")
 DB_NAME = "arcp-supervisor.sqlite3"
+MAX_FRAMES_PER_SESSION = 20_000  # the resume/history log of one session keeps its latest frames
+TRIM_EVERY = 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -83,6 +85,7 @@ class Store:
         self.db.executescript(SCHEMA)
         self._pending: list[tuple[str, int, str, bytes]] = []
         self._flush_scheduled = False
+        self._trim_at: dict[str, int] = {}  # session -> seq at which to trim its log next
 
     # -- jobs ---------------------------------------------------------------
     def insert_job(self, job_id: str, principal: str, session_id: str, agent: str, status: str,
@@ -161,6 +164,12 @@ class Store:
         self.db.execute("BEGIN")
         self.db.executemany("INSERT OR REPLACE INTO frames (session_id, seq, job_id, frame) VALUES (?,?,?,?)",
                             pending)
+        for session_id, seq, _, _ in pending[-1:] if len(pending) == 1 else _last_per_session(pending):
+            trim_at = self._trim_at.setdefault(session_id, MAX_FRAMES_PER_SESSION + TRIM_EVERY)
+            if seq >= trim_at:
+                self.db.execute("DELETE FROM frames WHERE session_id = ? AND seq <= ?",
+                                (session_id, seq - MAX_FRAMES_PER_SESSION))
+                self._trim_at[session_id] = seq + TRIM_EVERY
         self.db.execute("COMMIT")
 
     def frames_since(self, session_id: str, after_seq: int) -> list[tuple[int, bytes]]:
@@ -183,12 +192,20 @@ class Store:
     def forget_session(self, session_id: str) -> None:
         """A session past its resume window: its copies of other sessions' jobs go."""
         self.flush()
+        self._trim_at.pop(session_id, None)
         self.db.execute("DELETE FROM frames WHERE session_id = ? AND job_id NOT IN "
                         "(SELECT job_id FROM jobs WHERE session_id = ?)", (session_id, session_id))
 
     def close(self) -> None:
         self.flush()
         self.db.close()
+
+
+def _last_per_session(rows: list[tuple[str, int, str, bytes]]) -> list[tuple[str, int, str, bytes]]:
+    last: dict[str, tuple[str, int, str, bytes]] = {}
+    for row in rows:
+        last[row[0]] = row
+    return list(last.values())
 
 
 def _ts(ns: int) -> str:
