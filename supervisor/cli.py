@@ -38,29 +38,32 @@ def _fail(msg: str) -> None:
 @app.command()
 def run(
     config: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind [127.0.0.1].")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port; 0 picks one [7777].")] = None,
-    path: Annotated[Optional[str], typer.Option("--path", help="WebSocket path [/arcp].")] = None,
+    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port; 0 picks one (default 7777).")] = None,
+    path: Annotated[Optional[str], typer.Option("--path", help="WebSocket path (default /arcp).")] = None,
     stdio: Annotated[Optional[bool], typer.Option("--stdio", help="Serve one session on stdin/stdout.")] = None,
     agent: Annotated[Optional[list[str]], typer.Option("--agent", help="NAME[@VERSION]=MODULE:FUNCTION")] = None,
     default: Annotated[Optional[list[str]], typer.Option("--default", help="NAME@VERSION default")] = None,
     token: Annotated[Optional[list[str]], typer.Option("--token", help="TOKEN=PRINCIPAL")] = None,
     state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Directory for durable state.")] = None,
-    memory: Annotated[Optional[str], typer.Option("--memory", help="Per-job memory [1G].")] = None,
-    cpu_time: Annotated[Optional[int], typer.Option("--cpu-time", help="Per-job CPU seconds [300].")] = None,
-    max_procs: Annotated[Optional[int], typer.Option("--max-procs", help="Per-job processes [64].")] = None,
-    max_open_files: Annotated[Optional[int], typer.Option("--max-open-files", help="Per-job open files [1024].")] = None,
-    max_file_size: Annotated[Optional[str], typer.Option("--max-file-size", help="Per-job file size [1G].")] = None,
-    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds before a stopped job is killed [1.0].")] = None,
-    reuse_workers: Annotated[Optional[int], typer.Option("--reuse-workers", help="Jobs per worker process [1].")] = None,
-    heartbeat_interval: Annotated[Optional[int], typer.Option("--heartbeat-interval", help="Seconds [30].")] = None,
-    resume_window: Annotated[Optional[int], typer.Option("--resume-window", help="Seconds [600].")] = None,
-    retention_jobs: Annotated[Optional[int], typer.Option("--retention-jobs", help="Finished jobs kept [10000].")] = None,
-    retention_seconds: Annotated[Optional[int], typer.Option("--retention-seconds", help="Seconds [86400].")] = None,
-    max_result_bytes: Annotated[Optional[str], typer.Option("--max-result-bytes", help="Streamed result cap [32M].")] = None,
-    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="result_chunk size [256K].")] = None,
+    memory: Annotated[Optional[str], typer.Option("--memory", help="Per-job memory (default 1G).")] = None,
+    cpu_time: Annotated[Optional[int], typer.Option("--cpu-time", help="Per-job CPU seconds (default 300).")] = None,
+    max_procs: Annotated[Optional[int], typer.Option("--max-procs", help="Per-job processes (default 64).")] = None,
+    max_open_files: Annotated[Optional[int], typer.Option("--max-open-files", help="Per-job open files (default 1024).")] = None,
+    max_file_size: Annotated[Optional[str], typer.Option("--max-file-size", help="Per-job file size (default 1G).")] = None,
+    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds before a stopped job is killed (default 1.0).")] = None,
+    reuse_workers: Annotated[Optional[int], typer.Option("--reuse-workers", help="Jobs per worker process (default 1).")] = None,
+    heartbeat_interval: Annotated[Optional[int], typer.Option("--heartbeat-interval", help="Seconds (default 30).")] = None,
+    resume_window: Annotated[Optional[int], typer.Option("--resume-window", help="Seconds (default 600).")] = None,
+    retention_jobs: Annotated[Optional[int], typer.Option("--retention-jobs", help="Finished jobs kept (default 10000).")] = None,
+    retention_seconds: Annotated[Optional[int], typer.Option("--retention-seconds", help="Seconds (default 86400).")] = None,
+    max_result_bytes: Annotated[Optional[str], typer.Option("--max-result-bytes", help="Streamed result cap (default 32M).")] = None,
+    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="result_chunk size (default 256K).")] = None,
     ws_compression: Annotated[Optional[bool], typer.Option("--ws-compression/--no-ws-compression",
-                                                           help="Accept permessage-deflate [no].")] = None,
+                                                           help="Accept permessage-deflate (default no).")] = None,
+    back_pressure_threshold: Annotated[Optional[int], typer.Option(
+        "--back-pressure-threshold",
+        help="Unacked events after which an acking client gets a back_pressure status (default 0: off).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     try:
@@ -98,7 +101,8 @@ def build_config(flags: dict[str, Any]) -> Config:
             raise ConfigError(f"--token {t!r}: expected TOKEN=PRINCIPAL")
         tokens[tok] = principal
     for key in ("host", "port", "path", "stdio", "state_dir", "grace", "reuse_workers", "heartbeat_interval",
-                "resume_window", "retention_jobs", "retention_seconds", "ws_compression"):
+                "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
+                "back_pressure_threshold"):
         if flags.get(key) is not None:
             base[key] = flags[key]
     for key in ("max_result_bytes", "chunk_size"):

@@ -57,7 +57,7 @@ class Runtime:
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
         self.sandbox_layers: list[str] = ["process-group", "parent-death-signal", "scrubbed-env"]
-        self.back_pressure_threshold = 1024
+        self.back_pressure_threshold = config.back_pressure_threshold
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._restore()
@@ -208,8 +208,8 @@ class Runtime:
                 env = frame("job.event", new_ulid(), payload, session_id=owner.id, job_id=job.id,
                             trace_id=job.trace_id)
                 job.last_seq = owner.send_seq(env, job.id)
-                if owner.seq - owner.last_ack >= self.back_pressure_threshold and "ack" in owner.features \
-                        and not owner.back_pressure_signalled:
+                if self.back_pressure_threshold and not owner.back_pressure_signalled \
+                        and owner.seq - owner.last_ack >= self.back_pressure_threshold and "ack" in owner.features:
                     self._signal_back_pressure(owner, job)
             for w in job.watchers:
                 self._forward(w, job, "job.event", payload)

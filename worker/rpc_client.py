@@ -1,6 +1,6 @@
 """The worker's end of the pipe: framed sends, blocking calls, and a reader thread.
 
-Every frame the agent's calls produce goes out under one lock, so frames from
+Every frame the agent's calls produce is queued under one lock, so frames from
 several agent threads never interleave. A call blocks its caller until the
 supervisor's reply arrives; the reader thread delivers replies, new jobs and
 cancel requests. If the pipe breaks, the supervisor is gone and so is the job:
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -32,8 +33,20 @@ class _Pending:
         self.callback = callback
 
 
+FLUSH_DELAY = 0.0005  # seconds a fire-and-forget frame may wait to be batched with others
+BATCH_BYTES = 64 * 1024  # ... or until this many bytes are waiting
+
+
 class Channel:
-    """Framed msgpack over the worker's socket to the supervisor."""
+    """Framed msgpack over the worker's socket to the supervisor.
+
+    Fire-and-forget frames (events) are batched: they go out when 64 KiB are
+    waiting, when a call or the job's outcome is sent, or half a millisecond
+    after the first of them, whichever comes first; one write then carries
+    many frames. The pipe thread also reads any extra descriptors registered
+    in `extra` (the agent's stdout and stderr), so a worker has one helper
+    thread, not two.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -41,6 +54,12 @@ class Channel:
         self._plock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._next_call = 0
+        self._buf: list[bytes] = []
+        self._buf_size = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.extra: dict[int, Callable[[int], None]] = {}
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
         self.on_cancel: Callable[[str], None] = lambda reason: None
         self._decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
@@ -67,12 +86,40 @@ class Channel:
 
     # -- sending ------------------------------------------------------------
     def send(self, obj: Any) -> None:
+        """Queue a fire-and-forget frame (it leaves within FLUSH_DELAY)."""
         data = encode(obj, pm.MAX_PIPE_FRAME)
         with self._wlock:
-            try:
-                self.sock.sendall(data)
-            except OSError:
-                os._exit(PIPE_ERROR)
+            self._buf.append(data)
+            self._buf_size += len(data)
+            if self._buf_size >= BATCH_BYTES:
+                self._flush_locked()
+            elif len(self._buf) == 1:
+                try:
+                    os.write(self._wake_w, b"f")  # the pipe thread arms the flush timer
+                except BlockingIOError:
+                    pass
+
+    def send_now(self, obj: Any) -> None:
+        """Send a frame, and everything queued before it, at once."""
+        data = encode(obj, pm.MAX_PIPE_FRAME)
+        with self._wlock:
+            self._buf.append(data)
+            self._flush_locked()
+
+    def flush(self) -> None:
+        with self._wlock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._buf:
+            return
+        data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+        self._buf.clear()
+        self._buf_size = 0
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            os._exit(PIPE_ERROR)
 
     def _register(self, callback: Callable[[bool, Any], None] | None) -> tuple[int, _Pending]:
         p = _Pending(callback)
@@ -85,7 +132,7 @@ class Channel:
     def call(self, job_id: str, op: str, args: list[Any]) -> Any:
         """Send a call and block until its reply; raise the ARCPError it carries."""
         cid, p = self._register(None)
-        self.send([pm.CALL, job_id, cid, op, args])
+        self.send_now([pm.CALL, job_id, cid, op, args])
         p.event.wait()
         if p.ok:
             return p.value
@@ -95,7 +142,7 @@ class Channel:
                    callback: Callable[[bool, Any], None]) -> None:
         """Send a call; `callback(ok, value)` runs in the reader thread with the reply."""
         cid, _ = self._register(callback)
-        self.send([pm.CALL, job_id, cid, op, args])
+        self.send_now([pm.CALL, job_id, cid, op, args])
 
     def fail_pending(self, exc: ARCPError) -> None:
         """Wake every waiting call with `exc` (used on cancel)."""
@@ -115,14 +162,29 @@ class Channel:
     def _read_loop(self) -> None:
         self._go.wait()
         decoder = self._decoder
+        sock_fd = self.sock.fileno()
         try:
             while True:
-                data = self.sock.recv(1 << 16)
-                if not data:
-                    decoder.eof()
-                    os._exit(PIPE_ERROR)
-                for frame in decoder.feed(data):
-                    self._dispatch(frame)
+                fds = [sock_fd, self._wake_r, *self.extra]
+                ready, _, _ = select.select(fds, [], [], FLUSH_DELAY if self._buf else None)
+                if not ready:
+                    self.flush()
+                    continue
+                for fd in ready:
+                    if fd == sock_fd:
+                        data = self.sock.recv(1 << 16)
+                        if not data:
+                            decoder.eof()
+                            os._exit(PIPE_ERROR)
+                        for frame in decoder.feed(data):
+                            self._dispatch(frame)
+                    elif fd == self._wake_r:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    else:
+                        self.extra[fd](fd)
         except (OSError, CodecError, ValueError):
             # The supervisor is gone or sent garbage: this worker has no job left to do.
             os._exit(PIPE_ERROR)

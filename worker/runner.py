@@ -54,6 +54,8 @@ class Runner:
         self.is_async = False
         self._main_ident = threading.get_ident()
         self.capture = StdioCapture(self._emit_output)
+        for fd in self.capture.levels:
+            channel.extra[fd] = self.capture.on_readable
         channel.on_cancel = self._on_cancel
         signal.signal(CANCEL_SIGNAL, self._on_signal)
 
@@ -126,7 +128,7 @@ class Runner:
         finally:
             self.in_agent = False
         self._flush_output()
-        self.ch.send(outcome)
+        self.ch.send_now(outcome)
         self.ctx = None
 
     def _call_agent(self, fn: Callable[..., Any], input: Any, ctx: JobContext) -> Any:

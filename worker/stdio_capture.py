@@ -1,23 +1,25 @@
 """Turn whatever the agent writes to fd 1 and fd 2 into `log` events.
 
-File descriptors 1 and 2 are pipes read by one thread, so output from C code
-and child processes is caught as well as print(). Lines become `info` (stdout)
-and `warn` (stderr) log events of the job running at the time. `drain()`
-blocks until everything written before the call has been sent, so a job's
-output always precedes its result.
+File descriptors 1 and 2 are pipes, so output from C code and child processes
+is caught as well as print(). The worker's pipe thread reads them (they are
+registered with the Channel), and lines become `info` (stdout) and `warn`
+(stderr) log events of the job running at the time. `drain()`, called by the
+job's thread before it reports the outcome, reads whatever is still waiting,
+so a job's output always precedes its result.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import select
 import struct
 import termios
 import threading
 from collections.abc import Callable
 
 MAX_LINE = 16 * 1024  # longer lines are cut into pieces of this size
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20  # room for output between two reads of the pipe thread
 
 
 class StdioCapture:
@@ -25,45 +27,31 @@ class StdioCapture:
         self._emit = emit  # (level, line)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        for fd in (out_w, err_w):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # keep the default size
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
         os.close(out_w)
         os.close(err_w)
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (out_r, err_r, self._wake_r):
+        for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-        self._levels = {out_r: "info", err_r: "warn"}
+        self.levels = {out_r: "info", err_r: "warn"}
         self._partial: dict[int, bytes] = {out_r: b"", err_r: b""}
-        self._drained = threading.Event()
-        self._busy = False  # the thread holds bytes it has read but not yet sent
-        self._lock = threading.Lock()
-        threading.Thread(target=self._loop, name="arcp-stdio", daemon=True).start()
+        self._lock = threading.Lock()  # the pipe thread and drain() both read
 
-    def drain(self, timeout: float = 2.0) -> None:
-        if not self._busy and not any(_pending(fd) for fd in self._levels):
-            return  # nothing written, nothing in flight: no round trip to the thread
+    def on_readable(self, fd: int) -> None:
         with self._lock:
-            self._drained.clear()
-            os.write(self._wake_w, b"d")
-            self._drained.wait(timeout)
+            self._read(fd, final=False)
 
-    def _loop(self) -> None:
-        fds = [*self._levels, self._wake_r]
-        while True:
-            ready, _, _ = select.select(fds, [], [])
-            self._busy = True
-            drain = False
-            for fd in ready:
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 64)
-                    drain = True
-                else:
-                    self._read(fd, final=False)
-            if drain:
-                for fd in self._levels:
-                    self._read(fd, final=True)
-                self._drained.set()
-            self._busy = False
+    def drain(self) -> None:
+        if not any(_pending(fd) for fd in self.levels) and not any(self._partial.values()):
+            return  # nothing written since the last read: the common case costs two ioctls
+        with self._lock:
+            for fd in self.levels:
+                self._read(fd, final=True)
 
     def _read(self, fd: int, final: bool) -> None:
         buf = self._partial[fd]
@@ -75,8 +63,6 @@ class StdioCapture:
             if not data:
                 break
             buf += data
-            if len(data) < 65536:
-                break
         *lines, rest = buf.split(b"\n")
         while len(rest) > MAX_LINE:
             lines.append(rest[:MAX_LINE])
@@ -85,9 +71,10 @@ class StdioCapture:
             lines.append(rest)
             rest = b""
         self._partial[fd] = rest
-        level = self._levels[fd]
+        level = self.levels[fd]
         for line in lines:
-            self._emit(level, line.decode("utf-8", "replace").rstrip("\r"))
+            for off in range(0, max(len(line), 1), MAX_LINE):
+                self._emit(level, line[off : off + MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
 
 
 def _pending(fd: int) -> int:
