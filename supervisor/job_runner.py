@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from shared import pipe_messages as pm
 from shared.errors import (
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("arcp.jobs")
 KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
 EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
+WATCH_INTERVAL = 0.1  # seconds between memory checks of a running job
 
 
 class _Died:
@@ -50,6 +54,8 @@ class JobRunner:
         self.worker: WorkerHandle | None = None
         self.stop_kind: str | None = None
         self._pump_done = asyncio.Event()
+        self._memory_exceeded = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._final: tuple[str, dict[str, Any]] | None = None
         self._timers: list[asyncio.TimerHandle] = []
@@ -116,7 +122,12 @@ class JobRunner:
         job.status = RUNNING
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
-        outcome = await self._pump(worker)
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.call_later(WATCH_INTERVAL, self._check_memory, worker)
+        try:
+            outcome = await self._pump(worker)
+        finally:
+            self._watchdog.cancel()
         self._pump_done.set()
         if self.stop_kind is None:
             await self._ended(worker, outcome)
@@ -143,10 +154,43 @@ class JobRunner:
             self._finish(ERROR, InternalError(f"worker sent an invalid frame: {outcome}").to_wire())
         else:  # the pipe closed without an outcome: the worker died
             await worker.kill(1.0)
-            why = worker.exit_reason()
-            self._finish(ERROR, InternalError(
-                f"worker process ended unexpectedly: {why}", retryable=True,
-                details={"exit": why}).to_wire())
+            limits = self.request.limits.as_wire()
+            if self._memory_exceeded:
+                mib = limits["memory_mb"]
+                self._finish(ERROR, InternalError(
+                    f"memory limit {mib} MiB exceeded", retryable=False,
+                    details={"limit": "memory_mb", "value": mib, "enforced_by": "watchdog"}).to_wire())
+            elif worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU):
+                sec = limits["cpu_sec"]
+                self._finish(TIMED_OUT, Timeout(
+                    f"cpu time limit {sec} s exceeded", retryable=False,
+                    details={"limit": "cpu_sec", "value": sec}).to_wire())
+            else:
+                why = worker.exit_reason()
+                self._finish(ERROR, InternalError(
+                    f"worker process ended unexpectedly: {why}", retryable=True,
+                    details={"exit": why}).to_wire())
+
+    def _check_memory(self, worker: WorkerHandle) -> None:
+        """The last line for the memory limit: the resident size of the job's process tree."""
+        if not worker.alive or self.job.done:
+            return
+        limit = self.request.limits.memory
+        try:
+            proc = psutil.Process(worker.pid)
+            rss = proc.memory_info().rss
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    rss += child.memory_info().rss
+        except psutil.Error:
+            return
+        if rss > limit:
+            log.warning("job %s: %d MiB resident, over its %d MiB limit: killing it",
+                        self.job.id, rss >> 20, limit >> 20)
+            self._memory_exceeded = True
+            worker.signal(signal.SIGKILL)
+            return
+        self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
 
     async def _stopping(self, worker: WorkerHandle) -> None:
         """Tell the worker, give it `grace`, then SIGTERM and SIGKILL; then the terminal."""
@@ -256,3 +300,7 @@ class JobRunner:
     def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
                 result_id: str | None = None, result_size: int | None = None) -> None:
         self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size)
+
+
+def _killed_by(status: int, sig: int) -> bool:
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig

@@ -161,6 +161,7 @@ class Job:
     created_mono: float = field(default_factory=time.monotonic)
     finished_mono: float | None = None
     last_seq: int = 0  # the highest event_seq this job took in its submitting session
+    tmp_dir: str | None = None  # the job's private HOME/TMPDIR, removed at its terminal
 
     @property
     def done(self) -> bool:

@@ -6,6 +6,8 @@ import asyncio
 import hmac
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ from shared.envelope import Envelope, frame
 from shared.errors import (
     InternalError, InvalidRequest, JobNotFound, PermissionDenied, ResumeWindowExpired, Unauthenticated,
 )
+from shared.landlock import landlock_abi
 from shared.ids import new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
 from supervisor.config import Config
@@ -37,6 +40,18 @@ SWEEP_INTERVAL = 5.0
 INLINE_KEPT = 4096  # terminal values larger than this live only in the store
 
 
+def sandbox_layers() -> list[str]:
+    """The isolation layers every job gets on this host, named as `doctor` names them."""
+    layers = ["process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits",
+              "memory-watchdog", "no-new-privs"]
+    abi = landlock_abi()
+    if abi:
+        layers.append(f"landlock-abi{abi}")
+    else:
+        log.warning("Landlock is not available on this kernel: jobs run without filesystem isolation")
+    return layers
+
+
 def worker_env() -> dict[str, str]:
     """The scrubbed environment of the fork server and so of every worker."""
     env = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith("LC_")}
@@ -56,7 +71,7 @@ class Runtime:
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
-        self.sandbox_layers: list[str] = ["process-group", "parent-death-signal", "scrubbed-env"]
+        self.sandbox_layers = sandbox_layers()
         self.back_pressure_threshold = config.back_pressure_threshold
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -174,6 +189,7 @@ class Runtime:
             "entry": r.agent.entry, "input": r.input, "lease": r.lease,
             "lease_constraints": r.lease_constraints, "max_result_bytes": self.config.max_result_bytes,
             "max_event_bytes": self.frame_cap - 8192, "chunk_size": self.config.chunk_size,
+            "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir,
         }
 
     def submit(self, session: Session, env: Envelope) -> None:
@@ -183,6 +199,7 @@ class Runtime:
             self._replay_accept(session, env.id, existing)
             return
         job = self.jobs.create(session.principal, session, req, self.sandbox_layers)
+        job.tmp_dir = tempfile.mkdtemp(prefix=f"arcp-{job.id}-")
         self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
                               job.trace_id, job.idempotency_key, job.fingerprint, job.record())
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
@@ -259,6 +276,9 @@ class Runtime:
             job.terminal = {**job.terminal, "value": None, "value_in_store": True}
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
+        if job.tmp_dir is not None:
+            shutil.rmtree(job.tmp_dir, ignore_errors=True)
+            job.tmp_dir = None
         self.store.delete_jobs(self.jobs.finished_job(job))
 
     def _terminal_of(self, job: Job) -> dict[str, Any]:

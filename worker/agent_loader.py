@@ -20,7 +20,7 @@ from types import CodeType, ModuleType
 _compiled: dict[str, tuple[ModuleSpec, CodeType]] = {}  # name -> (spec, code)
 
 
-def _find_source(name: str) -> tuple[str, bool] | None:
+def find_source(name: str) -> tuple[str, bool] | None:
     parts = name.split(".")
     for base in sys.path:
         base = base or os.getcwd()
@@ -44,7 +44,7 @@ def precompile(module_names: list[str]) -> None:
             sub = ".".join(parts[:i])
             if sub in _compiled or sub in sys.modules:
                 continue
-            found = _find_source(sub)
+            found = find_source(sub)
             if found is None:
                 break
             path, is_pkg = found

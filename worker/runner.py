@@ -9,10 +9,12 @@ SIGUSR1, whose handler raises Cancelled in the agent's own frame.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import os
 import signal
 import sys
+import tempfile
 import threading
 import traceback
 from collections.abc import Callable
@@ -23,9 +25,10 @@ import orjson
 from shared import pipe_messages as pm
 from shared.errors import ARCPError, Cancelled, InternalError
 from shared.pipe_codec import encode
-from worker.agent_loader import load_module
+from worker.agent_loader import find_source, load_module
 from worker.context import JobContext
 from worker.rpc_client import Channel
+from worker.sandbox import Sandbox, python_read_dirs
 from worker.stdio_capture import StdioCapture
 
 CANCEL_SIGNAL = signal.SIGUSR1
@@ -53,6 +56,8 @@ class Runner:
         self.in_agent = False
         self.is_async = False
         self._main_ident = threading.get_ident()
+        self.sandbox = Sandbox()
+        self.limits: dict[str, int] = {}
         self.capture = StdioCapture(self._emit_output)
         for fd in self.capture.levels:
             channel.extra[fd] = self.capture.on_readable
@@ -115,8 +120,10 @@ class Runner:
     def run(self, spec: dict[str, Any]) -> None:
         ctx = JobContext(self.ch, spec)
         self.ctx = ctx
+        self.limits = spec.get("limits") or {}
         outcome: list[Any]
         try:
+            self._enter_sandbox(spec)
             fn = load_entry(spec["entry"])
             value = self._call_agent(fn, spec.get("input"), ctx)
             if ctx.cancelled:
@@ -130,6 +137,17 @@ class Runner:
         self._flush_output()
         self.ch.send_now(outcome)
         self.ctx = None
+
+    def _enter_sandbox(self, spec: dict[str, Any]) -> None:
+        tmp = spec.get("tmp_dir")
+        if tmp:
+            os.environ["HOME"] = os.environ["TMPDIR"] = tmp
+            tempfile.tempdir = None  # recomputed from TMPDIR on next use
+        module = spec["entry"].partition(":")[0]
+        try:
+            self.sandbox.apply(spec, python_read_dirs(agent_dirs(module)))
+        except OSError as e:
+            raise InternalError(f"sandbox set-up failed: {e}", retryable=False) from e
 
     def _call_agent(self, fn: Callable[..., Any], input: Any, ctx: JobContext) -> Any:
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -180,9 +198,13 @@ class Runner:
             )
         return orjson.loads(raw)
 
-    @staticmethod
-    def _error_of(exc: BaseException, ctx: JobContext) -> dict[str, Any]:
-        if isinstance(exc, ARCPError):
+    def _error_of(self, exc: BaseException, ctx: JobContext) -> dict[str, Any]:
+        hit = limit_hit(exc, self.limits)
+        if hit is not None and not isinstance(exc, ARCPError):
+            text, key, value = hit
+            err = InternalError(f"{text}: {type(exc).__name__}: {exc}", retryable=False,
+                                details={"limit": key, "value": value}).to_wire()
+        elif isinstance(exc, ARCPError):
             err = exc.to_wire()
         elif isinstance(exc, asyncio.CancelledError) or (ctx.cancelled and isinstance(exc, Cancelled)):
             err = Cancelled("job cancelled").to_wire()
@@ -195,6 +217,36 @@ class Runner:
             except TypeError:
                 err["details"] = {"unserialisable": repr(err["details"])[:200]}
         return err
+
+
+_LIMIT_ERRNOS = {
+    errno.EMFILE: ("max_open_files", "open files limit {} reached"),
+    errno.EFBIG: ("max_file_size_mb", "file size limit {} MiB exceeded"),
+    errno.EAGAIN: ("max_procs", "process limit {} reached"),
+}
+
+
+def limit_hit(exc: BaseException, limits: dict[str, int]) -> tuple[str, str, int] | None:
+    """(message, limit key, value) when `exc`, or what caused it, is a refusal by a job limit."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _LIMIT_ERRNOS:
+            key, text = _LIMIT_ERRNOS[e.errno]
+            if key in limits and (e.errno != errno.EAGAIN or isinstance(e, BlockingIOError)):
+                return text.format(limits[key]), key, int(limits[key])
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def agent_dirs(module: str) -> list[str]:
+    """The directory of the agent's module (its package root for a dotted name)."""
+    found = find_source(module.split(".")[0])
+    if found is None:
+        return []
+    path, is_pkg = found
+    return [os.path.dirname(os.path.dirname(path)) if is_pkg else os.path.dirname(path)]
 
 
 def worker_main(sock_fd: int, reuse: int) -> None:

@@ -1,0 +1,175 @@
+"""A worker's sandbox, set up for each job between the lease's arrival and the agent's import.
+
+Layers (each one degrades loudly: `describe()` names what is active):
+  - rlimits: CPU time (SIGXCPU ends the worker), open files, file size, processes;
+  - no_new_privs;
+  - Landlock: the filesystem is read-only where running Python needs it, the job's
+    `fs.read` roots are readable, its private temp dir and `fs.write` roots writable,
+    and nothing else is reachable; TCP bind/connect are refused (no network), and
+    where the ABI has scopes, signals and abstract sockets stay inside the job.
+
+The Landlock binding is a few raw syscalls through ctypes: the PyPI bindings are
+pre-releases that lag the kernel ABI (no scopes, no IOCTL_DEV), and the kernel's
+interface is three stable syscalls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from shared.landlock import SYS_LANDLOCK_CREATE_RULESET, landlock_abi
+
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+# Filesystem access rights, by the ABI that introduced them.
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1, 5: (1 << 16) - 1}
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2
+
+READ = EXECUTE | READ_FILE | READ_DIR
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+WRITE = READ | WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | REFER | TRUNCATE
+
+# What running Python needs to read, beside the interpreter's own prefixes.
+SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/etc/ld.so.cache", "/etc/localtime",
+               "/etc/locale.alias", "/etc/ssl", "/etc/ca-certificates", "/etc/nsswitch.conf", "/etc/passwd",
+               "/etc/group", "/etc/mime.types", "/dev/urandom", "/dev/random", "/dev/zero", "/proc/self",
+               "/proc/thread-self", "/sys/devices/system/cpu")
+DEV_WRITE = ("/dev/null",)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def lease_roots(patterns: Iterable[str]) -> list[str]:
+    """Directory roots of glob patterns: the part before the first segment with a `*`.
+
+    The kernel rule is the root; the supervisor still matches the exact pattern.
+    A root that does not exist yet (a file the job will create) is its parent.
+    """
+    roots = []
+    for p in patterns:
+        if not p.startswith("/"):
+            continue
+        fixed = []
+        for seg in p.split("/")[1:]:
+            if "*" in seg:
+                break
+            fixed.append(seg)
+        root = os.path.realpath("/" + "/".join(fixed))
+        while not os.path.exists(root) and root != "/":
+            root = os.path.dirname(root)
+        roots.append(root)
+    return roots
+
+
+class Sandbox:
+    """Applies and describes one job's sandbox in this process."""
+
+    def __init__(self) -> None:
+        self.abi = landlock_abi()
+        self.landlocked = False
+        self.layers: list[str] = []
+
+    def apply(self, spec: dict[str, Any], read_dirs: list[str]) -> None:
+        limits = spec.get("limits") or {}
+        self._rlimits(limits)
+        if self.landlocked:
+            return  # a reused worker: same lease, same rules (the supervisor's reuse key)
+        _no_new_privs()
+        lease = spec.get("lease") or {}
+        tmp = spec.get("tmp_dir")
+        if self.abi:
+            read = list(read_dirs) + lease_roots(lease.get("fs.read", []))
+            write = lease_roots(lease.get("fs.write", [])) + ([tmp] if tmp else []) + list(DEV_WRITE)
+            self._landlock(read, write)
+            self.landlocked = True
+
+    def _rlimits(self, limits: dict[str, int]) -> None:
+        def lower(which: int, value: int) -> None:
+            soft, hard = resource.getrlimit(which)
+            hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
+            resource.setrlimit(which, (min(value, hard), hard))
+
+        if "cpu_sec" in limits:
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            spent = int(used.ru_utime + used.ru_stime)  # a reused worker has spent some already
+            soft = spent + int(limits["cpu_sec"])
+            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 2))  # SIGXCPU, then SIGKILL
+        if "max_open_files" in limits:
+            lower(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
+        if "max_file_size_mb" in limits:
+            lower(resource.RLIMIT_FSIZE, int(limits["max_file_size_mb"]) * 1024 * 1024)
+        if "max_procs" in limits:
+            lower(resource.RLIMIT_NPROC, int(limits["max_procs"]))
+
+    def _landlock(self, read: list[str], write: list[str]) -> None:
+        fs_all = FS_BY_ABI.get(self.abi, FS_BY_ABI[5])
+        attr = _RulesetAttr(fs_all, NET_BIND_TCP | NET_CONNECT_TCP if self.abi >= 4 else 0,
+                            SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if self.abi >= 6 else 0)
+        size = ctypes.sizeof(_RulesetAttr) if self.abi >= 6 else (16 if self.abi >= 4 else 8)
+        ruleset = _libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
+                                ctypes.c_uint32(0))
+        if ruleset < 0:
+            raise OSError(ctypes.get_errno(), "landlock_create_ruleset failed")
+        try:
+            for path, access in [(p, READ) for p in read] + [(p, WRITE) for p in write]:
+                self._allow(ruleset, path, access & fs_all)
+            if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
+                raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
+        finally:
+            os.close(ruleset)
+
+    @staticmethod
+    def _allow(ruleset: int, path: str, access: int) -> None:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return  # absent on this host: nothing to allow
+        try:
+            if not os.path.isdir(path):
+                access &= FILE_RIGHTS
+            rule = _PathBeneath(access, fd)
+            if _libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                             ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
+        finally:
+            os.close(fd)
+
+
+def _no_new_privs() -> None:
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def python_read_dirs(agent_dirs: Iterable[str]) -> list[str]:
+    """Everything a job may read besides its lease: Python, the venv, system files, its agent."""
+    import shared
+    import worker
+
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+            os.path.dirname(os.path.realpath(sys.executable)),
+            os.path.dirname(os.path.abspath(worker.__file__)), os.path.dirname(os.path.abspath(shared.__file__))}
+    dirs |= {os.path.realpath(d) for d in list(dirs)}
+    return sorted(dirs | set(SYSTEM_READ) | set(agent_dirs))
