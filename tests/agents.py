@@ -120,11 +120,72 @@ def identity(input: Any, job: JobContext) -> Any:
             "env": sorted(os.environ)}
 
 
+def read_path(input: Any, job: JobContext) -> Any:
+    try:
+        with open(input["path"], "rb") as f:
+            return {"ok": True, "data": f.read(64).decode("utf-8", "replace")}
+    except OSError as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def write_path(input: Any, job: JobContext) -> Any:
+    try:
+        with open(input["path"], "wb") as f:
+            f.write(b"x" * int(input.get("size", 10)))
+        return {"ok": True}
+    except OSError as e:
+        if input.get("raise"):
+            raise
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def open_many(input: Any, job: JobContext) -> Any:
+    fds = []
+    try:
+        for _ in range(int(input.get("n", 500))):
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"opened": len(fds)}
+
+
+def hog(input: Any, job: JobContext) -> Any:
+    blocks = []
+    for _ in range(int(input.get("mb", 512)) // 8):
+        blocks.append(bytearray(b"x") * (8 * 1024 * 1024))
+        time.sleep(0.01)
+    return {"allocated": len(blocks) * 8}
+
+
+def spin(input: Any, job: JobContext) -> Any:
+    x = 0
+    while True:
+        x += 1
+
+
+def tmp_and_net(input: Any, job: JobContext) -> Any:
+    import socket
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), "scratch.txt")
+    with open(path, "w") as f:
+        f.write("mine")
+    try:
+        socket.create_connection(("127.0.0.1", int(input["port"])), timeout=2).close()
+        net = "connected"
+    except OSError as e:
+        net = f"{type(e).__name__}: {e}"
+    return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "net": net}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
     "stream=tests.agents:stream", "streamtext=tests.agents:stream_text", "printer=tests.agents:printer",
     "raises=tests.agents:raises", "denies=tests.agents:denies", "suicide=tests.agents:suicide",
     "garbage=tests.agents:garbage", "otherjob=tests.agents:other_job", "bigresult=tests.agents:big_result",
-    "identity=tests.agents:identity",
+    "identity=tests.agents:identity", "readpath=tests.agents:read_path", "writepath=tests.agents:write_path",
+    "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
+    "tmpnet=tests.agents:tmp_and_net",
 ]
