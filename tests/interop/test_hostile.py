@@ -7,7 +7,9 @@ import json
 
 import arcp
 import pytest
-from websockets.asyncio.client import connect
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import Server
 from tests.interop.client import sdk_session
@@ -36,12 +38,12 @@ def test_bad_worker_ends_only_its_job(server: Server, agent: str, words: str) ->
     asyncio.run(go())
 
 
-async def _raw_session(url: str) -> tuple[object, list[dict[str, object]]]:
+async def _raw_session(url: str) -> tuple[ClientConnection, dict[str, Any]]:
     ws = await connect(url)
     await ws.send(json.dumps({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "type": "session.hello",
                               "payload": {"client": {"name": "raw"}, "auth": {"scheme": "bearer", "token": ""},
                                           "capabilities": {"features": ["progress"]}}}))
-    welcome = json.loads(await ws.recv())
+    welcome: dict[str, Any] = json.loads(await ws.recv())
     assert welcome["type"] == "session.welcome"
     return ws, welcome
 
@@ -62,19 +64,19 @@ def test_bad_frames_get_invalid_request_naming_the_problem(server: Server, raw: 
     async def go() -> None:
         ws, welcome = await _raw_session(server.url)
         try:
-            await ws.send(raw)  # type: ignore[attr-defined]
-            err = json.loads(await asyncio.wait_for(ws.recv(), 5))  # type: ignore[attr-defined]
+            await ws.send(raw)
+            err = json.loads(await asyncio.wait_for(ws.recv(), 5))
             assert err["type"] == "session.error"
             assert err["payload"]["code"] == "INVALID_REQUEST"
             assert words in err["payload"]["message"], err
             # the session still works
-            await ws.send(json.dumps({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAW",  # type: ignore[attr-defined]
+            await ws.send(json.dumps({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAW",
                                       "type": "session.ping", "session_id": welcome["session_id"],
                                       "payload": {"nonce": "n1", "sent_at": "2026-01-01T00:00:00Z"}}))
-            pong = json.loads(await asyncio.wait_for(ws.recv(), 5))  # type: ignore[attr-defined]
+            pong = json.loads(await asyncio.wait_for(ws.recv(), 5))
             assert pong["type"] == "session.pong" and pong["payload"]["ping_nonce"] == "n1"
         finally:
-            await ws.close()  # type: ignore[attr-defined]
+            await ws.close()
     asyncio.run(go())
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import arcp
@@ -27,7 +28,7 @@ async def _run(url: str, agent: str, input: Any, **kw: Any) -> tuple[Any, dict[s
 
 
 @pytest.fixture()
-def outside(tmp_path: Path) -> Path:
+def outside(tmp_path: Path) -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="arcp-sbx-"))
     d.chmod(0o777)  # only the sandbox, not file modes, may stop the agent
     (d / "secret.txt").write_text("top secret")
@@ -136,7 +137,8 @@ def test_accepted_lists_the_active_layers(server: Server) -> None:
     async def go() -> None:
         async with sdk_session(server.url) as (client, _):
             h = await client.submit(agent="echo", input=1)
-            layers = h.accepted.model_extra["x-vendor.arcp-supervisor.sandbox"]
+            extra = h.accepted.model_extra or {}
+            layers = extra["x-vendor.arcp-supervisor.sandbox"]
             assert {"rlimits", "private-tmp", "no-new-privs", "memory-watchdog"} <= set(layers)
             if landlock_abi():
                 assert f"landlock-abi{landlock_abi()}" in layers
