@@ -19,6 +19,11 @@ def _url_host(host: str) -> str:
 
 
 async def serve(config: Config) -> None:
+    from supervisor.doctor import report
+
+    for line in report(as_json=False)[0].splitlines():
+        if line:
+            log.info("isolation: %s", line)
     rt = Runtime(config, STDIO_FRAME_CAP if config.stdio else WS_FRAME_CAP)
     await rt.start()
     stop = asyncio.Event()

@@ -76,6 +76,21 @@ def run(
     run_app(cfg)
 
 
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines.")] = False,
+) -> None:
+    """Print the isolation layers this host offers and whether `run` uses them.
+
+    Exits 0 when every guarantee of a job's sandbox is enforced here, 1 otherwise.
+    """
+    from supervisor.doctor import report
+
+    text, status = report(as_json)
+    print(text)
+    raise typer.Exit(status)
+
+
 def build_config(flags: dict[str, Any]) -> Config:
     base: dict[str, Any] = load_file(flags["config"]) if flags.get("config") else {}
     limits: Limits = base.pop("limits", Limits())

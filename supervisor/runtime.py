@@ -43,7 +43,7 @@ INLINE_KEPT = 4096  # terminal values larger than this live only in the store
 def sandbox_layers() -> list[str]:
     """The isolation layers every job gets on this host, named as `doctor` names them."""
     layers = ["process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits",
-              "memory-watchdog", "no-new-privs"]
+              "memory-watchdog", "no-new-privs", "no-capabilities"]
     abi = landlock_abi()
     if abi:
         layers.append(f"landlock-abi{abi}")

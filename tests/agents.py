@@ -179,6 +179,12 @@ def tmp_and_net(input: Any, job: JobContext) -> Any:
     return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "net": net}
 
 
+def status(input: Any, job: JobContext) -> Any:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {k: fields[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs")}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -187,5 +193,5 @@ REGISTRY = [
     "garbage=tests.agents:garbage", "otherjob=tests.agents:other_job", "bigresult=tests.agents:big_result",
     "identity=tests.agents:identity", "readpath=tests.agents:read_path", "writepath=tests.agents:write_path",
     "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
-    "tmpnet=tests.agents:tmp_and_net",
+    "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
 ]

@@ -57,6 +57,7 @@ class Runner:
         self.is_async = False
         self._main_ident = threading.get_ident()
         self.sandbox = Sandbox()
+        self.jobs_done = 0
         self.limits: dict[str, int] = {}
         self.capture = StdioCapture(self._emit_output)
         for fd in self.capture.levels:
@@ -137,6 +138,7 @@ class Runner:
         self._flush_output()
         self.ch.send_now(outcome)
         self.ctx = None
+        self.jobs_done += 1
 
     def _enter_sandbox(self, spec: dict[str, Any]) -> None:
         tmp = spec.get("tmp_dir")
@@ -145,7 +147,7 @@ class Runner:
             tempfile.tempdir = None  # recomputed from TMPDIR on next use
         module = spec["entry"].partition(":")[0]
         try:
-            self.sandbox.apply(spec, python_read_dirs(agent_dirs(module)))
+            self.sandbox.apply(spec, python_read_dirs(agent_dirs(module)), self.reuse - self.jobs_done)
         except OSError as e:
             raise InternalError(f"sandbox set-up failed: {e}", retryable=False) from e
 

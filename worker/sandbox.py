@@ -92,11 +92,12 @@ class Sandbox:
         self.landlocked = False
         self.layers: list[str] = []
 
-    def apply(self, spec: dict[str, Any], read_dirs: list[str]) -> None:
+    def apply(self, spec: dict[str, Any], read_dirs: list[str], jobs_left: int = 1) -> None:
         limits = spec.get("limits") or {}
-        self._rlimits(limits)
+        self._rlimits(limits, jobs_left)
         if self.landlocked:
             return  # a reused worker: same lease, same rules (the supervisor's reuse key)
+        drop_capabilities()
         _no_new_privs()
         lease = spec.get("lease") or {}
         tmp = spec.get("tmp_dir")
@@ -106,7 +107,7 @@ class Sandbox:
             self._landlock(read, write)
             self.landlocked = True
 
-    def _rlimits(self, limits: dict[str, int]) -> None:
+    def _rlimits(self, limits: dict[str, int], jobs_left: int) -> None:
         def lower(which: int, value: int) -> None:
             soft, hard = resource.getrlimit(which)
             hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
@@ -116,7 +117,10 @@ class Sandbox:
             used = resource.getrusage(resource.RUSAGE_SELF)
             spent = int(used.ru_utime + used.ru_stime)  # a reused worker has spent some already
             soft = spent + int(limits["cpu_sec"])
-            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 2))  # SIGXCPU, then SIGKILL
+            _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+            if hard == resource.RLIM_INFINITY:  # first job: room for every job this worker may run
+                hard = spent + int(limits["cpu_sec"]) * jobs_left + 2
+            resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))  # SIGXCPU, then SIGKILL
         if "max_open_files" in limits:
             lower(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
         if "max_file_size_mb" in limits:
@@ -156,6 +160,40 @@ class Sandbox:
                 raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for {path}")
         finally:
             os.close(fd)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_PR_CAPBSET_DROP = 24
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+
+
+def drop_capabilities() -> None:
+    """Leave the job no capability: bounding set, ambient set, then all three sets."""
+    sysno = _SYS_CAPSET.get(os.uname().machine)
+    if sysno is None:
+        raise OSError(0, f"capset number unknown on {os.uname().machine}")
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: nothing to drop then
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if _libc.syscall(sysno, ctypes.byref(header), ctypes.byref(data)) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
 
 
 def _no_new_privs() -> None:

@@ -83,3 +83,24 @@ def test_bad_config_exit_2_naming_the_key(tmp_path: Path) -> None:
         r = _run("run", "--agent", "e=tests.agents:echo", config=text, tmp=tmp_path)
         assert r.returncode == 2, (text, r.stderr)
         assert key in r.stderr, (text, r.stderr)
+
+
+def test_doctor_reports_layers_and_guarantees() -> None:
+    import json
+
+    r = _run("doctor", "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == (0 if data["ok"] else 1)
+    names = {layer["name"] for layer in data["layers"]}
+    assert {"landlock", "seccomp", "rlimits", "namespaces", "root"} <= names
+    assert {g["name"] for g in data["guarantees"]} == {
+        "files", "network", "environment", "descriptors-and-privileges", "other-jobs"}
+    for g in data["guarantees"]:
+        assert g["ok"] == (g["missing"] == ""), g
+    text = _run("doctor")
+    assert text.returncode == r.returncode and "guarantee files" in text.stdout
+
+
+def test_run_help() -> None:
+    r = _run("run", "--help")
+    assert r.returncode == 0 and "--reuse-workers" in r.stdout

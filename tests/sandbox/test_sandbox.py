@@ -143,3 +143,13 @@ def test_accepted_lists_the_active_layers(server: Server) -> None:
             if landlock_abi():
                 assert f"landlock-abi{landlock_abi()}" in layers
     asyncio.run(go())
+
+
+def test_jobs_hold_no_capabilities_and_no_new_privileges(server: Server) -> None:
+    async def go() -> None:
+        _, t = await _run(server.url, "status", {})
+        r = t["payload"]["result"]
+        assert r["NoNewPrivs"] == "1"
+        for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+            assert int(r[key], 16) == 0, r
+    asyncio.run(go())

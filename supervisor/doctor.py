@@ -1,0 +1,129 @@
+"""`arcp-supervisor doctor`: what isolation this host offers, what `run` uses, what is missing.
+
+Every fact is read from the host (no guesses); each guarantee of contract.md
+"What a job cannot do" is listed with the layers that enforce it here, and the
+exit status is 1 when any guarantee has none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.landlock import landlock_abi
+
+PR_GET_SECCOMP = 21
+
+
+@dataclass
+class Layer:
+    name: str
+    available: bool
+    used: bool
+    detail: str = ""
+
+
+@dataclass
+class Guarantee:
+    name: str
+    enforced_by: list[str] = field(default_factory=list)
+    missing: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing
+
+
+def _seccomp_available() -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0)
+
+
+def _cgroups() -> tuple[str, list[str]]:
+    """('v1'/'v2'/'none', writable controllers)."""
+    base = "/sys/fs/cgroup"
+    if os.path.exists(os.path.join(base, "cgroup.controllers")):
+        try:
+            with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                ctl = f.read().split()
+        except OSError:
+            ctl = []
+        return "v2", [c for c in ctl if os.access(base, os.W_OK)]
+    v1 = []
+    for c in ("memory", "pids", "cpu", "cpuacct", "freezer"):
+        d = os.path.join(base, c)
+        if os.path.isdir(d) and os.access(d, os.W_OK) and os.path.exists(os.path.join(d, "tasks")):
+            v1.append(c)
+    return ("v1" if v1 else "none"), v1
+
+
+def _namespaces() -> list[str]:
+    return [ns for ns in ("pid", "net", "mnt", "user") if os.path.exists(f"/proc/self/ns/{ns}")]
+
+
+def _in_container() -> bool:
+    return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
+
+
+def examine() -> tuple[list[Layer], list[Guarantee]]:
+    abi = landlock_abi()
+    mode, controllers = _cgroups()
+    ns = _namespaces()
+    root = os.geteuid() == 0
+    layers = [
+        Layer("landlock", abi > 0, abi > 0, f"ABI {abi}" if abi else "not in this kernel"),
+        Layer("landlock-net", abi >= 4, abi >= 4, "TCP bind/connect refused" if abi >= 4 else "needs ABI 4"),
+        Layer("landlock-scopes", abi >= 6, abi >= 6, "signals and abstract sockets" if abi >= 6 else "needs ABI 6"),
+        Layer("seccomp", _seccomp_available(), False, "available; no filter is installed yet"),
+        Layer(f"cgroup-{mode}", mode != "none", False,
+              f"writable controllers: {', '.join(controllers) or 'none'}; not used yet (memory via watchdog)"),
+        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; not used yet"),
+        Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
+        Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),
+        Layer("no-new-privs", True, True, "set before Landlock"),
+        Layer("no-capabilities", True, True, "bounding, ambient, effective, permitted and inheritable sets emptied"),
+        Layer("process-group", True, True, "each worker in its own session; dies with the supervisor"),
+        Layer("scrubbed-env", True, True, "PATH, LANG, LC_*, TZ; HOME and TMPDIR private"),
+        Layer("root", root, root, "supervisor runs as root" if root else "supervisor is unprivileged"),
+        Layer("job-uids", False, False, "jobs run as the supervisor's uid" + (" (0)" if root else "")),
+        Layer("container", _in_container(), False, "inside a container" if _in_container() else "not a container"),
+    ]
+    g = [
+        Guarantee("files", ["landlock"] if abi else [], "" if abi else "no Landlock: the filesystem is open"),
+        Guarantee("network", ["landlock-net"] if abi >= 4 else [],
+                  "no network namespace: UDP, DNS and raw sockets are not blocked"),
+        Guarantee("environment", ["scrubbed-env"]),
+        Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"],
+                  "no seccomp filter"),
+        Guarantee("other-jobs", ["landlock-scopes"] if abi >= 6 else [],
+                  "no PID namespace or cgroup: a grandchild that calls setsid() can outlive its job"),
+    ]
+    return layers, g
+
+
+def report(as_json: bool) -> tuple[str, int]:
+    layers, guarantees = examine()
+    ok = all(g.ok for g in guarantees)
+    if as_json:
+        import json
+
+        data: dict[str, Any] = {
+            "layers": [vars(layer) for layer in layers],
+            "guarantees": [{"name": g.name, "enforced_by": g.enforced_by, "ok": g.ok, "missing": g.missing}
+                           for g in guarantees],
+            "ok": ok, "python": sys.version.split()[0], "kernel": os.uname().release,
+        }
+        return json.dumps(data, indent=2), 0 if ok else 1
+    lines = [f"{'layer':18} {'here':5} {'used':5} detail"]
+    for layer in layers:
+        lines.append(f"{layer.name:18} {'yes' if layer.available else 'no':5} {'yes' if layer.used else 'no':5} "
+                     f"{layer.detail}")
+    lines.append("")
+    for g in guarantees:
+        by = ", ".join(g.enforced_by) or "nothing"
+        lines.append(f"guarantee {g.name:28} {'OK ' if g.ok else 'NOT'} enforced by {by}"
+                     + (f"; missing: {g.missing}" if g.missing else ""))
+    return "\n".join(lines), 0 if ok else 1
