@@ -54,13 +54,16 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         await _refuse(transport, e, request_id_of(obj), resume_sid)
         return
 
-    closing = asyncio.Event()
+    closing = False
     close_as: tuple[int, str] = (1000, "bye")
+    reader: asyncio.Task[None] | None = None
 
     def close(code: int, reason: str) -> None:
-        nonlocal close_as
+        nonlocal close_as, closing
         close_as = (code, reason)
-        closing.set()
+        closing = True
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
 
     if resumed is None:
         session = Session(rt, principal, detect_flavour(hello), negotiate(hello), frame_cap, close)
@@ -79,23 +82,23 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
     heart = asyncio.create_task(_heartbeat(rt, session, close))
     last_in = [time.monotonic()]
     session.last_inbound = last_in
-    try:
-        while not closing.is_set():
-            recv = asyncio.ensure_future(transport.recv())
-            stop = asyncio.ensure_future(closing.wait())
-            done, _ = await asyncio.wait({recv, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if recv not in done:
-                recv.cancel()
-                with contextlib.suppress(BaseException):
-                    await recv
-                break
-            stop.cancel()
-            data = recv.result()
+
+    async def read_loop() -> None:
+        while not closing:
+            data = await transport.recv()
             if data is None:
-                break
+                return
             last_in[0] = time.monotonic()
             session.receive(data)
-        if closing.is_set():
+
+    reader = asyncio.create_task(read_loop())
+    try:
+        try:
+            await reader
+        except asyncio.CancelledError:
+            if not closing:  # our own task is being cancelled (shutdown): let it through
+                raise
+        if closing:
             await _drain(session)
     finally:
         heart.cancel()

@@ -145,9 +145,10 @@ class Runner:
         if tmp:
             os.environ["HOME"] = os.environ["TMPDIR"] = tmp
             tempfile.tempdir = None  # recomputed from TMPDIR on next use
-        module = spec["entry"].partition(":")[0]
         try:
-            self.sandbox.apply(spec, python_read_dirs(agent_dirs(module)), self.reuse - self.jobs_done)
+            read_dirs = [] if self.sandbox.landlocked else \
+                python_read_dirs(agent_dirs(spec["entry"].partition(":")[0]))
+            self.sandbox.apply(spec, read_dirs, self.reuse - self.jobs_done)
         except OSError as e:
             raise InternalError(f"sandbox set-up failed: {e}", retryable=False) from e
 

@@ -121,6 +121,8 @@ class Sandbox:
             if hard == resource.RLIM_INFINITY:  # first job: room for every job this worker may run
                 hard = spent + int(limits["cpu_sec"]) * jobs_left + 2
             resource.setrlimit(resource.RLIMIT_CPU, (min(soft, hard), hard))  # SIGXCPU, then SIGKILL
+        if self.landlocked:
+            return  # a reused worker: the other limits are the same (the supervisor's reuse key)
         if "max_open_files" in limits:
             lower(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
         if "max_file_size_mb" in limits:
