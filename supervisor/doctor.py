@@ -60,6 +60,10 @@ def _cgroups() -> tuple[str, list[str]]:
     return ("v1" if v1 else "none"), v1
 
 
+def _cgroups_usable(mode: str, controllers: list[str]) -> bool:
+    return mode != "none" and {"memory", "pids"} <= set(controllers)
+
+
 def _namespaces() -> list[str]:
     return [ns for ns in ("pid", "net", "mnt", "user") if os.path.exists(f"/proc/self/ns/{ns}")]
 
@@ -78,8 +82,8 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Layer("landlock-net", abi >= 4, abi >= 4, "TCP bind/connect refused" if abi >= 4 else "needs ABI 4"),
         Layer("landlock-scopes", abi >= 6, abi >= 6, "signals and abstract sockets" if abi >= 6 else "needs ABI 6"),
         Layer("seccomp", _seccomp_available(), False, "available; no filter is installed yet"),
-        Layer(f"cgroup-{mode}", mode != "none", False,
-              f"writable controllers: {', '.join(controllers) or 'none'}; not used yet (memory via watchdog)"),
+        Layer(f"cgroup-{mode}", mode != "none", _cgroups_usable(mode, controllers),
+              f"writable controllers: {', '.join(controllers) or 'none'}; a group per worker (memory, pids)"),
         Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; not used yet"),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),
@@ -98,8 +102,10 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Guarantee("environment", ["scrubbed-env"]),
         Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"],
                   "no seccomp filter"),
-        Guarantee("other-jobs", ["landlock-scopes"] if abi >= 6 else [],
-                  "no PID namespace or cgroup: a grandchild that calls setsid() can outlive its job"),
+        Guarantee("other-jobs", (["landlock-scopes"] if abi >= 6 else [])
+                  + ([f"cgroup-{mode}"] if _cgroups_usable(mode, controllers) else []),
+                  "" if abi >= 6 and _cgroups_usable(mode, controllers) else
+                  "no Landlock scopes or no cgroup: a job's processes cannot all be found and contained"),
     ]
     return layers, g
 

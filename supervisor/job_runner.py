@@ -120,6 +120,11 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
+        if worker.cgroup is not None:
+            try:
+                worker.cgroup.set_limits(self.request.limits.memory, self.request.limits.max_procs)
+            except OSError as e:
+                log.warning("job %s: cgroup limits not set (%s); the watchdog still applies", job.id, e)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
         loop = asyncio.get_running_loop()
@@ -155,11 +160,13 @@ class JobRunner:
         else:  # the pipe closed without an outcome: the worker died
             await worker.kill(1.0)
             limits = self.request.limits.as_wire()
-            if self._memory_exceeded:
+            oom = worker.cgroup is not None and worker.cgroup.memory_exceeded()
+            if self._memory_exceeded or oom:
                 mib = limits["memory_mb"]
                 self._finish(ERROR, InternalError(
                     f"memory limit {mib} MiB exceeded", retryable=False,
-                    details={"limit": "memory_mb", "value": mib, "enforced_by": "watchdog"}).to_wire())
+                    details={"limit": "memory_mb", "value": mib,
+                             "enforced_by": "cgroup" if oom else "watchdog"}).to_wire())
             elif worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU):
                 sec = limits["cpu_sec"]
                 self._finish(TIMED_OUT, Timeout(

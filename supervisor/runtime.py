@@ -20,6 +20,7 @@ from shared.errors import (
 from shared.landlock import landlock_abi
 from shared.ids import new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
+from supervisor.cgroups import Cgroups
 from supervisor.config import Config
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_runner import JobRunner
@@ -78,9 +79,10 @@ class Runtime:
         self.store = Store(config.state_dir)
         self.sessions: dict[str, Session] = {}
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
-        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules)
+        self.cgroups = Cgroups()
+        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
-        self.sandbox_layers = sandbox_layers()
+        self.sandbox_layers = sandbox_layers() + self.cgroups.layers
         self.tmp_base = job_tmp_base()
         self.back_pressure_threshold = config.back_pressure_threshold
         self._tasks: set[asyncio.Task[None]] = set()
@@ -102,6 +104,8 @@ class Runtime:
             await asyncio.wait(self._tasks, timeout=self.config.grace + 1.0)
         self.pool.close()
         self.fork_server.close()
+        self.fork_server.sweep_cgroups()
+        self.cgroups.close()
         self.store.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -183,6 +187,7 @@ class Runtime:
             if s.detached_at is not None and now - s.detached_at > self.config.resume_window:
                 self._expire_session(s)
         self.store.delete_jobs(self.jobs.expire(now))
+        self.fork_server.sweep_cgroups()
 
     # -- jobs ---------------------------------------------------------------
     def reuse_key(self, job: Job) -> tuple[Any, ...]:

@@ -25,6 +25,7 @@ from typing import Any
 import msgpack
 
 from shared.exit_codes import describe_wait_status
+from supervisor.cgroups import Cgroups, WorkerCgroup
 
 log = logging.getLogger("arcp.workers")
 
@@ -39,10 +40,12 @@ class WorkerSpawnError(Exception):
 class WorkerHandle:
     """One worker process and the supervisor's end of its pipe."""
 
-    def __init__(self, pid: int, sock: socket.socket, exited: asyncio.Future[int]) -> None:
+    def __init__(self, pid: int, sock: socket.socket, exited: asyncio.Future[int],
+                 cgroup: WorkerCgroup | None = None) -> None:
         self.pid = pid
         self.sock = sock
         self.exited = exited
+        self.cgroup = cgroup
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.jobs_run = 0
@@ -55,11 +58,16 @@ class WorkerHandle:
         return not self.exited.done()
 
     def signal(self, sig: int) -> None:
-        """Signal the worker's process group (never a pid that was already reaped)."""
-        if self.exited.done():
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        """Signal the worker's process group (never a pid that was already reaped).
+
+        SIGKILL also reaches every task of the worker's cgroup, which includes
+        descendants that left the process group with setsid().
+        """
+        if not self.exited.done():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, sig)
+        if sig == signal.SIGKILL and self.cgroup is not None:
+            self.cgroup.kill_all()
 
     def exit_reason(self) -> str:
         if not self.exited.done():
@@ -90,8 +98,11 @@ class WorkerHandle:
 class ForkServer:
     """The supervisor's client of `python -m worker`."""
 
-    def __init__(self, env: dict[str, str], cwd: str, agent_modules: list[str]) -> None:
+    def __init__(self, env: dict[str, str], cwd: str, agent_modules: list[str],
+                 cgroups: Cgroups | None = None) -> None:
         self._env = env
+        self._cgroups = cgroups
+        self.cgroups_to_remove: list[WorkerCgroup] = []
         self._cwd = cwd
         self._modules = agent_modules
         self._proc: subprocess.Popen[bytes] | None = None
@@ -203,9 +214,26 @@ class ForkServer:
             exited.set_result(early)
         else:
             self._exits[pid] = exited
-        handle = WorkerHandle(pid, ours, exited)
+        cgroup = self._cgroups.join(pid) if self._cgroups is not None else None
+        if cgroup is not None:
+            exited.add_done_callback(lambda _: self._release_cgroup(cgroup))
+        handle = WorkerHandle(pid, ours, exited, cgroup)
         await handle.open()
         return handle
+
+    def _release_cgroup(self, cgroup: WorkerCgroup) -> None:
+        """The worker is gone: end whatever it left in its group, then remove the group."""
+        cgroup.kill_all()
+        if not cgroup.remove():
+            self.cgroups_to_remove.append(cgroup)
+
+    def sweep_cgroups(self) -> None:
+        """Retry removing groups that still had (dying) tasks."""
+        pending, self.cgroups_to_remove = self.cgroups_to_remove, []
+        for cg in pending:
+            cg.kill_all()
+            if not cg.remove():
+                self.cgroups_to_remove.append(cg)
 
     def close(self) -> None:
         if self._ctl is not None and self._loop is not None:

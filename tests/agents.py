@@ -185,6 +185,34 @@ def status(input: Any, job: JobContext) -> Any:
     return {k: fields[k].strip() for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs")}
 
 
+def _name_self(tag: str) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(15, tag.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+def fork_bomb(input: Any, job: JobContext) -> Any:
+    """Forks until refused (the error is not caught); children sleep under `tag`."""
+    for _ in range(int(input.get("n", 200))):
+        if os.fork() == 0:
+            _name_self(input["tag"])
+            time.sleep(30)
+            os._exit(0)
+    return {"forked": True}
+
+
+def escape(input: Any, job: JobContext) -> Any:
+    """Leaves a grandchild that called setsid(): it must not outlive the job."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _name_self(input["tag"])
+            time.sleep(60)
+        os._exit(0)
+    time.sleep(0.2)
+    return {"left": True}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -194,4 +222,5 @@ REGISTRY = [
     "identity=tests.agents:identity", "readpath=tests.agents:read_path", "writepath=tests.agents:write_path",
     "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
+    "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
 ]

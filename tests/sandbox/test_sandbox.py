@@ -153,3 +153,61 @@ def test_jobs_hold_no_capabilities_and_no_new_privileges(server: Server) -> None
         for key in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
             assert int(r[key], 16) == 0, r
     asyncio.run(go())
+
+
+def _tasks_named(tag: str) -> set[int]:
+    found = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == tag:
+                        found.add(int(pid))
+            except OSError:
+                continue
+    return found
+
+
+def _kill_all(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+async def _gone(tag: str, seconds: float) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        if not _tasks_named(tag):
+            return True
+        await asyncio.sleep(0.05)
+    return not _tasks_named(tag)
+
+
+def test_fork_bomb_is_refused_by_the_pids_controller(server: Server) -> None:
+    tag = "bomb" + os.urandom(4).hex()
+
+    async def go() -> None:
+        _, t = await _run(server.url, "forkbomb", {"n": 200, "tag": tag},
+                          lease_request={"x-vendor.arcp-supervisor.limits": ["max_procs:16"]})
+        p = t["payload"]
+        assert t["type"] == "job.error" and p["message"].startswith("process limit 16 reached"), p
+        assert p["details"] == {"limit": "max_procs", "value": 16}
+        assert await _gone(tag, 3), "forked children outlived the job"
+    try:
+        asyncio.run(go())
+    finally:
+        _kill_all(_tasks_named(tag))
+
+
+def test_nothing_survives_the_terminal_frame(server: Server) -> None:
+    tag = "esc" + os.urandom(4).hex()
+
+    async def go() -> None:
+        _, t = await _run(server.url, "escape", {"tag": tag})
+        assert t["payload"]["result"] == {"left": True}
+        assert await _gone(tag, 2), "a setsid() grandchild outlived its job"
+    try:
+        asyncio.run(go())
+    finally:
+        _kill_all(_tasks_named(tag))
