@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.landlock import landlock_abi
+from shared.seccomp import seccomp_available
 
 PR_GET_SECCOMP = 21
 
@@ -81,7 +82,8 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Layer("landlock", abi > 0, abi > 0, f"ABI {abi}" if abi else "not in this kernel"),
         Layer("landlock-net", abi >= 4, abi >= 4, "TCP bind/connect refused" if abi >= 4 else "needs ABI 4"),
         Layer("landlock-scopes", abi >= 6, abi >= 6, "signals and abstract sockets" if abi >= 6 else "needs ABI 6"),
-        Layer("seccomp", _seccomp_available(), False, "available; no filter is installed yet"),
+        Layer("seccomp", _seccomp_available(), seccomp_available(),
+              "deny-list filter (errors, not kills)" if seccomp_available() else "libseccomp not reachable"),
         Layer(f"cgroup-{mode}", mode != "none", _cgroups_usable(mode, controllers),
               f"writable controllers: {', '.join(controllers) or 'none'}; a group per worker (memory, pids)"),
         Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; not used yet"),
@@ -100,8 +102,9 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Guarantee("network", ["landlock-net"] if abi >= 4 else [],
                   "no network namespace: UDP, DNS and raw sockets are not blocked"),
         Guarantee("environment", ["scrubbed-env"]),
-        Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"],
-                  "no seccomp filter"),
+        Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"]
+                  + (["seccomp"] if seccomp_available() else []),
+                  "" if seccomp_available() else "no seccomp filter"),
         Guarantee("other-jobs", (["landlock-scopes"] if abi >= 6 else [])
                   + ([f"cgroup-{mode}"] if _cgroups_usable(mode, controllers) else []),
                   "" if abi >= 6 and _cgroups_usable(mode, controllers) else

@@ -18,6 +18,7 @@ from shared.errors import (
     InternalError, InvalidRequest, JobNotFound, PermissionDenied, ResumeWindowExpired, Unauthenticated,
 )
 from shared.landlock import landlock_abi
+from shared.seccomp import seccomp_available
 from shared.ids import new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
 from supervisor.cgroups import Cgroups
@@ -50,6 +51,10 @@ def sandbox_layers() -> list[str]:
         layers.append(f"landlock-abi{abi}")
     else:
         log.warning("Landlock is not available on this kernel: jobs run without filesystem isolation")
+    if seccomp_available():
+        layers.append("seccomp")
+    else:
+        log.warning("libseccomp is not available: jobs run without a seccomp filter")
     return layers
 
 

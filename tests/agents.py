@@ -213,6 +213,34 @@ def escape(input: Any, job: JobContext) -> Any:
     return {"left": True}
 
 
+def forbidden_syscalls(input: Any, job: JobContext) -> Any:
+    """Try what the seccomp filter refuses; report each errno (0 means it worked)."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    tries = {
+        "ptrace": lambda: libc.ptrace(0, 0, None, None),            # PTRACE_TRACEME
+        "unshare": lambda: libc.unshare(0x10000000),                 # CLONE_NEWUSER
+        "mount": lambda: libc.mount(b"none", b"/tmp", b"tmpfs", 0, None),
+        "keyctl": lambda: libc.syscall(250, 0, 0, 0, 0, 0),           # keyctl (x86_64)
+        "bpf": lambda: libc.syscall(321, 0, None, 0),                 # bpf (x86_64)
+        "io_uring_setup": lambda: libc.syscall(425, 1, None),         # io_uring_setup
+        "clone3": lambda: libc.syscall(435, None, 0),                 # clone3
+        "userfaultfd": lambda: libc.syscall(323, 0),                  # userfaultfd (x86_64)
+    }
+    out = {}
+    for name, call in tries.items():
+        ctypes.set_errno(0)
+        r = call()
+        out[name] = ctypes.get_errno() if r == -1 else 0
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    out["threads_work"] = True
+    return out
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -223,4 +251,5 @@ REGISTRY = [
     "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
     "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
+    "syscalls=tests.agents:forbidden_syscalls",
 ]

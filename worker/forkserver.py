@@ -51,7 +51,9 @@ import orjson  # noqa: F401
 
 import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
+import worker.sandbox
 from worker.agent_loader import precompile
+from worker.seccomp_filter import build_bpf
 
 PR_SET_PDEATHSIG = 1
 MAX_PACKET = 64 * 1024
@@ -172,6 +174,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     sys.path.insert(0, os.getcwd())
     precompile(argv[2:])
+    worker.sandbox.SECCOMP_BPF = build_bpf()
     # Everything imported so far lives as long as we do: keep the collector from
     # walking (and so copying) those pages in every forked worker.
     gc.collect()

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from shared.landlock import SYS_LANDLOCK_CREATE_RULESET, landlock_abi
+from worker import seccomp_filter
 
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
@@ -84,6 +85,10 @@ def lease_roots(patterns: Iterable[str]) -> list[str]:
     return roots
 
 
+# The seccomp filter as BPF, built once by the fork server (None: libseccomp missing).
+SECCOMP_BPF: bytes | None = None
+
+
 class Sandbox:
     """Applies and describes one job's sandbox in this process."""
 
@@ -105,7 +110,9 @@ class Sandbox:
             read = list(read_dirs) + lease_roots(lease.get("fs.read", []))
             write = lease_roots(lease.get("fs.write", [])) + ([tmp] if tmp else []) + list(DEV_WRITE)
             self._landlock(read, write)
-            self.landlocked = True
+        if SECCOMP_BPF is not None:
+            seccomp_filter.load(SECCOMP_BPF)  # last: nothing after it needs what it refuses
+        self.landlocked = True
 
     def _rlimits(self, limits: dict[str, int], jobs_left: int) -> None:
         def lower(which: int, value: int) -> None:

@@ -14,10 +14,12 @@ import arcp
 import pytest
 
 from shared.landlock import landlock_abi
+from shared.seccomp import seccomp_available
 from tests.conftest import Server
 from tests.interop.client import sdk_session
 
 needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="this kernel has no Landlock")
+needs_seccomp = pytest.mark.skipif(not seccomp_available(), reason="libseccomp is not available here")
 
 
 async def _run(url: str, agent: str, input: Any, **kw: Any) -> tuple[Any, dict[str, Any]]:
@@ -211,3 +213,24 @@ def test_nothing_survives_the_terminal_frame(server: Server) -> None:
         asyncio.run(go())
     finally:
         _kill_all(_tasks_named(tag))
+
+
+@needs_seccomp
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the agent uses x86_64 syscall numbers")
+def test_seccomp_refuses_with_errors_not_kills(server: Server) -> None:
+    import errno
+
+    async def go() -> None:
+        _, t = await _run(server.url, "syscalls", {})
+        r = t["payload"]["result"]
+        assert r.pop("threads_work") is True
+        assert r.pop("clone3") == errno.ENOSYS
+        assert r == {name: errno.EPERM for name in r}, r
+        assert "seccomp" in (await _layers(server.url))
+    asyncio.run(go())
+
+
+async def _layers(url: str) -> list[str]:
+    async with sdk_session(url) as (client, _):
+        h = await client.submit(agent="echo", input=1)
+        return list((h.accepted.model_extra or {})["x-vendor.arcp-supervisor.sandbox"])

@@ -1,0 +1,73 @@
+"""The seccomp filter every job runs under: a deny-list that returns errors, not kills.
+
+Built once with libseccomp (through pyseccomp) in the fork server, exported as
+BPF, and loaded in each worker with one prctl() after Landlock. What libraries
+probe gets an error they handle (clone3 -> ENOSYS, so libc falls back to clone);
+what a job must never do gets EPERM: tracing, mounts and the new mount API,
+namespace changes, io_uring, bpf, perf, keyrings, userfaultfd, kexec, kernel
+modules, personality changes, AF_VSOCK sockets, and terminal injection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import tempfile
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+CLONE_NEW = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
+             "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
+             "CLONE_NEWNET": 0x40000000, "CLONE_NEWTIME": 0x00000080}
+AF_VSOCK = 40
+TIOCSTI, TIOCLINUX = 0x5412, 0x541C
+DENIED = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "fsopen", "fsconfig", "fsmount",
+    "fspick", "move_mount", "open_tree", "mount_setattr", "pivot_root", "chroot", "unshare", "setns",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open", "keyctl", "add_key",
+    "request_key", "userfaultfd", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl", "lookup_dcookie",
+    "open_by_handle_at", "name_to_handle_at",
+)
+
+
+def build_bpf() -> bytes | None:
+    """The filter as BPF bytes; None when libseccomp is not available here."""
+    try:
+        import pyseccomp as sc
+    except (ImportError, OSError):
+        return None
+    try:
+        f = sc.SyscallFilter(defaction=sc.ALLOW)
+        for name in DENIED:
+            try:
+                f.add_rule(sc.ERRNO(errno.EPERM), name)
+            except (ValueError, RuntimeError, OSError):
+                continue  # not a syscall on this architecture
+        f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        for flag in CLONE_NEW.values():
+            f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+        f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
+        for req in (TIOCSTI, TIOCLINUX):
+            f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, req))
+        f.add_rule(sc.ERRNO(errno.EPERM), "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))
+        with tempfile.TemporaryFile() as out:
+            f.export_bpf(out)
+            out.seek(0)
+            return out.read()
+    except (ValueError, RuntimeError, OSError):
+        return None
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def load(bpf: bytes) -> None:
+    """Install the filter in this process, all threads (no_new_privs must be set)."""
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    prog = _SockFprog(len(bpf) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if _libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
