@@ -86,7 +86,9 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
               "deny-list filter (errors, not kills)" if seccomp_available() else "libseccomp not reachable"),
         Layer(f"cgroup-{mode}", mode != "none", _cgroups_usable(mode, controllers),
               f"writable controllers: {', '.join(controllers) or 'none'}; a group per worker (memory, pids)"),
-        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; not used yet"),
+        Layer("netns-empty", root and "net" in ns, root and "net" in ns,
+              "one network namespace with no interface up, shared by all workers"),
+        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; pid/mnt/user not used yet"),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),
         Layer("no-new-privs", True, True, "set before Landlock"),
@@ -99,8 +101,8 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
     ]
     g = [
         Guarantee("files", ["landlock"] if abi else [], "" if abi else "no Landlock: the filesystem is open"),
-        Guarantee("network", ["landlock-net"] if abi >= 4 else [],
-                  "no network namespace: UDP, DNS and raw sockets are not blocked"),
+        Guarantee("network", (["netns-empty"] if root and "net" in ns else []) + (["landlock-net"] if abi >= 4 else []),
+                  "" if root and "net" in ns else "no network namespace: UDP, DNS and raw sockets are not blocked"),
         Guarantee("environment", ["scrubbed-env"]),
         Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"]
                   + (["seccomp"] if seccomp_available() else []),

@@ -96,6 +96,11 @@ class Runtime:
 
     async def start(self) -> None:
         self.fork_server.start()
+        await self.fork_server.wait_ready()
+        if self.fork_server.netns:
+            self.sandbox_layers.append("netns-empty")
+        else:
+            log.warning("jobs share the host's network namespace (TCP is still refused by Landlock)")
         self.pool.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 

@@ -112,9 +112,12 @@ class ForkServer:
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._early_exits: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self.netns = False
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._ready = self._loop.create_future()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()), *self._modules],
@@ -126,6 +129,11 @@ class ForkServer:
         self._ctl = ours
         self._loop.add_reader(ours.fileno(), self._on_control)
         log.debug("fork server started, pid %d", self._proc.pid)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the fork server has imported everything and set up its namespace."""
+        assert self._ready is not None
+        await asyncio.wait_for(asyncio.shield(self._ready), timeout)
 
     @property
     def pid(self) -> int | None:
@@ -152,7 +160,11 @@ class ForkServer:
 
     def _dispatch(self, msg: list[Any]) -> None:
         op = msg[0]
-        if op == "spawned":
+        if op == "ready":
+            self.netns = bool(msg[1].get("netns")) if isinstance(msg[1], dict) else False
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        elif op == "spawned":
             entry = self._spawning.pop(msg[1], None)
             if entry and not entry[0].done():
                 entry[0].set_result(int(msg[2]))

@@ -176,7 +176,19 @@ def tmp_and_net(input: Any, job: JobContext) -> Any:
         net = "connected"
     except OSError as e:
         net = f"{type(e).__name__}: {e}"
-    return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "net": net}
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", int(input["port"])))
+        udp = "sent"
+    except OSError as e:
+        udp = f"{type(e).__name__}: {e}"
+    try:
+        socket.getaddrinfo("localhost", 80)
+        dns = "resolved"
+    except OSError as e:
+        dns = f"{type(e).__name__}: {e}"
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "net": net,
+            "udp": udp, "interfaces": interfaces}
 
 
 def status(input: Any, job: JobContext) -> Any:

@@ -56,6 +56,7 @@ from worker.agent_loader import precompile
 from worker.seccomp_filter import build_bpf
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNET = 0x40000000
 MAX_PACKET = 64 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -66,6 +67,19 @@ def set_parent_death_signal(expected_parent: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != expected_parent:
         os._exit(BOOT_ERROR)
+
+
+def enter_empty_netns() -> bool:
+    """Move the fork server, and so every worker it forks, into a network namespace of
+    its own with no interface up: no route anywhere, not even to another job. One
+    namespace for all workers costs nothing per job; Landlock and seccomp keep jobs
+    from changing it (no capabilities, no setns/unshare)."""
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        print(f"arcp fork server: no network namespace ({os.strerror(err)}): jobs keep the host's network",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _send(ctl: socket.socket, msg: list[Any]) -> None:
@@ -111,6 +125,7 @@ def serve(ctl_fd: int, parent: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    _send(ctl, ["ready", {"netns": enter_empty_netns()}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
