@@ -186,3 +186,24 @@ def test_bad_session_input_gets_clear_errors(server: Server) -> None:
                 assert words in err["payload"]["message"], (t, err)
                 assert err["payload"]["request_id"] == f"req{i}"
     asyncio.run(go())
+
+
+def test_back_pressure_status_for_a_client_that_does_not_ack(make_server: type[Server]) -> None:
+    srv = make_server("--back-pressure-threshold", "20")
+
+    async def go() -> None:
+        async with sdk_session(srv.url) as (client, rec):  # acks are negotiated, never sent
+            h = await client.submit(agent="logs", input={"n": 60})
+            await rec.terminal(h.job_id)
+            bp = [f for f in rec.frames if f.get("type") == "job.event"
+                  and f["payload"]["kind"] == "status" and f["payload"]["body"]["phase"] == "back_pressure"]
+            assert len(bp) == 1, "signalled once until an ack brings the lag down"
+            d = bp[0]["payload"]["body"]["details"]
+            assert d["threshold"] == 20 and d["last_ack"] == 0 and d["current_seq"] == bp[0]["event_seq"]
+            await client.ack(client.latest_event_seq)
+            h2 = await client.submit(agent="logs", input={"n": 30})
+            await rec.terminal(h2.job_id)
+            again = [f for f in rec.frames if f.get("job_id") == h2.job_id and f.get("type") == "job.event"
+                     and f["payload"]["body"].get("phase") == "back_pressure"]
+            assert len(again) == 1, "re-armed by the ack"
+    asyncio.run(go())
