@@ -38,6 +38,10 @@ class WorkerCgroup:
         self.v2 = v2
         self.limits_set: tuple[int, int] | None = None
 
+    @property
+    def limits_memory(self) -> bool:
+        return "memory" in self.dirs or "unified" in self.dirs
+
     def set_limits(self, memory: int, max_procs: int) -> None:
         if self.limits_set == (memory, max_procs):
             return  # a reused worker: the same limits (the supervisor's reuse key)

@@ -102,6 +102,8 @@ class JobRunner:
             await self._run()
         except Exception as e:  # a supervisor fault must still end the job, once
             log.exception("job %s: runner failed", job.id)
+            if self.worker is not None:
+                self.rt.pool.retire(self.worker)
             self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
         finally:
             for t in self._timers:
@@ -120,19 +122,22 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
+        watch = True  # the supervisor's own memory check, where the kernel does not enforce it
         if worker.cgroup is not None:
             try:
                 worker.cgroup.set_limits(self.request.limits.memory, self.request.limits.max_procs)
+                watch = not worker.cgroup.limits_memory
             except OSError as e:
-                log.warning("job %s: cgroup limits not set (%s); the watchdog still applies", job.id, e)
+                log.warning("job %s: cgroup limits not set (%s); the watchdog applies", job.id, e)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
-        loop = asyncio.get_running_loop()
-        self._watchdog = loop.call_later(WATCH_INTERVAL, self._check_memory, worker)
+        if watch:
+            self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
         try:
             outcome = await self._pump(worker)
         finally:
-            self._watchdog.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
         self._pump_done.set()
         if self.stop_kind is None:
             await self._ended(worker, outcome)
@@ -158,9 +163,9 @@ class JobRunner:
             await worker.kill(EXIT_WAIT)
             self._finish(ERROR, InternalError(f"worker sent an invalid frame: {outcome}").to_wire())
         else:  # the pipe closed without an outcome: the worker died
+            oom = worker.cgroup is not None and worker.cgroup.memory_exceeded()
             await worker.kill(1.0)
             limits = self.request.limits.as_wire()
-            oom = worker.cgroup is not None and worker.cgroup.memory_exceeded()
             if self._memory_exceeded or oom:
                 mib = limits["memory_mb"]
                 self._finish(ERROR, InternalError(

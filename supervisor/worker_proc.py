@@ -31,6 +31,7 @@ log = logging.getLogger("arcp.workers")
 
 MAX_PACKET = 64 * 1024
 SPAWN_TIMEOUT = 10.0
+CGROUP_LINGER = 5.0  # seconds a dead worker's cgroup is kept for its job to read
 
 
 class WorkerSpawnError(Exception):
@@ -234,7 +235,13 @@ class ForkServer:
         return handle
 
     def _release_cgroup(self, cgroup: WorkerCgroup) -> None:
-        """The worker is gone: end whatever it left in its group, then remove the group."""
+        """The worker is gone: end whatever it left in its group now; remove the group a
+        little later, once its job has read why the worker died (an OOM kill, say)."""
+        cgroup.kill_all()
+        assert self._loop is not None
+        self._loop.call_later(CGROUP_LINGER, self._remove_cgroup, cgroup)
+
+    def _remove_cgroup(self, cgroup: WorkerCgroup) -> None:
         cgroup.kill_all()
         if not cgroup.remove():
             self.cgroups_to_remove.append(cgroup)
