@@ -24,7 +24,7 @@ from shared.errors import (
     ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
 )
 from shared.ids import new_id
-from shared.lease import lease_allows
+from shared.lease import clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.worker_proc import WorkerHandle, WorkerSpawnError
@@ -284,6 +284,12 @@ class JobRunner:
             cap, target = args
             if not isinstance(cap, str) or not isinstance(target, str):
                 raise InvalidRequest("validate_lease_op takes two strings")
+            if cap in ("fs.read", "fs.write"):
+                # The target the kernel would open: absolute, cleaned, symlinks resolved here in
+                # the supervisor, so a link inside a granted directory cannot point outside it.
+                if not target.startswith("/"):
+                    raise PermissionDenied(f"{cap} target {target[:256]!r} is not an absolute path")
+                target = os.path.realpath(clean_path(target))
             auth.validate_op(cap, target, time.time())
             return None
         if op == "reserve_budget":

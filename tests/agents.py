@@ -253,6 +253,17 @@ def forbidden_syscalls(input: Any, job: JobContext) -> Any:
     return out
 
 
+def lease_ops(input: Any, job: JobContext) -> Any:
+    out = []
+    for cap, target in input["ops"]:
+        try:
+            job.validate_lease_op(cap, target)
+            out.append("allowed")
+        except Exception as e:
+            out.append(getattr(e, "code", type(e).__name__))
+    return out
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -263,5 +274,5 @@ REGISTRY = [
     "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
     "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
-    "syscalls=tests.agents:forbidden_syscalls",
+    "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
 ]

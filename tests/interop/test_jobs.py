@@ -173,3 +173,29 @@ def test_worker_environment_is_scrubbed(server: Server) -> None:
             assert all(k in allowed or k.startswith("LC_") for k in r["env"]), r["env"]
             assert r["pid"] != server.pid
     run(go())
+
+
+def test_validate_lease_op_resolves_symlinks_in_the_supervisor(server: Server, tmp_path: object) -> None:
+    import os
+    import pathlib
+
+    base = pathlib.Path(str(tmp_path))
+    granted = base / "granted"
+    granted.mkdir()
+    (granted / "ok.txt").write_text("x")
+    os.symlink("/etc", granted / "link")
+
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, _):
+            h = await client.submit(agent="leaseops", lease_request={"fs.read": [f"{granted}/**"]}, input={"ops": [
+                ["fs.read", f"{granted}/ok.txt"],
+                ["fs.read", f"{granted}/link/passwd"],          # a symlink out of the grant
+                ["fs.read", f"{granted}/../granted/ok.txt"],    # '..' that stays inside
+                ["fs.read", f"{granted}/../../etc/passwd"],     # '..' that leaves
+                ["fs.read", "relative/path"],
+                ["fs.write", f"{granted}/ok.txt"],
+            ]})
+            r = (await asyncio.wait_for(h.done, 15)).result
+            assert r == ["allowed", "PERMISSION_DENIED", "allowed", "PERMISSION_DENIED", "PERMISSION_DENIED",
+                         "PERMISSION_DENIED"], r
+    asyncio.run(go())
