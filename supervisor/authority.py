@@ -12,6 +12,7 @@ from shared.errors import BudgetExhausted, InvalidRequest, LeaseExpired, Permiss
 from shared.lease import Lease, initial_budget, lease_allows
 
 REMAINING_METRIC = "cost.budget.remaining"
+REPORT_STEP = Decimal("0.0001")
 
 
 class Authority:
@@ -48,8 +49,9 @@ class Authority:
         self.remaining[cur] -= Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
         now_left = self.remaining[cur]
         last = self._last_reported.get(cur)
-        initial = self.initial[cur]
-        if last is None or now_left <= 0 or abs(last - now_left) >= initial * Decimal("0.05"):
+        # The Python runtime's rule (every change of at least 0.0001), not Go's 5 % steps:
+        # a client then always sees the counter's latest value after a debit.
+        if last is None or now_left <= 0 or abs(last - now_left) >= REPORT_STEP:
             self._last_reported[cur] = now_left
             return [(REMAINING_METRIC, float(now_left), cur)]
         return []

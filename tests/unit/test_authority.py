@@ -101,16 +101,15 @@ def test_negative_never_credits() -> None:
     assert a.remaining["USD"] == Decimal(6)
 
 
-def test_remaining_emitted_on_five_percent_change_and_at_zero() -> None:
+def test_remaining_emitted_on_every_change_and_at_zero() -> None:
     a = auth({"cost.budget": ["USD:100"]})
     assert a.debit_metric("cost.x", 1, "USD") == [(REMAINING_METRIC, 99.0, "USD")]  # first
-    assert a.debit_metric("cost.x", 2, "USD") == []  # 2 % since last report
-    assert a.debit_metric("cost.x", 2.5, "USD") == []  # 4.5 %
-    assert a.debit_metric("cost.x", 0.5, "USD") == [(REMAINING_METRIC, 94.0, "USD")]  # exactly 5 %
-    assert a.debit_metric("cost.x", 4.99, "USD") == []
-    assert a.debit_metric("cost.x", 89.01, "USD") == [(REMAINING_METRIC, 0.0, "USD")]  # <= 0
+    assert a.debit_metric("cost.x", 2, "USD") == [(REMAINING_METRIC, 97.0, "USD")]
+    assert a.debit_metric("cost.x", 0.00001, "USD") == []  # below the 0.0001 step
+    assert a.debit_metric("cost.x", 0.0001, "USD") == [(REMAINING_METRIC, 96.99989, "USD")]
+    assert a.debit_metric("cost.x", 96.99989, "USD") == [(REMAINING_METRIC, 0.0, "USD")]  # <= 0
     assert a.debit_metric("cost.x", 0.01, "USD") == [(REMAINING_METRIC, -0.01, "USD")]  # may go negative
-    assert a.debit_metric("cost.x", 0, "USD") == [(REMAINING_METRIC, -0.01, "USD")]
+    assert a.debit_metric("cost.x", 0, "USD") == [(REMAINING_METRIC, -0.01, "USD")]  # <= 0: always
 
 
 def test_float_debits_are_exact_decimals() -> None:
