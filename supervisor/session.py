@@ -37,6 +37,17 @@ class FrameTooLarge(Exception):
     pass
 
 
+class Oversized(bytes):
+    """What a transport hands over instead of an inbound frame past its size limit."""
+
+    def __new__(cls, limit: int) -> Oversized:
+        obj = super().__new__(cls, b"")
+        obj.limit = limit
+        return obj
+
+    limit: int
+
+
 def detect_flavour(hello: Envelope) -> str:
     """Go clients send UUID envelope ids; an explicit extension wins (§10.2)."""
     override = hello.extensions.get(FLAVOUR_KEY)
@@ -156,6 +167,9 @@ class Session:
     # -- inbound ------------------------------------------------------------
     def receive(self, data: str | bytes) -> None:
         """One inbound frame; every failure is answered, none escapes."""
+        if isinstance(data, Oversized):
+            self.error(InvalidRequest(f"frame larger than the {data.limit}-byte limit; it was dropped"))
+            return
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as e:

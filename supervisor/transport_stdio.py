@@ -7,6 +7,7 @@ import contextlib
 import sys
 
 from supervisor.connection import serve_connection
+from supervisor.session import Oversized
 from supervisor.runtime import STDIO_FRAME_CAP, Runtime
 
 LINE_LIMIT = 16 * 1024 * 1024
@@ -24,7 +25,7 @@ class StdioTransport:
             except ValueError:  # over the limit: skip the rest of the line
                 with contextlib.suppress(Exception):
                     await self.reader.readuntil(b"\n")
-                return b"\x00oversized"
+                return Oversized(LINE_LIMIT)
             except (ConnectionError, asyncio.IncompleteReadError):
                 return None
             if not line:

@@ -104,3 +104,35 @@ def test_doctor_reports_layers_and_guarantees() -> None:
 def test_run_help() -> None:
     r = _run("run", "--help")
     assert r.returncode == 0 and "--reuse-workers" in r.stdout
+
+
+def test_stdio_oversized_and_broken_lines_get_errors_and_the_session_goes_on() -> None:
+    import json
+
+    proc = subprocess.Popen([str(EXE), "run", "--stdio", *agent_flags()], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        def send(obj: object) -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode())
+            proc.stdin.flush()
+
+        def recv() -> dict[str, object]:
+            assert proc.stdout is not None
+            frame: dict[str, object] = json.loads(proc.stdout.readline())
+            return frame
+
+        send({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV", "type": "session.hello",
+              "payload": {"client": {"name": "stdio-test"}}})
+        assert recv()["type"] == "session.welcome"
+        send(b'{"big": "' + b"a" * (17 * 1024 * 1024) + b'"}\n')
+        err = recv()
+        assert err["type"] == "session.error" and "limit" in str(err["payload"])
+        send(b"{not json\n")
+        assert "not valid JSON" in str(recv()["payload"])
+        send({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAW", "type": "session.ping", "payload": {"nonce": "n"}})
+        assert recv()["type"] == "session.pong"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
