@@ -180,3 +180,56 @@ def lease_allows(lease: Lease, capability: str, target: str) -> bool:
         return False
     canon = canonical_target(capability, target)
     return any(glob_match(p, canon) for p in patterns)
+
+
+def covers(parent: str, child: str) -> bool:
+    """Does parent pattern cover every target child pattern can match (§8.5, Go `glob.Covers`)?
+
+    Sound and conservative: parent `**` covers any run of child segments (child `**`
+    included); parent `*` covers one child segment that is not `**`; a literal parent
+    segment covers a child segment that is identical, or that has no `*` and matches it.
+    """
+    return _covers(tuple(_split(parent)), tuple(_split(child)))
+
+
+def _covers(p: tuple[str, ...], c: tuple[str, ...]) -> bool:
+    seen: set[tuple[int, int]] = set()
+    stack = [(0, 0)]
+    while stack:
+        i, j = stack.pop()
+        if (i, j) in seen:
+            continue
+        seen.add((i, j))
+        if i == len(p):
+            if j == len(c):
+                return True
+            continue
+        seg = p[i]
+        if seg == "**":
+            for k in range(j, len(c) + 1):
+                stack.append((i + 1, k))
+            continue
+        if j == len(c) or c[j] == "**":
+            continue
+        if seg == "*" or seg == c[j] or ("*" not in c[j] and _segment_match(seg, c[j])):
+            stack.append((i + 1, j + 1))
+    return False
+
+
+def check_subset(child: Lease, parent: Lease, parent_remaining: dict[str, Decimal]) -> None:
+    """Raise LeaseError naming the first capability/pattern of `child` that `parent` does not cover."""
+    for cap, patterns in child.items():
+        if cap == "cost.budget":
+            for cur, amount in initial_budget({cap: patterns}).items():
+                left = parent_remaining.get(cur)
+                if left is None:
+                    raise LeaseError(f"cost.budget: the parent has no budget in {cur}")
+                if amount > left:
+                    raise LeaseError(f"cost.budget: {cur} {amount} is more than the parent's remaining {left}")
+            continue
+        granted = parent.get(cap)
+        if granted is None:
+            raise LeaseError(f"capability {cap!r} is not in the parent's lease")
+        for pat in patterns:
+            if not any(covers(g, pat) for g in granted):
+                raise LeaseError(f"capability {cap!r}: pattern {pat!r} is not covered by the parent's lease")

@@ -306,10 +306,8 @@ class JobRunner:
             self._event(Event("tool_call", {"tool": tool, "args": tool_args, "call_id": call_id}))
             return call_id
         if op == "delegate":
-            agent = args[0] if args else None
-            if not isinstance(agent, str) or not lease_allows(self.request.lease, "agent.delegate", agent):
-                raise PermissionDenied(f"lease does not grant agent.delegate on {agent!r}")
-            raise InvalidRequest("job.delegate is not available on this supervisor yet")
+            agent, child_input, lease = args
+            return self.rt.delegate(job, agent, child_input, lease)
         if op == "rotate_credential":
             raise InvalidRequest("no credential provisioner is configured, so there is nothing to rotate")
         raise InvalidRequest(f"unknown call {op!r}")

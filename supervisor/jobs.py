@@ -162,6 +162,7 @@ class Job:
     finished_mono: float | None = None
     last_seq: int = 0  # the highest event_seq this job took in its submitting session
     tmp_dir: str | None = None  # the job's private HOME/TMPDIR, removed at its terminal
+    children: list[str] = field(default_factory=list)  # delegated jobs, ended with this one
 
     @property
     def done(self) -> bool:

@@ -15,17 +15,19 @@ import orjson
 
 from shared.envelope import Envelope, frame
 from shared.errors import (
-    InternalError, InvalidRequest, JobNotFound, PermissionDenied, ResumeWindowExpired, Unauthenticated,
+    InternalError, InvalidRequest, JobNotFound, LeaseSubsetViolation, PermissionDenied, ResumeWindowExpired,
+    Unauthenticated,
 )
+from shared.lease import LeaseError, check_subset, initial_budget, lease_allows
 from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
-from shared.ids import new_resume_token, new_ulid, now_ts, parse_ts
+from shared.ids import format_ts, new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
 from supervisor.cgroups import Cgroups
 from supervisor.config import Config
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_runner import JobRunner
-from supervisor.jobs import Job, JobTable, Watch, parse_submit
+from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
 from supervisor.store import Store, StoredJob
@@ -219,20 +221,73 @@ class Runtime:
 
     def submit(self, session: Session, env: Envelope) -> None:
         req = parse_submit(env, self.registry, time.time())
+        parent = self._delegating_parent(session.principal, req) if req.parent_job_id is not None else None
         existing = self.jobs.lookup_idempotent(session.principal, req)
         if existing is not None:
             self._replay_accept(session, env.id, existing)
             return
+        if parent is not None:
+            self._carve_budget(parent, req)
+        job = self._start(session, req)
+        session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
+                           session_id=session.id, job_id=job.id, trace_id=job.trace_id))
+        if parent is not None:
+            self._delegated(parent, job)
+
+    def _start(self, session: Session, req: SubmitRequest) -> Job:
         job = self.jobs.create(session.principal, session, req, self.sandbox_layers)
         job.tmp_dir = tempfile.mkdtemp(prefix=f"arcp-{job.id}-", dir=self.tmp_base)
         self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
                               job.trace_id, job.idempotency_key, job.fingerprint, job.record())
-        session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
-                           session_id=session.id, job_id=job.id, trace_id=job.trace_id))
         runner = JobRunner(self, job)
         job.runner = runner
         runner.arm_timers()
         self._spawn(runner.run())
+        return job
+
+    # -- delegation (protocol.md §8.10, §11.8) ---------------------------------
+    def _delegating_parent(self, principal: str, req: SubmitRequest) -> Job:
+        """Check a child job against its parent (no side effects)."""
+        parent = self.jobs.jobs.get(req.parent_job_id or "")
+        if parent is None or parent.principal != principal or parent.done:
+            raise JobNotFound(f"no running parent job {str(req.parent_job_id)[:128]!r}")
+        if not lease_allows(parent.lease, "agent.delegate", req.agent.ref):
+            raise PermissionDenied(f"the parent's lease does not grant agent.delegate on {req.agent.ref!r}")
+        try:
+            check_subset(req.lease, parent.lease, parent.authority.remaining)
+        except LeaseError as e:
+            raise LeaseSubsetViolation(f"child lease is not a subset of the parent's: {e}") from e
+        limit = parent.authority.expires_at
+        if limit is not None and (req.expires_at is None or req.expires_at > limit):
+            req.expires_at = limit  # a child never outlives its parent's lease
+            req.lease_constraints = {**req.lease_constraints, "expires_at": format_ts(limit)}
+        return parent
+
+    @staticmethod
+    def _carve_budget(parent: Job, req: SubmitRequest) -> None:
+        """The child's budget comes out of the parent's remaining counters."""
+        carve = initial_budget(req.lease)
+        if carve:
+            parent.authority.reserve({c: str(v) for c, v in carve.items()}, time.time())
+
+    def _delegated(self, parent: Job, child: Job) -> None:
+        parent.children.append(child.id)
+        self.emit_event(parent, "delegate", {"child_job_id": child.id, "agent": child.agent_ref,
+                                             "lease": child.lease})
+
+    def delegate(self, parent: Job, agent: Any, input: Any, lease: Any) -> str:
+        """An agent's job.delegate: a child job in the parent's session, under the same checks."""
+        if parent.owner is None:
+            raise JobNotFound("the parent job's session is gone")
+        payload: dict[str, Any] = {"agent": agent, "input": input, "lease_request": lease or {},
+                                   "parent_job_id": parent.id}
+        env = Envelope(type="job.submit", id=new_ulid(), payload=payload, trace_id=parent.trace_id)
+        req = parse_submit(env, self.registry, time.time())
+        self._delegating_parent(parent.principal, req)
+        self._carve_budget(parent, req)
+        child = self._start(parent.owner, req)
+        self._delegated(parent, child)
+        return child.id
 
     def _replay_accept(self, session: Session, request_id: str, job: Job) -> None:
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, request_id),
@@ -299,6 +354,10 @@ class Runtime:
         self.store.finish_job(job.id, job.status, job.terminal, job.record())
         if value is not None and len(orjson.dumps(value)) > INLINE_KEPT:
             job.terminal = {**job.terminal, "value": None, "value_in_store": True}
+        for child_id in job.children:  # children end with their parent
+            child = self.jobs.jobs.get(child_id)
+            if child is not None and not child.done and child.runner is not None:
+                child.runner.request_stop("cancel", f"parent job {job.id} ended")
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
         if job.tmp_dir is not None:

@@ -264,6 +264,14 @@ def lease_ops(input: Any, job: JobContext) -> Any:
     return out
 
 
+def delegator(input: Any, job: JobContext) -> Any:
+    """Starts a child job; optionally waits before returning (its end ends the child)."""
+    child = job.delegate(input["agent"], input.get("input"), input.get("lease"))
+    budget = {k: str(v) for k, v in job.budget().items()}
+    time.sleep(float(input.get("wait", 0)))
+    return {"child": child, "budget": budget}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -275,4 +283,5 @@ REGISTRY = [
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
     "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
     "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
+    "delegator=tests.agents:delegator",
 ]
