@@ -73,7 +73,10 @@ def run(
         return
     from supervisor.app import run as run_app
 
-    run_app(cfg)
+    try:
+        run_app(cfg)
+    except ConfigError as e:  # found only when the runtime starts (e.g. a provisioner that will not load)
+        _fail(str(e))
 
 
 @app.command()

@@ -96,6 +96,8 @@ class Config:
     defaults: tuple[str, ...] = ()
     job_uids: tuple[int, int] | None = None
     warm_workers: int = 4
+    credentials_provisioner: str | None = None  # [credentials] provisioner: "static" or MODULE:FACTORY
+    credentials_options: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
@@ -171,7 +173,7 @@ def load_file(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config {path}: not UTF-8 text: {e}") from e
     out: dict[str, Any] = {}
-    known = {"server", "auth", "limits", "agents", "sandbox"}
+    known = {"server", "auth", "limits", "agents", "sandbox", "credentials"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"config key [{key}]: unknown section (known: {', '.join(sorted(known))})")
@@ -220,6 +222,21 @@ def load_file(path: str) -> dict[str, Any]:
         alimits = _limits_from(a.get("limits", {}), limits, f"{where}.limits")
         specs.append(_agent(f"{name}@{version}", entry, alimits, default, where))
     out["agents"] = tuple(specs)
+    creds = doc.get("credentials", {})
+    if not isinstance(creds, dict):
+        raise ConfigError("config key [credentials]: must be a table")
+    for key in creds:
+        if key not in ("provisioner", "options"):
+            raise ConfigError(f"config key credentials.{key}: unknown key (known: provisioner, options)")
+    if creds:
+        prov = creds.get("provisioner")
+        if not isinstance(prov, str) or not (prov == "static" or ENTRY_RE.fullmatch(prov)):
+            raise ConfigError("config key credentials.provisioner: must be \"static\" or MODULE:FACTORY")
+        options = creds.get("options", {})
+        if not isinstance(options, dict):
+            raise ConfigError("config key credentials.options: must be a table")
+        out["credentials_provisioner"] = prov
+        out["credentials_options"] = dict(options)
     sandbox = doc.get("sandbox", {})
     if not isinstance(sandbox, dict):
         raise ConfigError("config key [sandbox]: must be a table")

@@ -66,13 +66,13 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
             reader.cancel()
 
     if resumed is None:
-        session = Session(rt, principal, detect_flavour(hello), negotiate(hello), frame_cap, close)
+        session = Session(rt, principal, detect_flavour(hello), negotiate(hello, rt.features), frame_cap, close)
         rt.open_session(session)
         session.send(session.welcome())
         log.info("session %s opened for %s (%s flavour)", session.id, principal, session.flavour)
     else:
         session, last = resumed
-        session.features = negotiate(hello)
+        session.features = negotiate(hello, rt.features)
         session.attach(close)
         session.send(session.welcome())
         n = rt.replay(session, last)

@@ -309,7 +309,11 @@ class JobRunner:
             agent, child_input, lease = args
             return self.rt.delegate(job, agent, child_input, lease)
         if op == "rotate_credential":
-            raise InvalidRequest("no credential provisioner is configured, so there is nothing to rotate")
+            cred_id, value = args
+            if not isinstance(cred_id, str) or not isinstance(value, str):
+                raise InvalidRequest("rotate_credential takes a credential id and a new value (strings)")
+            self.rt.rotate_credential(job, cred_id, value)
+            return None
         raise InvalidRequest(f"unknown call {op!r}")
 
     # -- the end ------------------------------------------------------------------

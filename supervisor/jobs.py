@@ -163,6 +163,7 @@ class Job:
     last_seq: int = 0  # the highest event_seq this job took in its submitting session
     tmp_dir: str | None = None  # the job's private HOME/TMPDIR, removed at its terminal
     children: list[str] = field(default_factory=list)  # delegated jobs, ended with this one
+    credentials: list[dict[str, Any]] = field(default_factory=list)  # provisioned; revoked at the end
 
     @property
     def done(self) -> bool:
@@ -174,6 +175,8 @@ class Job:
         p = dict(self.accepted)
         if self.authority.initial:
             p["budget"] = budget_wire(self.authority.initial, flavour)
+        if self.credentials:  # never stored with the record: they die with the job
+            p["credentials"] = self.credentials
         p["request_id"] = request_id
         return p
 
@@ -211,8 +214,9 @@ class JobTable:
             )
         return job
 
-    def create(self, principal: str, owner: Session, req: SubmitRequest, sandbox: list[str]) -> Job:
-        job_id = new_id("job")
+    def create(self, principal: str, owner: Session, req: SubmitRequest, sandbox: list[str],
+               job_id: str | None = None) -> Job:
+        job_id = job_id or new_id("job")
         created_at = now_ts()
         wire_limits = req.limits.as_wire()
         lease = dict(req.lease)

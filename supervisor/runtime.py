@@ -21,10 +21,12 @@ from shared.errors import (
 from shared.lease import LeaseError, check_subset, initial_budget, lease_allows
 from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
-from shared.ids import format_ts, new_resume_token, new_ulid, now_ts, parse_ts
+from shared.messages import FEATURES
+from shared.ids import format_ts, new_id, new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
 from supervisor.cgroups import Cgroups
-from supervisor.config import Config
+from supervisor.config import Config, ConfigError
+from supervisor.credentials import Provisioner, ProvisionerError, load_provisioner
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_runner import JobRunner
 from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
@@ -42,6 +44,7 @@ LIST_MAX = 1000
 ENV_PASSED = ("PATH", "LANG", "TZ")
 SWEEP_INTERVAL = 5.0
 INLINE_KEPT = 4096  # terminal values larger than this live only in the store
+REVOKE_BACKOFF = (0.05, 0.25, 1.0, 5.0)
 
 
 def sandbox_layers() -> list[str]:
@@ -92,11 +95,23 @@ class Runtime:
         self.sandbox_layers = sandbox_layers() + self.cgroups.layers
         self.tmp_base = job_tmp_base()
         self.back_pressure_threshold = config.back_pressure_threshold
+        self.provisioner: Provisioner | None = None
+        if config.credentials_provisioner:
+            try:
+                self.provisioner = load_provisioner(config.credentials_provisioner, config.credentials_options)
+            except (ImportError, AttributeError, TypeError, ValueError) as e:
+                raise ConfigError(f"config key credentials.provisioner: cannot load "
+                                  f"{config.credentials_provisioner!r}: {e}") from e
+        # model.use and provisioned_credentials are offered only with a provisioner (protocol.md §4.3)
+        self.features = FEATURES + (("model.use", "provisioned_credentials") if self.provisioner else ())
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._restore()
 
     async def start(self) -> None:
+        if self.provisioner is not None:
+            for cred_id in self.store.unrevoked_credentials(finished_only=False):  # left by a crash
+                self._revoke(cred_id, attempt=0)
         self.fork_server.start()
         await self.fork_server.wait_ready()
         if self.fork_server.netns:
@@ -216,7 +231,7 @@ class Runtime:
             "entry": r.agent.entry, "input": r.input, "lease": r.lease,
             "lease_constraints": r.lease_constraints, "max_result_bytes": self.config.max_result_bytes,
             "max_event_bytes": self.frame_cap - 8192, "chunk_size": self.config.chunk_size,
-            "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir,
+            "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir, "credentials": job.credentials,
         }
 
     def submit(self, session: Session, env: Envelope) -> None:
@@ -228,14 +243,20 @@ class Runtime:
             return
         if parent is not None:
             self._carve_budget(parent, req)
-        job = self._start(session, req)
+        job_id = new_id("job")
+        credentials = self._issue_credentials(session, req, job_id)
+        job = self._start(session, req, credentials, job_id)
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
                            session_id=session.id, job_id=job.id, trace_id=job.trace_id))
         if parent is not None:
             self._delegated(parent, job)
 
-    def _start(self, session: Session, req: SubmitRequest) -> Job:
-        job = self.jobs.create(session.principal, session, req, self.sandbox_layers)
+    def _start(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
+               job_id: str | None = None) -> Job:
+        job = self.jobs.create(session.principal, session, req, self.sandbox_layers, job_id)
+        if credentials:
+            job.credentials = credentials
+            self.store.add_credentials(job.id, [c["id"] for c in credentials])
         job.tmp_dir = tempfile.mkdtemp(prefix=f"arcp-{job.id}-", dir=self.tmp_base)
         self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
                               job.trace_id, job.idempotency_key, job.fingerprint, job.record())
@@ -244,6 +265,55 @@ class Runtime:
         runner.arm_timers()
         self._spawn(runner.run())
         return job
+
+    # -- credentials (protocol.md §8.9) --------------------------------------------
+    def _issue_credentials(self, session: Session, req: SubmitRequest,
+                           job_id: str) -> list[dict[str, Any]] | None:
+        if self.provisioner is None or "provisioned_credentials" not in session.features:
+            return None
+        expires = req.lease_constraints.get("expires_at")
+        try:
+            creds = self.provisioner.issue(job_id, session.principal, req.lease, expires)
+        except ProvisionerError as e:
+            raise InternalError(f"the credential provisioner failed: {e}") from e
+        for c in creds:
+            if not isinstance(c, dict) or c.get("scheme") != "bearer" or not isinstance(c.get("id"), str) \
+                    or not isinstance(c.get("value"), str):
+                raise InternalError("the credential provisioner returned a credential that is not bearer "
+                                    "{id, scheme, value}")
+        return creds
+
+    def rotate_credential(self, job: Job, credential_id: str, new_value: str) -> None:
+        """An agent rotates one of its job's credentials; only the submitting session hears of it."""
+        if self.provisioner is None:
+            raise InvalidRequest("no credential provisioner is configured, so there is nothing to rotate")
+        cred = next((c for c in job.credentials if c["id"] == credential_id), None)
+        if cred is None:
+            raise InvalidRequest(f"credential {credential_id[:128]!r} is not one of this job's")
+        try:
+            self.provisioner.rotate(credential_id, new_value)
+        except ProvisionerError as e:
+            raise InternalError(f"rotation failed: {e}") from e
+        cred["value"] = new_value
+        s = job.owner
+        if s is not None:  # never logged for replay, never forwarded (Go delivery)
+            body = {"phase": "credential_rotated", "message": credential_id, "id": credential_id,
+                    "value": new_value, "details": {"id": credential_id, "value": new_value}}
+            s.send_seq(frame("job.event", new_ulid(), {"kind": "status", "ts": now_ts(), "body": body},
+                             session_id=s.id, job_id=job.id, trace_id=job.trace_id), job.id, log=False)
+
+    def _revoke(self, credential_id: str, attempt: int) -> None:
+        """Revoke now; on failure retry later (50 ms, 250 ms, 1 s, then every 5 s), across restarts."""
+        assert self.provisioner is not None
+        try:
+            self.provisioner.revoke(credential_id)
+        except Exception as e:  # a provisioner is third-party code: any failure means retry
+            self.store.revocation_attempted(credential_id, revoked=False)
+            delay = REVOKE_BACKOFF[min(attempt, len(REVOKE_BACKOFF) - 1)]
+            log.warning("revocation of %s failed (%s); retrying in %.2f s", credential_id, e, delay)
+            asyncio.get_running_loop().call_later(delay, self._revoke, credential_id, attempt + 1)
+            return
+        self.store.revocation_attempted(credential_id, revoked=True)
 
     # -- delegation (protocol.md §8.10, §11.8) ---------------------------------
     def _delegating_parent(self, principal: str, req: SubmitRequest) -> Job:
@@ -343,6 +413,10 @@ class Runtime:
         job.status = status
         job.terminal = {"status": status, "error": err, "value": value, "result_id": result_id,
                         "result_size": result_size, "completed_at": now_ts()}
+        if self.provisioner is not None:  # revoked before the terminal frame leaves (Go's order)
+            for cred in job.credentials:
+                self._revoke(cred["id"], attempt=0)
+            job.credentials = []
         if job.owner is not None:
             self._send_terminal(job.owner, job, log=True)
         for w in job.watchers:

@@ -258,13 +258,14 @@ class Session:
         job.runner.request_stop("cancel", reason)
 
 
-def negotiate(hello: Envelope) -> list[str]:
+def negotiate(hello: Envelope, supported: tuple[str, ...] = FEATURES) -> list[str]:
+    """The features both sides have (the welcome advertises the intersection)."""
     caps = hello.payload.get("capabilities")
     asked = caps.get("features") if isinstance(caps, dict) else None
     if not isinstance(asked, list):
         return []
     wanted = {f for f in asked if isinstance(f, str)}
-    return [f for f in FEATURES if f in wanted]
+    return [f for f in supported if f in wanted]
 
 
 def check_hello(obj: Any) -> Envelope:

@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS frames (
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS frames_job ON frames (job_id, seq);
+CREATE TABLE IF NOT EXISTS credentials (
+    credential_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -145,6 +151,25 @@ class Store:
         jobs = [StoredJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], orjson.loads(r[9]),
                           orjson.loads(r[10]) if r[10] is not None else None) for r in rows]
         return jobs, len(interrupted)
+
+    # -- credentials ------------------------------------------------------------
+    def add_credentials(self, job_id: str, credential_ids: list[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO credentials (credential_id, job_id) VALUES (?, ?)",
+                            [(c, job_id) for c in credential_ids])
+
+    def revocation_attempted(self, credential_id: str, revoked: bool) -> None:
+        if revoked:
+            self.db.execute("DELETE FROM credentials WHERE credential_id = ?", (credential_id,))
+        else:
+            self.db.execute("UPDATE credentials SET attempts = attempts + 1 WHERE credential_id = ?",
+                            (credential_id,))
+
+    def unrevoked_credentials(self, finished_only: bool) -> list[str]:
+        """Credentials still to revoke (of finished jobs, or of every job after a restart)."""
+        query = "SELECT c.credential_id FROM credentials c"
+        if finished_only:
+            query += " JOIN jobs j ON j.job_id = c.job_id WHERE j.finished_ns IS NOT NULL"
+        return [r[0] for r in self.db.execute(query)]
 
     # -- frames ---------------------------------------------------------------
     def log_frame(self, session_id: str, seq: int, job_id: str, data: bytes) -> None:

@@ -272,6 +272,16 @@ def delegator(input: Any, job: JobContext) -> Any:
     return {"child": child, "budget": budget}
 
 
+def creds(input: Any, job: JobContext) -> Any:
+    """Reports its credentials (ids and whether the environment holds them) and rotates one."""
+    ids = [c["id"] for c in job.credentials]
+    in_env = any(c["value"] in v for c in job.credentials for v in os.environ.values())
+    if ids and input.get("rotate"):
+        job.rotate_credential(ids[0], input["rotate"])
+    time.sleep(float(input.get("wait", 0)))
+    return {"ids": ids, "in_env": in_env, "schemes": [c["scheme"] for c in job.credentials]}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -283,5 +293,5 @@ REGISTRY = [
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
     "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
     "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
-    "delegator=tests.agents:delegator",
+    "delegator=tests.agents:delegator", "creds=tests.agents:creds",
 ]

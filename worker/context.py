@@ -47,6 +47,8 @@ class JobContext:
         self.agent: str = spec["agent"]
         self.lease: dict[str, list[str]] = spec.get("lease") or {}
         self.lease_constraints: dict[str, Any] = spec.get("lease_constraints") or {}
+        # Provisioned credentials (protocol.md §8.9): {id, scheme, value, endpoint?, ...}
+        self.credentials: list[dict[str, Any]] = spec.get("credentials") or []
         self._max_event = int(spec.get("max_event_bytes") or 512 * 1024)
         self._max_result = int(spec.get("max_result_bytes") or 32 * 1024 * 1024)
         self._chunk = int(spec.get("chunk_size") or 256 * 1024)
