@@ -298,3 +298,27 @@ def test_build_config_errors_name_the_flag(over: dict[str, Any], flag: str) -> N
 def test_build_config_host_with_token() -> None:
     c = build_config(flags(host="0.0.0.0", token=["s3cret=alice"]))
     assert c.tokens == {"s3cret": "alice"}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[credentials]\nprovisioner = 3\n', "credentials.provisioner"),
+    ('[credentials]\nprovisioner = "no colon"\n', "credentials.provisioner"),
+    ('[credentials]\nprovisioner = "static"\noptions = 1\n', "credentials.options"),
+    ('[credentials]\nbogus = 1\n', "credentials.bogus"),
+])
+def test_credentials_section_errors(tmp_path: Path, text: str, needle: str) -> None:
+    from supervisor.config import ConfigError, load_file
+
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_file(str(f))
+
+
+def test_credentials_section_loads(tmp_path: Path) -> None:
+    from supervisor.config import load_file
+
+    f = tmp_path / "c.toml"
+    f.write_text('[credentials]\nprovisioner = "static"\n[credentials.options]\nprofile = "p"\n')
+    out = load_file(str(f))
+    assert out["credentials_provisioner"] == "static" and out["credentials_options"] == {"profile": "p"}
