@@ -18,6 +18,7 @@ log = logging.getLogger("arcp.cgroups")
 V1_ROOT = "/sys/fs/cgroup"
 V2_ROOT = "/sys/fs/cgroup"
 PREFIX = "arcp-supervisor-"
+MAX_FREE_GROUPS = 256
 
 
 def _write(path: str, value: str) -> None:
@@ -37,6 +38,7 @@ class WorkerCgroup:
         self.dirs = dirs  # controller -> directory
         self.v2 = v2
         self.limits_set: tuple[int, int] | None = None
+        self.oom_base = 0  # OOM kills counted before the current worker joined (groups are reused)
 
     @property
     def limits_memory(self) -> bool:
@@ -63,23 +65,26 @@ class WorkerCgroup:
                 _write(os.path.join(self.dirs["pids"], "pids.max"), str(max_procs))
         self.limits_set = (memory, max_procs)
 
-    def memory_exceeded(self) -> bool:
-        """Did the kernel refuse or reclaim memory at the limit (an OOM kill)?"""
+    def oom_kills(self) -> int:
+        """OOM kills the kernel made in this group so far."""
         try:
             if self.v2:
-                events = _read(os.path.join(self.dirs["unified"], "memory.events"))
-                return any(line.split()[0] in ("oom_kill", "oom_group_kill") and int(line.split()[1]) > 0
-                           for line in events.splitlines())
-            if "memory" in self.dirs:
-                ctl = _read(os.path.join(self.dirs["memory"], "memory.oom_control"))
-                for line in ctl.splitlines():
-                    k, _, v = line.partition(" ")
-                    if k == "oom_kill" and int(v) > 0:
-                        return True
-                return int(_read(os.path.join(self.dirs["memory"], "memory.failcnt"))) > 0
-        except (OSError, ValueError, IndexError):
-            return False
-        return False
+                text = _read(os.path.join(self.dirs["unified"], "memory.events"))
+            elif "memory" in self.dirs:
+                text = _read(os.path.join(self.dirs["memory"], "memory.oom_control"))
+            else:
+                return 0
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill" and v.strip().isdigit():
+                return int(v)
+        return 0
+
+    def memory_exceeded(self) -> bool:
+        """Did the kernel OOM-kill a task of this group since the current worker joined?"""
+        return self.oom_kills() > self.oom_base
 
     def pids(self) -> list[int]:
         d = self.dirs.get("unified") or self.dirs.get("pids") or self.dirs.get("memory")
@@ -119,6 +124,8 @@ class Cgroups:
     def __init__(self) -> None:
         self.mode = "none"
         self.bases: dict[str, str] = {}
+        self._free: list[WorkerCgroup] = []  # empty groups, ready for the next worker
+        self._made = 0
         _remove_stale()
         name = f"{PREFIX}{os.getpid()}"
         if os.path.exists(os.path.join(V2_ROOT, "cgroup.controllers")):
@@ -165,21 +172,46 @@ class Cgroups:
         return [f"cgroup-{self.mode}-" + ctl for ctl in sorted(self.bases)]
 
     def join(self, pid: int) -> WorkerCgroup | None:
-        """Make a group for worker `pid` and move it there; None when cgroups are unavailable."""
+        """Move worker `pid` into a group of its own (a reused empty one, or a new one);
+        None when cgroups are unavailable. Making a memory cgroup costs the kernel far
+        more than reusing one, so groups are recycled rather than removed."""
         if not self.bases:
             return None
-        dirs = {}
+        cg = self._free.pop() if self._free else None
+        if cg is None:
+            self._made += 1
+            dirs = {}
+            try:
+                for ctl, base in self.bases.items():
+                    d = os.path.join(base, f"g{self._made}")
+                    os.makedirs(d, exist_ok=True)
+                    dirs[ctl] = d
+            except OSError as e:
+                log.warning("cannot make a cgroup for worker %d: %s", pid, e)
+                WorkerCgroup(dirs, self.mode == "v2").remove()
+                return None
+            cg = WorkerCgroup(dirs, self.mode == "v2")
         try:
-            for ctl, base in self.bases.items():
-                d = os.path.join(base, f"w{pid}")
-                os.makedirs(d, exist_ok=True)
-                dirs[ctl] = d
+            for d in cg.dirs.values():
                 _write(os.path.join(d, "cgroup.procs"), str(pid))
         except OSError as e:
             log.warning("worker %d could not join its cgroup: %s", pid, e)
-            WorkerCgroup(dirs, self.mode == "v2").remove()
+            cg.remove()
             return None
-        return WorkerCgroup(dirs, self.mode == "v2")
+        return cg
+
+    def recycle(self, cg: WorkerCgroup) -> bool:
+        """A worker is gone: kill what it left; keep the group for the next worker if it is
+        empty (False: tasks remain, try again later)."""
+        cg.kill_all()
+        if cg.pids():
+            return False
+        cg.oom_base = cg.oom_kills()
+        if len(self._free) < MAX_FREE_GROUPS:
+            self._free.append(cg)
+        elif not cg.remove():
+            return False
+        return True
 
     def close(self) -> None:
         """At shutdown: kill what is left and remove the groups, waiting at most half a second

@@ -257,7 +257,8 @@ class Runtime:
         if credentials:
             job.credentials = credentials
             self.store.add_credentials(job.id, [c["id"] for c in credentials])
-        job.tmp_dir = tempfile.mkdtemp(prefix=f"arcp-{job.id}-", dir=self.tmp_base)
+        job.tmp_dir = os.path.join(self.tmp_base, f"arcp-{job.id}")  # job ids are unique: no random name
+        os.mkdir(job.tmp_dir, 0o700)
         self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
                               job.trace_id, job.idempotency_key, job.fingerprint, job.record())
         runner = JobRunner(self, job)
@@ -435,7 +436,10 @@ class Runtime:
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
         if job.tmp_dir is not None:
-            shutil.rmtree(job.tmp_dir, ignore_errors=True)
+            try:
+                os.rmdir(job.tmp_dir)  # the common case: the job left nothing
+            except OSError:
+                shutil.rmtree(job.tmp_dir, ignore_errors=True)
             job.tmp_dir = None
         self.store.delete_jobs(self.jobs.finished_job(job))
 

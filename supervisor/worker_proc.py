@@ -31,7 +31,7 @@ log = logging.getLogger("arcp.workers")
 
 MAX_PACKET = 64 * 1024
 SPAWN_TIMEOUT = 10.0
-CGROUP_LINGER = 5.0  # seconds a dead worker's cgroup is kept for its job to read
+CGROUP_LINGER = 0.5  # seconds a dead worker's cgroup is kept for its job to read
 
 
 class WorkerSpawnError(Exception):
@@ -235,24 +235,22 @@ class ForkServer:
         return handle
 
     def _release_cgroup(self, cgroup: WorkerCgroup) -> None:
-        """The worker is gone: end whatever it left in its group now; remove the group a
-        little later, once its job has read why the worker died (an OOM kill, say)."""
+        """The worker is gone: end whatever it left in its group now; hand the group to the
+        next worker a little later, once its job has read why the worker died (an OOM kill)."""
         cgroup.kill_all()
         assert self._loop is not None
-        self._loop.call_later(CGROUP_LINGER, self._remove_cgroup, cgroup)
+        self._loop.call_later(CGROUP_LINGER, self._recycle_cgroup, cgroup)
 
-    def _remove_cgroup(self, cgroup: WorkerCgroup) -> None:
-        cgroup.kill_all()
-        if not cgroup.remove():
+    def _recycle_cgroup(self, cgroup: WorkerCgroup) -> None:
+        assert self._cgroups is not None
+        if not self._cgroups.recycle(cgroup):
             self.cgroups_to_remove.append(cgroup)
 
     def sweep_cgroups(self) -> None:
-        """Retry removing groups that still had (dying) tasks."""
+        """Retry groups that still had (dying) tasks."""
         pending, self.cgroups_to_remove = self.cgroups_to_remove, []
         for cg in pending:
-            cg.kill_all()
-            if not cg.remove():
-                self.cgroups_to_remove.append(cg)
+            self._recycle_cgroup(cg)
 
     def close(self) -> None:
         if self._ctl is not None and self._loop is not None:

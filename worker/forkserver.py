@@ -53,7 +53,6 @@ import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
 import worker.sandbox
 from worker.agent_loader import precompile
-from worker.seccomp_filter import build_bpf
 
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
@@ -114,7 +113,7 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: in
     worker.runner.worker_main(pipe_fd, reuse)
 
 
-def serve(ctl_fd: int, parent: int) -> None:
+def serve(ctl_fd: int, parent: int, modules: list[str]) -> None:
     set_parent_death_signal(parent)
     zygote = os.getpid()
     ctl = socket.socket(fileno=ctl_fd)
@@ -125,7 +124,11 @@ def serve(ctl_fd: int, parent: int) -> None:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-    _send(ctl, ["ready", {"netns": enter_empty_netns()}])
+    netns = enter_empty_netns()
+    # After the namespace (which needs CAP_SYS_ADMIN): what every job's sandbox shares. The fork
+    # server then holds no capability either, so no worker can inherit one.
+    worker.sandbox.prepare(modules, worker.runner.agent_dirs)
+    _send(ctl, ["ready", {"netns": netns}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -189,9 +192,8 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     sys.path.insert(0, os.getcwd())
     precompile(argv[2:])
-    worker.sandbox.SECCOMP_BPF = build_bpf()
     # Everything imported so far lives as long as we do: keep the collector from
     # walking (and so copying) those pages in every forked worker.
     gc.collect()
     gc.freeze()
-    serve(int(argv[0]), int(argv[1]))
+    serve(int(argv[0]), int(argv[1]), argv[2:])

@@ -28,7 +28,7 @@ from shared.pipe_codec import encode
 from worker.agent_loader import find_source, load_module
 from worker.context import JobContext
 from worker.rpc_client import Channel
-from worker.sandbox import Sandbox, python_read_dirs
+from worker.sandbox import Sandbox, read_dirs_for
 from worker.stdio_capture import StdioCapture
 
 CANCEL_SIGNAL = signal.SIGUSR1
@@ -147,7 +147,7 @@ class Runner:
             tempfile.tempdir = None  # recomputed from TMPDIR on next use
         try:
             read_dirs = [] if self.sandbox.landlocked else \
-                python_read_dirs(agent_dirs(spec["entry"].partition(":")[0]))
+                read_dirs_for(spec["entry"].partition(":")[0], agent_dirs)
             self.sandbox.apply(spec, read_dirs, self.reuse - self.jobs_done)
         except OSError as e:
             raise InternalError(f"sandbox set-up failed: {e}", retryable=False) from e

@@ -85,15 +85,38 @@ def lease_roots(patterns: Iterable[str]) -> list[str]:
     return roots
 
 
-# The seccomp filter as BPF, built once by the fork server (None: libseccomp missing).
-SECCOMP_BPF: bytes | None = None
+# Prepared once by the fork server, inherited by every worker (see `prepare`):
+SECCOMP_BPF: bytes | None = None  # the seccomp filter as BPF (None: libseccomp missing)
+PRIVILEGES_DROPPED = False  # capabilities emptied and no_new_privs set in the fork server
+LANDLOCK_ABI = landlock_abi()
+_READ_DIRS: dict[str, list[str]] = {}  # agent module -> what its jobs may read besides the lease
+
+
+def prepare(agent_modules: list[str], agent_dirs: Any) -> None:
+    """In the fork server: everything about the sandbox that is the same for every job."""
+    global SECCOMP_BPF, PRIVILEGES_DROPPED
+    from worker.seccomp_filter import build_bpf
+
+    SECCOMP_BPF = build_bpf()
+    for module in agent_modules:
+        _READ_DIRS[module] = python_read_dirs(agent_dirs(module))
+    drop_capabilities()
+    _no_new_privs()
+    PRIVILEGES_DROPPED = True
+
+
+def read_dirs_for(module: str, agent_dirs: Any) -> list[str]:
+    dirs = _READ_DIRS.get(module)
+    if dirs is None:
+        dirs = _READ_DIRS[module] = python_read_dirs(agent_dirs(module))
+    return dirs
 
 
 class Sandbox:
     """Applies and describes one job's sandbox in this process."""
 
     def __init__(self) -> None:
-        self.abi = landlock_abi()
+        self.abi = LANDLOCK_ABI
         self.landlocked = False
         self.layers: list[str] = []
 
@@ -102,8 +125,9 @@ class Sandbox:
         self._rlimits(limits, jobs_left)
         if self.landlocked:
             return  # a reused worker: same lease, same rules (the supervisor's reuse key)
-        drop_capabilities()
-        _no_new_privs()
+        if not PRIVILEGES_DROPPED:
+            drop_capabilities()
+            _no_new_privs()
         lease = spec.get("lease") or {}
         tmp = spec.get("tmp_dir")
         if self.abi:
