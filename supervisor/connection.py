@@ -79,7 +79,7 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         log.info("session %s resumed after seq %d; %d frames replayed", session.id, last, n)
 
     writer = asyncio.create_task(_write_loop(session, transport))
-    heart = asyncio.create_task(_heartbeat(rt, session, close))
+    heart = asyncio.create_task(_heartbeat(rt, session))
     last_in = [time.monotonic()]
     session.last_inbound = last_in
 
@@ -111,7 +111,7 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         log.info("session %s transport closed (%s)", session.id, close_as[1])
 
 
-async def _heartbeat(rt: Runtime, session: Session, close: object) -> None:
+async def _heartbeat(rt: Runtime, session: Session) -> None:
     """Ping after an idle interval; end a silent session with HEARTBEAT_LOST after two."""
     interval = rt.config.heartbeat_interval
     enabled = "heartbeat" in session.features

@@ -80,7 +80,7 @@ def main() -> None:
         p50s.append(r["p50_us"])
         p99s.append(r["p99_us"])
         print(f"[rep {rep + 1}] validate_lease_op round trip: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us")
-    print(f"\n| metric | min | median | max |\n|---|---|---|---|")
+    print("\n| metric | min | median | max |\n|---|---|---|---|")
     for name, vals in (("validate_lease_op p50 (us)", p50s), ("validate_lease_op p99 (us)", p99s)):
         print(f"| {name} | {min(vals):.1f} | {statistics.median(vals):.1f} | {max(vals):.1f} |")
 

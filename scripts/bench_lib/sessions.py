@@ -227,7 +227,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     keys = {"slow-burst": "peak_rss_growth_mib", "jobs-rss": "rss_growth_mib", "resume": "seconds"}
-    print(f"\n| workload | metric | server | min | median | max | notes |\n|---|---|---|---|---|---|---|")
+    print("\n| workload | metric | server | min | median | max | notes |\n|---|---|---|---|---|---|---|")
     for wname, by_server in results.items():
         k = keys[wname]
         for sname, runs in by_server.items():

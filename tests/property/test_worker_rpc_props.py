@@ -6,7 +6,6 @@ import base64
 from typing import Any
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
