@@ -199,3 +199,19 @@ def test_validate_lease_op_resolves_symlinks_in_the_supervisor(server: Server, t
             assert r == ["allowed", "PERMISSION_DENIED", "allowed", "PERMISSION_DENIED", "PERMISSION_DENIED",
                          "PERMISSION_DENIED"], r
     asyncio.run(go())
+
+
+def test_streamed_result_over_the_cap_fails_the_write(make_server: type[Server]) -> None:
+    srv = make_server("--max-result-bytes", "1M", "--chunk-size", "64K")
+
+    async def go() -> None:
+        async with sdk_session(srv.url) as (client, rec):
+            h = await client.submit(agent="stream", input={"size": 2 * 1024 * 1024})
+            with pytest.raises(arcp.InternalError):
+                await asyncio.wait_for(h.done, 15)
+            term = await rec.terminal(h.job_id)
+            assert "streamed result exceeds 1048576 bytes" in term["payload"]["message"], term
+            chunks = [f for f in rec.frames if f.get("job_id") == h.job_id and f.get("type") == "job.event"
+                      and f["payload"]["kind"] == "result_chunk"]
+            assert not chunks, "nothing of a refused write is sent"
+    asyncio.run(go())
