@@ -277,6 +277,66 @@ def creds(input: Any, job: JobContext) -> Any:
     return {"ids": ids, "in_env": in_env, "schemes": [c["scheme"] for c in job.credentials]}
 
 
+def attacks(input: Any, job: JobContext) -> Any:
+    """Escape attempts; each entry says how it failed ("ok" means it worked)."""
+    import errno
+    import signal as sig
+    import socket
+
+    def attempt(fn: Any) -> str:
+        try:
+            fn()
+            return "ok"
+        except OSError as e:
+            return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+    granted = input["granted"]
+    out: dict[str, str] = {}
+    out["symlink_swap"] = attempt(lambda: (os.symlink(input["outside"], os.path.join(granted, "swap")),
+                                           open(os.path.join(granted, "swap", "secret.txt")).read()))
+    out["hardlink"] = attempt(lambda: os.link(os.path.join(input["outside"], "secret.txt"),
+                                              os.path.join(granted, "hl")))
+    out["mknod"] = attempt(lambda: os.mknod(os.path.join(granted, "dev"), 0o600 | 0o020000, os.makedev(1, 3)))
+    out["parent_environ"] = attempt(lambda: open(f"/proc/{os.getppid()}/environ", "rb").read())
+    out["supervisor_environ"] = attempt(lambda: open(f"/proc/{input['supervisor']}/environ", "rb").read())
+    out["signal_supervisor"] = attempt(lambda: os.kill(int(input["supervisor"]), 0))
+    out["signal_other_job"] = attempt(lambda: os.kill(int(input["other"]), 0))
+    out["ptrace_other_job"] = attempt(lambda: open(f"/proc/{input['other']}/mem", "rb").read(1))
+    def unix_connect() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(input["unix"])
+
+    out["unix_socket"] = attempt(unix_connect)
+    kinds = []
+    for fd in sorted(int(fd) for fd in os.listdir("/proc/self/fd")):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the directory listing's own descriptor, already closed
+        if target.startswith("socket:"):
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                target = f"socket:{probe.family.name}"
+        kinds.append(target if not target.startswith(("pipe:", "anon_inode:")) else target.split(":")[0])
+    out["fds"] = ",".join(sorted(set(kinds)))
+    out["ignores"] = str(sig.SIG_IGN)
+    return out
+
+
+def grandchild_then(input: Any, job: JobContext) -> Any:
+    """Leaves a setsid() grandchild named `tag`, then ends as asked: return, sleep (to be
+    cancelled or timed out)."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            _name_self(input["tag"])
+            time.sleep(60)
+        os._exit(0)
+    job.log("info", "grandchild left")
+    if input.get("then") == "sleep":
+        time.sleep(60)
+    return {"left": True}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -288,5 +348,6 @@ REGISTRY = [
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
     "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
     "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
-    "delegator=tests.agents:delegator", "creds=tests.agents:creds",
+    "delegator=tests.agents:delegator", "creds=tests.agents:creds", "attacks=tests.agents:attacks",
+    "grandchild=tests.agents:grandchild_then",
 ]

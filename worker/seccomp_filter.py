@@ -5,7 +5,8 @@ BPF, and loaded in each worker with one prctl() after Landlock. What libraries
 probe gets an error they handle (clone3 -> ENOSYS, so libc falls back to clone);
 what a job must never do gets EPERM: tracing, mounts and the new mount API,
 namespace changes, io_uring, bpf, perf, keyrings, userfaultfd, kexec, kernel
-modules, personality changes, AF_VSOCK sockets, and terminal injection.
+modules, personality changes, new AF_UNIX sockets (socketpair() is fine), AF_VSOCK
+sockets, and terminal injection.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CLONE_NEW = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
              "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
              "CLONE_NEWNET": 0x40000000, "CLONE_NEWTIME": 0x00000080}
-AF_VSOCK = 40
+AF_UNIX, AF_VSOCK = 1, 40
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 DENIED = (
     "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "fsopen", "fsconfig", "fsmount",
@@ -47,6 +48,9 @@ def build_bpf() -> bytes | None:
         for flag in CLONE_NEW.values():
             f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
         f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
+        # A new AF_UNIX socket could connect to the host's pathname sockets, which neither
+        # Landlock nor the network namespace covers; socketpair() (event loops, pipes) stays.
+        f.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, AF_UNIX))
         for req in (TIOCSTI, TIOCLINUX):
             f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, req))
         f.add_rule(sc.ERRNO(errno.EPERM), "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))

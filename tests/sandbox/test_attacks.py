@@ -1,0 +1,101 @@
+"""The attacker's list of the sandbox issue: every attempt fails, and the supervisor and a
+concurrent job are unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import arcp
+import pytest
+
+from tests.conftest import Server
+from tests.interop.client import sdk_session
+from tests.sandbox.test_sandbox import _gone, _kill_all, _tasks_named
+
+
+@pytest.fixture()
+def world() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="arcp-atk-"))
+    d.chmod(0o777)
+    (d / "outside").mkdir(mode=0o777)
+    (d / "outside" / "secret.txt").write_text("secret")
+    (d / "granted").mkdir(mode=0o777)
+    yield d
+    for p in sorted(d.rglob("*"), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            p.rmdir()
+        else:
+            p.unlink()
+    d.rmdir()
+
+
+def test_escape_attempts_fail_and_others_go_on(server: Server, world: Path) -> None:
+    sock_path = str(world / "host.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(sock_path)
+    listener.listen(1)
+
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, rec):
+            other = await client.submit(agent="stubborn")
+            ev = await rec.wait_for(lambda f: f.get("job_id") == other.job_id and f.get("type") == "job.event")
+            other_pid = int(ev["payload"]["body"]["message"].split()[1])
+            h = await client.submit(agent="attacks", lease_request={"fs.write": [f"{world / 'granted'}/**"]},
+                                    input={"granted": str(world / "granted"), "outside": str(world / "outside"),
+                                           "supervisor": server.pid, "other": other_pid, "unix": sock_path})
+            r: dict[str, Any] = (await asyncio.wait_for(h.done, 15)).result
+            fds = r.pop("fds")
+            r.pop("ignores")
+            assert [k for k, v in r.items() if v == "ok"] == [], r
+            # nothing inherited from the supervisor: /dev/null, pipes, the worker's own unix
+            # socket pair and event loop; no file, no TCP socket
+            assert set(fds.split(",")) <= {"/dev/null", "pipe", "anon_inode", "socket:AF_UNIX"}, fds
+            # the concurrent job and the supervisor are fine
+            assert os.path.exists(f"/proc/{other_pid}") and os.path.exists(f"/proc/{server.pid}")
+            await client.cancel_job(other.job_id)
+            await rec.terminal(other.job_id)
+            h2 = await client.submit(agent="echo", input="after")
+            assert (await asyncio.wait_for(h2.done, 15)).result == {"echo": "after"}
+    try:
+        asyncio.run(go())
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("end", ["return", "cancel", "timeout"])
+def test_no_grandchild_survives_the_job(server: Server, end: str) -> None:
+    tag = "gc" + os.urandom(5).hex()
+
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, rec):
+            kw: dict[str, Any] = {"max_runtime_sec": 1} if end == "timeout" else {}
+            h = await client.submit(agent="grandchild", input={"tag": tag, "then": "return" if end == "return"
+                                                               else "sleep"}, **kw)
+            await rec.wait_for(lambda f: f.get("job_id") == h.job_id and f.get("type") == "job.event")
+            if end == "cancel":
+                await client.cancel_job(h.job_id)
+            await rec.terminal(h.job_id, timeout=10)
+            assert await _gone(tag, 2), f"a setsid() grandchild outlived its job ({end})"
+    try:
+        asyncio.run(go())
+    finally:
+        _kill_all(_tasks_named(tag))
+
+
+@pytest.mark.parametrize("limits, key", [
+    (["memory_mb:0"], "memory_mb"), (["cpu_sec:-1"], "cpu_sec"), (["max_procs:lots"], "max_procs"),
+    (["max_open_files:1.5"], "max_open_files"), (["bogus:1"], "bogus"), (["no-colon"], "no-colon"),
+])
+def test_bad_limit_requests_name_the_key(server: Server, limits: list[str], key: str) -> None:
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, _):
+            with pytest.raises(arcp.ARCPError) as ei:
+                await client.submit(agent="echo", lease_request={"x-vendor.arcp-supervisor.limits": limits})
+            assert ei.value.code == "INVALID_REQUEST" and key in ei.value.message, ei.value.message
+    asyncio.run(go())
