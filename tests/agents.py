@@ -292,8 +292,12 @@ def attacks(input: Any, job: JobContext) -> Any:
 
     granted = input["granted"]
     out: dict[str, str] = {}
-    out["symlink_swap"] = attempt(lambda: (os.symlink(input["outside"], os.path.join(granted, "swap")),
-                                           open(os.path.join(granted, "swap", "secret.txt")).read()))
+    def symlink_swap() -> None:
+        os.symlink(input["outside"], os.path.join(granted, "swap"))
+        with open(os.path.join(granted, "swap", "secret.txt")) as f:
+            f.read()
+
+    out["symlink_swap"] = attempt(symlink_swap)
     out["hardlink"] = attempt(lambda: os.link(os.path.join(input["outside"], "secret.txt"),
                                               os.path.join(granted, "hl")))
     out["mknod"] = attempt(lambda: os.mknod(os.path.join(granted, "dev"), 0o600 | 0o020000, os.makedev(1, 3)))
