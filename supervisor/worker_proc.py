@@ -31,6 +31,7 @@ log = logging.getLogger("arcp.workers")
 
 MAX_PACKET = 64 * 1024
 SPAWN_TIMEOUT = 10.0
+MAX_SPAWNS_IN_FLIGHT = 16
 CGROUP_LINGER = 0.5  # seconds a dead worker's cgroup is kept for its job to read
 
 
@@ -114,6 +115,7 @@ class ForkServer:
         self._early_exits: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._in_flight = asyncio.Semaphore(MAX_SPAWNS_IN_FLIGHT)
         self.netns = False
 
     def start(self) -> None:
@@ -200,6 +202,33 @@ class ForkServer:
         self.start()
 
     async def spawn(self, reuse: int) -> WorkerHandle:
+        async with self._in_flight:  # the fork server forks one at a time: don't flood its socket
+            return await self._spawn(reuse)
+
+    async def _send_request(self, data: bytes, fd: int) -> None:
+        """Send one request with its descriptor, waiting while the socket buffer is full."""
+        assert self._loop is not None
+        while True:
+            ctl = self._ctl
+            if ctl is None:
+                raise WorkerSpawnError("the fork server is gone")
+            try:
+                socket.send_fds(ctl, [data], [fd])
+                return
+            except BlockingIOError:
+                writable: asyncio.Future[None] = self._loop.create_future()
+
+                def ready(fut: asyncio.Future[None] = writable) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                self._loop.add_writer(ctl.fileno(), ready)
+                try:
+                    await asyncio.wait_for(writable, SPAWN_TIMEOUT)
+                finally:
+                    self._loop.remove_writer(ctl.fileno())
+
+    async def _spawn(self, reuse: int) -> WorkerHandle:
         if self._ctl is None:
             raise WorkerSpawnError("no fork server")
         assert self._loop is not None
@@ -209,8 +238,8 @@ class ForkServer:
         fut: asyncio.Future[int] = self._loop.create_future()
         self._spawning[req] = (fut, ours)
         try:
-            socket.send_fds(self._ctl, [msgpack.packb(["spawn", req, reuse])], [theirs.fileno()])
-        except OSError as e:
+            await self._send_request(msgpack.packb(["spawn", req, reuse]), theirs.fileno())
+        except (OSError, TimeoutError) as e:
             self._spawning.pop(req, None)
             ours.close()
             raise WorkerSpawnError(f"cannot reach the fork server: {e}") from e

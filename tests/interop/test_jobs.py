@@ -215,3 +215,14 @@ def test_streamed_result_over_the_cap_fails_the_write(make_server: type[Server])
                       and f["payload"]["kind"] == "result_chunk"]
             assert not chunks, "nothing of a refused write is sent"
     asyncio.run(go())
+
+
+def test_many_concurrent_jobs_all_get_a_worker(server: Server) -> None:
+    """A burst of submits must wait for workers, never fail for want of one."""
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, _):
+            handles = await asyncio.gather(*(client.submit(agent="sleep", input={"seconds": 0.5})
+                                             for _ in range(400)))
+            results = await asyncio.wait_for(asyncio.gather(*(h.done for h in handles)), 60)
+            assert all(r.result == {"slept": True} for r in results)
+    asyncio.run(go())
