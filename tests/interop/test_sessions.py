@@ -207,3 +207,16 @@ def test_back_pressure_status_for_a_client_that_does_not_ack(make_server: type[S
                      and f["payload"]["body"].get("phase") == "back_pressure"]
             assert len(again) == 1, "re-armed by the ack"
     asyncio.run(go())
+
+
+def test_a_subscriber_cannot_cancel(server: Server) -> None:
+    async def go() -> None:
+        async with sdk_session(server.url) as (a, reca), sdk_session(server.url) as (b, recb):
+            h = await a.submit(agent="ticker", input={"n": 8, "interval": 0.05})
+            await b.subscribe(h.job_id, history=False)
+            await b.cancel_job(h.job_id)  # not the submitting session: ignored (Python flavour: silently)
+            term = await reca.terminal(h.job_id)
+            assert term["type"] == "job.result" and term["payload"]["result"] == {"ticks": 8}
+            assert (await recb.terminal(h.job_id))["type"] == "job.result"
+            assert not any(f.get("type") == "job.cancelled" for f in reca.frames + recb.frames)
+    asyncio.run(go())
