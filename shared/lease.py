@@ -8,6 +8,7 @@ split on "/"; a segment `**` matches zero or more whole segments, a segment
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Callable
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -148,8 +149,10 @@ def glob_match(pattern: str, target: str) -> bool:
     return _match(tuple(_split(pattern)), tuple(_split(target)))
 
 
-def _match(pat: tuple[str, ...], tgt: tuple[str, ...]) -> bool:
-    # Iterative with memo over (i, j) to stay linear-ish on hostile `**` chains.
+def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str], bool]) -> bool:
+    """Segment-by-segment walk shared by matching and covering: `**` takes any run of
+    segments, every other pattern segment takes one segment for which `step` holds.
+    Iterative, with the visited (i, j) pairs remembered, so hostile `**` chains stay cheap."""
     seen: set[tuple[int, int]] = set()
     stack = [(0, 0)]
     while stack:
@@ -161,16 +164,15 @@ def _match(pat: tuple[str, ...], tgt: tuple[str, ...]) -> bool:
             if j == len(tgt):
                 return True
             continue
-        seg = pat[i]
-        if seg == "**":
-            for k in range(j, len(tgt) + 1):
-                stack.append((i + 1, k))
-            continue
-        if j == len(tgt):
-            continue
-        if seg == "*" or _segment_match(seg, tgt[j]):
+        if pat[i] == "**":
+            stack.extend((i + 1, k) for k in range(j, len(tgt) + 1))
+        elif j < len(tgt) and step(pat[i], tgt[j]):
             stack.append((i + 1, j + 1))
     return False
+
+
+def _match(pat: tuple[str, ...], tgt: tuple[str, ...]) -> bool:
+    return _walk(pat, tgt, lambda seg, s: seg == "*" or _segment_match(seg, s))
 
 
 def lease_allows(lease: Lease, capability: str, target: str) -> bool:
@@ -193,27 +195,8 @@ def covers(parent: str, child: str) -> bool:
 
 
 def _covers(p: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    seen: set[tuple[int, int]] = set()
-    stack = [(0, 0)]
-    while stack:
-        i, j = stack.pop()
-        if (i, j) in seen:
-            continue
-        seen.add((i, j))
-        if i == len(p):
-            if j == len(c):
-                return True
-            continue
-        seg = p[i]
-        if seg == "**":
-            for k in range(j, len(c) + 1):
-                stack.append((i + 1, k))
-            continue
-        if j == len(c) or c[j] == "**":
-            continue
-        if seg == "*" or seg == c[j] or ("*" not in c[j] and _segment_match(seg, c[j])):
-            stack.append((i + 1, j + 1))
-    return False
+    return _walk(p, c, lambda seg, s: s != "**" and (
+        seg == "*" or seg == s or ("*" not in s and _segment_match(seg, s))))
 
 
 def check_subset(child: Lease, parent: Lease, parent_remaining: dict[str, Decimal]) -> None:

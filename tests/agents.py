@@ -208,18 +208,6 @@ def fork_bomb(input: Any, job: JobContext) -> Any:
     return {"forked": True}
 
 
-def escape(input: Any, job: JobContext) -> Any:
-    """Leaves a grandchild that called setsid(): it must not outlive the job."""
-    if os.fork() == 0:
-        os.setsid()
-        if os.fork() == 0:
-            _name_self(input["tag"])
-            time.sleep(60)
-        os._exit(0)
-    time.sleep(0.2)
-    return {"left": True}
-
-
 def forbidden_syscalls(input: Any, job: JobContext) -> Any:
     """Try what the seccomp filter refuses; report each errno (0 means it worked)."""
     import ctypes
@@ -350,7 +338,7 @@ REGISTRY = [
     "identity=tests.agents:identity", "readpath=tests.agents:read_path", "writepath=tests.agents:write_path",
     "openmany=tests.agents:open_many", "hog=tests.agents:hog", "spin=tests.agents:spin",
     "tmpnet=tests.agents:tmp_and_net", "status=tests.agents:status",
-    "forkbomb=tests.agents:fork_bomb", "escape=tests.agents:escape",
+    "forkbomb=tests.agents:fork_bomb",
     "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
     "delegator=tests.agents:delegator", "creds=tests.agents:creds", "attacks=tests.agents:attacks",
     "grandchild=tests.agents:grandchild_then",

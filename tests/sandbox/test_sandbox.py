@@ -204,19 +204,6 @@ def test_fork_bomb_is_refused_by_the_pids_controller(server: Server) -> None:
         _kill_all(_tasks_named(tag))
 
 
-def test_nothing_survives_the_terminal_frame(server: Server) -> None:
-    tag = "esc" + os.urandom(4).hex()
-
-    async def go() -> None:
-        _, t = await _run(server.url, "escape", {"tag": tag})
-        assert t["payload"]["result"] == {"left": True}
-        assert await _gone(tag, 2), "a setsid() grandchild outlived its job"
-    try:
-        asyncio.run(go())
-    finally:
-        _kill_all(_tasks_named(tag))
-
-
 @needs_seccomp
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the agent uses x86_64 syscall numbers")
 def test_seccomp_refuses_with_errors_not_kills(server: Server) -> None:
