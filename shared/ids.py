@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from ulid import ULID
 
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-PREFIXED_RE = re.compile(r"^[a-z]+_[0-9A-HJKMNP-TV-Z]{26}$")
 TRACE_RE = re.compile(r"^[0-9a-f]{32}$")
 TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

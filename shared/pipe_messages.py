@@ -1,7 +1,7 @@
 """Frames on the supervisor<->worker pipe (msgpack lists; first item is the tag).
 
 Supervisor -> worker:
-    ["job", spec]                      run one job (spec: see JobSpec keys below)
+    ["job", spec]                      run one job (spec: built by supervisor.runtime.Runtime.job_spec)
     ["reply", call_id, ok, value]      answer to a "call"; value is the error dict when not ok
     ["cancel", reason]                 stop the current job
 Worker -> supervisor:
@@ -23,12 +23,6 @@ EVENT_OPS = frozenset({
 CALL_OPS = frozenset({
     "tool_call", "budget", "reserve_budget", "validate_lease_op", "delegate", "rotate_credential",
 })
-
-# Keys of the job spec the supervisor sends with JOB.
-SPEC_KEYS = (
-    "job_id", "session_id", "trace_id", "agent", "entry", "input", "lease", "lease_constraints",
-    "max_result_bytes", "max_event_bytes", "chunk_size",
-)
 
 # Largest frame either side accepts on the pipe. An event body must also fit
 # one outbound transport frame, which the supervisor checks separately.

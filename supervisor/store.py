@@ -103,9 +103,6 @@ class Store:
             (job_id, principal, session_id, agent, status, created_at, time.time_ns(), trace_id,
              idempotency_key, fingerprint, orjson.dumps(record)))
 
-    def set_status(self, job_id: str, status: str) -> None:
-        self.db.execute("UPDATE jobs SET status = ? WHERE job_id = ?", (status, job_id))
-
     def finish_job(self, job_id: str, status: str, terminal: dict[str, Any], record: dict[str, Any]) -> None:
         self.flush()
         self.db.execute("UPDATE jobs SET status = ?, terminal = ?, record = ?, finished_ns = ? WHERE job_id = ?",
