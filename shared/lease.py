@@ -149,9 +149,12 @@ def glob_match(pattern: str, target: str) -> bool:
     return _match(tuple(_split(pattern)), tuple(_split(target)))
 
 
-def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str], bool]) -> bool:
+def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str], bool],
+          prefix: bool = False) -> bool:
     """Segment-by-segment walk shared by matching and covering: `**` takes any run of
     segments, every other pattern segment takes one segment for which `step` holds.
+    With `prefix`, succeed once the whole target is consumed: some longer target would
+    match (whatever is left of the pattern, some segments satisfy it).
     Iterative, with the visited (i, j) pairs remembered, so hostile `**` chains stay cheap."""
     seen: set[tuple[int, int]] = set()
     stack = [(0, 0)]
@@ -160,6 +163,8 @@ def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str],
         if (i, j) in seen:
             continue
         seen.add((i, j))
+        if prefix and j == len(tgt):
+            return True
         if i == len(pat):
             if j == len(tgt):
                 return True
@@ -171,8 +176,17 @@ def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str],
     return False
 
 
-def _match(pat: tuple[str, ...], tgt: tuple[str, ...]) -> bool:
-    return _walk(pat, tgt, lambda seg, s: seg == "*" or _segment_match(seg, s))
+def _match(pat: tuple[str, ...], tgt: tuple[str, ...], prefix: bool = False) -> bool:
+    return _walk(pat, tgt, lambda seg, s: seg == "*" or _segment_match(seg, s), prefix)
+
+
+def glob_match_prefix(pattern: str, target: str) -> bool:
+    """Could `pattern` match `target` followed by more segments (or by none)?
+
+    How an HTTPS tunnel is checked: its target is `https://host[:port]`; the path is
+    inside the encrypted stream, so only the pattern's scheme and host can be enforced.
+    """
+    return _match(tuple(_split(pattern)), tuple(_split(target)), prefix=True)
 
 
 def lease_allows(lease: Lease, capability: str, target: str) -> bool:

@@ -64,6 +64,9 @@ def run(
     back_pressure_threshold: Annotated[Optional[int], typer.Option(
         "--back-pressure-threshold",
         help="Unacked events after which an acking client gets a back_pressure status (default 0: off).")] = None,
+    egress_header_timeout: Annotated[Optional[float], typer.Option(
+        "--egress-header-timeout",
+        help="Seconds a job's request to the egress proxy may take to send its head (default 10).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     try:
@@ -120,7 +123,7 @@ def build_config(flags: dict[str, Any]) -> Config:
         tokens[tok] = principal
     for key in ("host", "port", "path", "stdio", "state_dir", "grace", "reuse_workers", "heartbeat_interval",
                 "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
-                "back_pressure_threshold"):
+                "back_pressure_threshold", "egress_header_timeout"):
         if flags.get(key) is not None:
             base[key] = flags[key]
     for key in ("max_result_bytes", "chunk_size"):

@@ -90,6 +90,7 @@ class Config:
     chunk_size: int = 256 * KiB
     ws_compression: bool = False
     back_pressure_threshold: int = 0  # 0: no back_pressure status events
+    egress_header_timeout: float = 10.0  # seconds a job's proxy request may take to send its head
     tokens: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     agents: tuple[AgentSpec, ...] = ()
@@ -134,7 +135,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "path": str, "stdio": bool, "state_dir": str, "grace": (int, float),
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
-    "ws_compression": bool, "back_pressure_threshold": int,
+    "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
 }
 _LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size")
 
@@ -261,6 +262,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--heartbeat-interval: must be >= 1")
     if cfg.back_pressure_threshold < 0:
         raise ConfigError("--back-pressure-threshold: must be >= 0 (0 turns it off)")
+    if not 0 < cfg.egress_header_timeout <= 3600:
+        raise ConfigError("--egress-header-timeout: must be > 0 and at most 3600 seconds")
     if cfg.chunk_size < 1024:
         raise ConfigError("--chunk-size: must be at least 1K")
     if not cfg.stdio and not cfg.tokens and not _is_loopback(cfg.host):

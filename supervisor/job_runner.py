@@ -27,6 +27,7 @@ from shared.ids import new_id
 from shared.lease import clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
+from supervisor.egress import EgressJob, EgressListener
 from supervisor.worker_proc import WorkerHandle, WorkerSpawnError
 from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
 
@@ -58,6 +59,7 @@ class JobRunner:
         self._watchdog: asyncio.TimerHandle | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._final: tuple[str, dict[str, Any]] | None = None
+        self.egress: EgressJob | None = None
         self._timers: list[asyncio.TimerHandle] = []
         cap = runtime.frame_cap
         self.frames = WorkerFrames(job.id, runtime.config.max_result_bytes,
@@ -129,8 +131,9 @@ class JobRunner:
                 watch = not worker.cgroup.limits_memory
             except OSError as e:
                 log.warning("job %s: cgroup limits not set (%s); the watchdog applies", job.id, e)
+        egress_port = await self._open_egress(worker) if "net.fetch" in self.request.lease else None
         assert worker.writer is not None
-        worker.writer.write(encode([pm.JOB, self.rt.job_spec(job)], pm.MAX_PIPE_FRAME))
+        worker.writer.write(encode([pm.JOB, self.rt.job_spec(job, egress_port)], pm.MAX_PIPE_FRAME))
         if watch:
             self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
         try:
@@ -143,6 +146,29 @@ class JobRunner:
             await self._ended(worker, outcome)
         elif self._stopper is not None:
             await self._stopper  # it sends the terminal once the worker is gone
+
+    async def _open_egress(self, worker: WorkerHandle) -> int | None:
+        """The job's proxy port on the workers' loopback (the worker's, if it already has one)."""
+        job = self.job
+        why = self.rt.egress_unavailable
+        if why is None and worker.egress is None:
+            try:
+                sock, port = await self.rt.fork_server.listen()
+                listener = EgressListener(sock, port)
+                await listener.start()
+                worker.egress = listener
+            except OSError as e:
+                why = f"no proxy port: {e}"
+        if why is not None or worker.egress is None:
+            self._event(Event("log", {"level": "warn", "message": f"net.fetch is granted but the job has no "
+                                                                  f"network: {why}"}))
+            return None
+        self.egress = EgressJob(job.id, job.authority, self._egress_event, self.rt.config.egress_header_timeout)
+        worker.egress.job = self.egress
+        return worker.egress.port
+
+    def _egress_event(self, kind: str, body: dict[str, Any]) -> None:
+        self._event(Event(kind, body))
 
     async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
         job = self.job
@@ -319,6 +345,11 @@ class JobRunner:
     # -- the end ------------------------------------------------------------------
     def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
                 result_id: str | None = None, result_size: int | None = None) -> None:
+        if self.egress is not None:  # its last byte counts, then its connections are cut
+            self.egress.close()
+            if self.worker is not None and self.worker.egress is not None and self.worker.egress.job is self.egress:
+                self.worker.egress.job = None
+            self.egress = None
         self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size)
 
 

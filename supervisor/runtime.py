@@ -104,6 +104,7 @@ class Runtime:
                                   f"{config.credentials_provisioner!r}: {e}") from e
         # model.use and provisioned_credentials are offered only with a provisioner (protocol.md §4.3)
         self.features = FEATURES + (("model.use", "provisioned_credentials") if self.provisioner else ())
+        self.egress_unavailable: str | None = "not started"  # why net.fetch jobs get no proxy, or None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._restore()
@@ -118,6 +119,16 @@ class Runtime:
             self.sandbox_layers.append("netns-empty")
         else:
             log.warning("jobs share the host's network namespace (TCP is still refused by Landlock)")
+        if not self.fork_server.netns:
+            self.egress_unavailable = "the workers have no network namespace of their own"
+        elif not self.fork_server.loopback:
+            self.egress_unavailable = "the workers' network namespace has no loopback"
+        elif landlock_abi() < 4:
+            self.egress_unavailable = "Landlock ABI 4 (TCP port rules) is needed to keep jobs' proxy ports apart"
+        else:
+            self.egress_unavailable = None
+        if self.egress_unavailable:
+            log.warning("no egress proxy: %s; jobs with net.fetch get no network", self.egress_unavailable)
         self.pool.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
@@ -223,7 +234,7 @@ class Runtime:
         return (job.principal, job.agent_ref, repr(sorted(r.lease.items())), r.limits,
                 r.lease_constraints.get("expires_at"))
 
-    def job_spec(self, job: Job) -> dict[str, Any]:
+    def job_spec(self, job: Job, egress_port: int | None = None) -> dict[str, Any]:
         r = job.request
         assert r is not None
         return {
@@ -232,6 +243,7 @@ class Runtime:
             "lease_constraints": r.lease_constraints, "max_result_bytes": self.config.max_result_bytes,
             "max_event_bytes": self.frame_cap - 8192, "chunk_size": self.config.chunk_size,
             "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir, "credentials": job.credentials,
+            "egress_port": egress_port,
         }
 
     def submit(self, session: Session, env: Envelope) -> None:
@@ -253,7 +265,10 @@ class Runtime:
 
     def _start(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
                job_id: str | None = None) -> Job:
-        job = self.jobs.create(session.principal, session, req, self.sandbox_layers, job_id)
+        layers = self.sandbox_layers
+        if "net.fetch" in req.lease and self.egress_unavailable is None:
+            layers = layers + ["egress-proxy"]
+        job = self.jobs.create(session.principal, session, req, layers, job_id)
         if credentials:
             job.credentials = credentials
             self.store.add_credentials(job.id, [c["id"] for c in credentials])

@@ -26,6 +26,7 @@ import msgpack
 
 from shared.exit_codes import describe_wait_status
 from supervisor.cgroups import Cgroups, WorkerCgroup
+from supervisor.egress import EgressListener
 
 log = logging.getLogger("arcp.workers")
 
@@ -51,6 +52,7 @@ class WorkerHandle:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
         self.jobs_run = 0
+        self.egress: EgressListener | None = None  # its jobs' proxy port, opened for the first net.fetch job
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
@@ -91,6 +93,9 @@ class WorkerHandle:
         self.close_pipe()
 
     def close_pipe(self) -> None:
+        if self.egress is not None:
+            self.egress.close()
+            self.egress = None
         if self.writer is not None:
             self.writer.close()
         else:
@@ -111,12 +116,14 @@ class ForkServer:
         self._ctl: socket.socket | None = None
         self._next_req = 0
         self._spawning: dict[int, tuple[asyncio.Future[int], socket.socket]] = {}
+        self._listening: dict[int, asyncio.Future[tuple[socket.socket, int]]] = {}
         self._exits: dict[int, asyncio.Future[int]] = {}
         self._early_exits: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
         self._in_flight = asyncio.Semaphore(MAX_SPAWNS_IN_FLIGHT)
         self.netns = False
+        self.loopback = False  # `lo` is up in the workers' namespace: the egress proxy can listen there
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -145,26 +152,37 @@ class ForkServer:
     def _on_control(self) -> None:
         assert self._ctl is not None
         while True:
+            fds: list[int] = []
             try:
-                data = self._ctl.recv(MAX_PACKET)
+                data, fds, _flags, _addr = socket.recv_fds(self._ctl, MAX_PACKET, 1)
             except BlockingIOError:
                 return
             except OSError as e:
                 data = b""
                 log.error("fork server control socket failed: %s", e)
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 self._on_fork_server_gone()
                 return
             try:
                 msg = msgpack.unpackb(data)
-                self._dispatch(msg)
+                if msg[0] == "listening" and len(fds) == 1:
+                    self._listening_reply(msg, fds.pop())
+                else:
+                    self._dispatch(msg)
             except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
                 log.error("bad message from the fork server: %s", e)
+            finally:
+                for fd in fds:
+                    os.close(fd)
 
     def _dispatch(self, msg: list[Any]) -> None:
         op = msg[0]
         if op == "ready":
-            self.netns = bool(msg[1].get("netns")) if isinstance(msg[1], dict) else False
+            facts = msg[1] if isinstance(msg[1], dict) else {}
+            self.netns = bool(facts.get("netns"))
+            self.loopback = bool(facts.get("loopback"))
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif op == "spawned":
@@ -175,6 +193,10 @@ class ForkServer:
             entry = self._spawning.pop(msg[1], None)
             if entry and not entry[0].done():
                 entry[0].set_exception(WorkerSpawnError(str(msg[2])))
+        elif op == "listen_failed":
+            waiter = self._listening.pop(msg[1], None)
+            if waiter and not waiter.done():
+                waiter.set_exception(OSError(str(msg[2])))
         elif op == "exited":
             pid, status = int(msg[1]), int(msg[2])
             fut = self._exits.pop(pid, None)
@@ -182,6 +204,31 @@ class ForkServer:
                 self._early_exits[pid] = status
             elif not fut.done():
                 fut.set_result(status)
+
+    def _listening_reply(self, msg: list[Any], fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        waiter = self._listening.pop(msg[1], None)
+        if waiter is None or waiter.done():
+            sock.close()
+            return
+        sock.setblocking(False)
+        waiter.set_result((sock, int(msg[2])))
+
+    async def listen(self) -> tuple[socket.socket, int]:
+        """A listening socket on the workers' loopback, and its port."""
+        if self._ctl is None or not self.loopback:
+            raise OSError("the workers' network namespace has no loopback")
+        assert self._loop is not None
+        self._next_req += 1
+        req = self._next_req
+        fut: asyncio.Future[tuple[socket.socket, int]] = self._loop.create_future()
+        self._listening[req] = fut
+        try:
+            await self._send_request(msgpack.packb(["listen", req]), [])
+            return await asyncio.wait_for(fut, SPAWN_TIMEOUT)
+        except (OSError, TimeoutError, WorkerSpawnError) as e:
+            self._listening.pop(req, None)
+            raise OSError(f"the fork server did not open a port: {e or type(e).__name__}") from e
 
     def _on_fork_server_gone(self) -> None:
         assert self._loop is not None and self._ctl is not None
@@ -194,6 +241,10 @@ class ForkServer:
             if not fut.done():
                 fut.set_exception(WorkerSpawnError("the fork server exited"))
         self._spawning.clear()
+        for waiter in self._listening.values():
+            if not waiter.done():
+                waiter.set_exception(OSError("the fork server exited"))
+        self._listening.clear()
         # Workers of the old fork server died with it (parent-death signal).
         for fut in self._exits.values():
             if not fut.done():
@@ -205,15 +256,15 @@ class ForkServer:
         async with self._in_flight:  # the fork server forks one at a time: don't flood its socket
             return await self._spawn(reuse)
 
-    async def _send_request(self, data: bytes, fd: int) -> None:
-        """Send one request with its descriptor, waiting while the socket buffer is full."""
+    async def _send_request(self, data: bytes, fds: list[int]) -> None:
+        """Send one request with its descriptors, waiting while the socket buffer is full."""
         assert self._loop is not None
         while True:
             ctl = self._ctl
             if ctl is None:
                 raise WorkerSpawnError("the fork server is gone")
             try:
-                socket.send_fds(ctl, [data], [fd])
+                socket.send_fds(ctl, [data], fds)
                 return
             except BlockingIOError:
                 writable: asyncio.Future[None] = self._loop.create_future()
@@ -238,7 +289,7 @@ class ForkServer:
         fut: asyncio.Future[int] = self._loop.create_future()
         self._spawning[req] = (fut, ours)
         try:
-            await self._send_request(msgpack.packb(["spawn", req, reuse]), theirs.fileno())
+            await self._send_request(msgpack.packb(["spawn", req, reuse]), [theirs.fileno()])
         except (OSError, TimeoutError) as e:
             self._spawning.pop(req, None)
             ours.close()

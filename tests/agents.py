@@ -329,6 +329,115 @@ def grandchild_then(input: Any, job: JobContext) -> Any:
     return {"left": True}
 
 
+def fetch(input: Any, job: JobContext) -> Any:
+    """GET (or POST `data`) `url` with urllib, through whatever proxy the environment names."""
+    import urllib.error
+    import urllib.request
+
+    data = input.get("data")
+    req = urllib.request.Request(input["url"], data=data.encode() if data is not None else None,
+                                 headers=input.get("headers") or {})
+    try:
+        with urllib.request.urlopen(req, timeout=float(input.get("timeout", 10))) as r:
+            body = r.read()
+            return {"ok": True, "status": r.status, "size": len(body), "body": body[:4096].decode("latin-1")}
+    except urllib.error.HTTPError as e:
+        return {"ok": False, "status": e.code, "body": e.read()[:4096].decode("utf-8", "replace")}
+    except Exception as e:
+        return {"ok": False, "status": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def httpx_fetch(input: Any, job: JobContext) -> Any:
+    """GET `url` with httpx (trust_env: the proxy variables), several times if asked."""
+    import httpx
+
+    out = []
+    with httpx.Client(timeout=float(input.get("timeout", 10))) as client:
+        for _ in range(int(input.get("times", 1))):
+            try:
+                r = client.get(input["url"])
+                out.append({"status": r.status_code, "size": len(r.content), "body": r.text[:4096]})
+            except httpx.HTTPError as e:
+                out.append({"status": None, "error": f"{type(e).__name__}: {e}"})
+    return out[0] if len(out) == 1 else out
+
+
+def net_escape(input: Any, job: JobContext) -> Any:
+    """Reach around the proxy: raw TCP, DNS, UDP (loopback or made-up names only)."""
+    import socket
+
+    out: dict[str, str] = {}
+
+    def attempt(name: str, fn: Any) -> None:
+        try:
+            fn()
+            out[name] = "ok"
+        except OSError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+
+    port = int(input["port"])
+    attempt("tcp", lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close())
+    attempt("tcp6", lambda: socket.create_connection(("::1", port), timeout=2).close())
+    attempt("dns_localhost", lambda: socket.getaddrinfo("localhost", port))
+    attempt("dns_name", lambda: socket.getaddrinfo("arcp-test.invalid", 80))
+    attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 53)))
+    attempt("bind", lambda: socket.socket().bind(("127.0.0.1", 0)))
+    proxy = os.environ.get("HTTP_PROXY", "")
+    if proxy:
+        other = int(input.get("other_proxy_port") or 0)
+        if other:
+            attempt("other_proxy", lambda: socket.create_connection(("127.0.0.1", other), timeout=2).close())
+
+        def fastopen() -> None:
+            s = socket.socket()
+            s.sendto(b"GET / HTTP/1.1\r\n\r\n", 0x20000000, ("127.0.0.1", other or port))
+        attempt("fastopen", fastopen)
+    out["proxy"] = proxy
+    return out
+
+
+_HELD: list[Any] = []  # connections a job leaves open (kept across jobs of a reused worker)
+
+
+def raw_proxy(input: Any, job: JobContext) -> Any:
+    """Speak raw bytes to the job's proxy: `send` (latin-1), sent `slow`ly if asked; read the answer."""
+    import socket
+    import time as _time
+
+    port = int(os.environ["HTTP_PROXY"].rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=float(input.get("timeout", 10)))
+    data = input["send"].encode("latin-1") * int(input.get("repeat", 1))
+    try:
+        if input.get("slow"):
+            for b in data[:int(input.get("slow_bytes", 20))]:
+                s.sendall(bytes([b]))
+                _time.sleep(float(input["slow"]))
+        else:
+            s.sendall(data)
+    except OSError:
+        pass  # the proxy stopped listening: read what it said
+    if input.get("hold"):  # read the tunnel's answer, then keep the connection and return
+        answer = s.recv(4096)
+        if input.get("then_send"):
+            s.sendall(input["then_send"].encode("latin-1"))
+        _HELD.append(s)
+        return {"answer": answer.decode("latin-1")}
+    chunks: list[bytes] = []
+    until = input.get("until", "").encode("latin-1")
+    try:
+        while sum(map(len, chunks)) < 65536:
+            b = s.recv(65536)
+            if not b:
+                break
+            chunks.append(b)
+            if until and b"".join(chunks).endswith(until):
+                break
+    except OSError as e:
+        chunks.append(f"[{type(e).__name__}]".encode())
+    s.close()
+    return {"answer": b"".join(chunks)[:8192].decode("latin-1")}
+
+
 REGISTRY = [
     "echo@1.0.0=tests.agents:echo", "echo@2.0.0=tests.agents:sync_echo", "logs=tests.agents:logs",
     "sleep=tests.agents:sleep", "ticker=tests.agents:ticker", "busy=tests.agents:busy", "stubborn=tests.agents:stubborn",
@@ -342,4 +451,6 @@ REGISTRY = [
     "syscalls=tests.agents:forbidden_syscalls", "leaseops=tests.agents:lease_ops",
     "delegator=tests.agents:delegator", "creds=tests.agents:creds", "attacks=tests.agents:attacks",
     "grandchild=tests.agents:grandchild_then",
+    "fetch=tests.agents:fetch", "httpxfetch=tests.agents:httpx_fetch", "netescape=tests.agents:net_escape",
+    "rawproxy=tests.agents:raw_proxy",
 ]

@@ -6,7 +6,13 @@ socket pair. Each request is one packet:
     ["spawn", req_id, reuse]  + one descriptor (the worker's end of its job pipe)
 
 and is answered with ``["spawned", req_id, pid]`` (or ``["spawn_failed",
-req_id, message]``). Whenever a worker exits, the fork server reaps it and
+req_id, message]``).
+
+    ["listen", req_id]
+
+opens a listening TCP socket on the workers' loopback (the egress proxy's port
+for one job) and answers ``["listening", req_id, port]`` with the descriptor
+attached, or ``["listen_failed", req_id, message]``. Whenever a worker exits, the fork server reaps it and
 sends ``["exited", pid, wait_status]``. Forking a process that has already
 imported the runtime costs about a millisecond; starting an interpreter costs
 tens. The fork server is single-threaded, so forking it is safe, and it dies
@@ -16,11 +22,13 @@ with the supervisor (parent-death signal), as its workers die with it.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -70,15 +78,42 @@ def set_parent_death_signal(expected_parent: int) -> None:
 
 def enter_empty_netns() -> bool:
     """Move the fork server, and so every worker it forks, into a network namespace of
-    its own with no interface up: no route anywhere, not even to another job. One
-    namespace for all workers costs nothing per job; Landlock and seccomp keep jobs
-    from changing it (no capabilities, no setns/unshare)."""
+    its own: no interface but loopback, no route anywhere. One namespace for all
+    workers costs nothing per job; jobs are kept apart inside it by Landlock (a job
+    may connect to its own egress port only, and bind nothing) and seccomp (no
+    datagram or raw sockets, no namespace changes), and hold no capability."""
     if _libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         print(f"arcp fork server: no network namespace ({os.strerror(err)}): jobs keep the host's network",
               file=sys.stderr)
         return False
     return True
+
+
+def bring_up_loopback() -> bool:
+    """`lo` up in the new namespace: the egress proxy's ports live on it."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            req = struct.pack("16sh22x", b"lo", 0)
+            flags = struct.unpack("16sh22x", fcntl.ioctl(s, siocgifflags, req))[1]
+            fcntl.ioctl(s, siocsifflags, struct.pack("16sh22x", b"lo", flags | iff_up))
+        return True
+    except OSError as e:
+        print(f"arcp fork server: loopback not up ({e}): no egress proxy for net.fetch", file=sys.stderr)
+        return False
+
+
+def open_listener() -> socket.socket:
+    """A listening socket on the namespace's loopback, on a port the kernel picks."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        s.listen(128)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _send(ctl: socket.socket, msg: list[Any]) -> None:
@@ -125,10 +160,11 @@ def serve(ctl_fd: int, parent: int, modules: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     netns = enter_empty_netns()
+    loopback = netns and bring_up_loopback()
     # After the namespace (which needs CAP_SYS_ADMIN): what every job's sandbox shares. The fork
     # server then holds no capability either, so no worker can inherit one.
     worker.sandbox.prepare(modules, worker.runner.agent_dirs)
-    _send(ctl, ["ready", {"netns": netns}])
+    _send(ctl, ["ready", {"netns": netns, "loopback": loopback}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -153,6 +189,9 @@ def serve(ctl_fd: int, parent: int, modules: list[str]) -> None:
 def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w: int, zygote: int) -> None:
     try:
         msg = msgpack.unpackb(data)
+        if msg[0] == "listen" and not fds:
+            _listen(ctl, msg[1])
+            return
         op, req_id, reuse = msg[0], msg[1], int(msg[2])
         if op != "spawn" or len(fds) != 1:
             raise ValueError(f"bad request {op!r} with {len(fds)} descriptors")
@@ -173,6 +212,17 @@ def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w
         os._exit(0)  # not reached
     os.close(pipe_fd)
     _send(ctl, ["spawned", req_id, pid])
+
+
+def _listen(ctl: socket.socket, req_id: Any) -> None:
+    try:
+        listener = open_listener()
+    except OSError as e:
+        _send(ctl, ["listen_failed", req_id, f"cannot listen on the workers' loopback: {e}"])
+        return
+    with listener:
+        socket.send_fds(ctl, [msgpack.packb(["listening", req_id, listener.getsockname()[1]])],
+                        [listener.fileno()])
 
 
 def _reap(ctl: socket.socket) -> None:

@@ -35,6 +35,9 @@ CANCEL_SIGNAL = signal.SIGUSR1
 ASYNC_INTERRUPT_DELAY = 0.25  # seconds an async agent gets to honour task.cancel()
 
 
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
 def load_entry(entry: str) -> Callable[..., Any]:
     module_name, _, func_name = entry.partition(":")
     module = load_module(module_name)
@@ -145,6 +148,15 @@ class Runner:
         if tmp:
             os.environ["HOME"] = os.environ["TMPDIR"] = tmp
             tempfile.tempdir = None  # recomputed from TMPDIR on next use
+        port = spec.get("egress_port")
+        for name in PROXY_VARS:
+            if port:
+                os.environ[name] = os.environ[name.lower()] = f"http://127.0.0.1:{int(port)}"
+            else:
+                os.environ.pop(name, None)
+                os.environ.pop(name.lower(), None)
+        if port:  # nothing bypasses the proxy
+            os.environ["NO_PROXY"] = os.environ["no_proxy"] = ""
         try:
             read_dirs = [] if self.sandbox.landlocked else \
                 read_dirs_for(spec["entry"].partition(":")[0], agent_dirs)

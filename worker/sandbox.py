@@ -5,7 +5,8 @@ Layers (each one degrades loudly: `describe()` names what is active):
   - no_new_privs;
   - Landlock: the filesystem is read-only where running Python needs it, the job's
     `fs.read` roots are readable, its private temp dir and `fs.write` roots writable,
-    and nothing else is reachable; TCP bind/connect are refused (no network), and
+    and nothing else is reachable; TCP bind is refused and TCP connect allowed only to
+    the job's egress proxy port (with `net.fetch`; else to nothing), and
     where the ABI has scopes, signals and abstract sockets stay inside the job.
 
 The Landlock binding is a few raw syscalls through ctypes: the PyPI bindings are
@@ -27,7 +28,7 @@ from worker import seccomp_filter
 
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
-LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_RULE_PATH_BENEATH, LANDLOCK_RULE_NET_PORT = 1, 2
 PR_SET_NO_NEW_PRIVS = 38
 
 # Filesystem access rights, by the ABI that introduced them.
@@ -61,6 +62,10 @@ class _RulesetAttr(ctypes.Structure):
 class _PathBeneath(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _NetPort(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 def lease_roots(patterns: Iterable[str]) -> list[str]:
@@ -133,7 +138,8 @@ class Sandbox:
         if self.abi:
             read = list(read_dirs) + lease_roots(lease.get("fs.read", []))
             write = lease_roots(lease.get("fs.write", [])) + ([tmp] if tmp else []) + list(DEV_WRITE)
-            self._landlock(read, write)
+            port = spec.get("egress_port")
+            self._landlock(read, write, [int(port)] if port else [])
         if SECCOMP_BPF is not None:
             seccomp_filter.load(SECCOMP_BPF)  # last: nothing after it needs what it refuses
         self.landlocked = True
@@ -161,7 +167,7 @@ class Sandbox:
         if "max_procs" in limits:
             lower(resource.RLIMIT_NPROC, int(limits["max_procs"]))
 
-    def _landlock(self, read: list[str], write: list[str]) -> None:
+    def _landlock(self, read: list[str], write: list[str], connect_ports: list[int]) -> None:
         fs_all = FS_BY_ABI.get(self.abi, FS_BY_ABI[5])
         attr = _RulesetAttr(fs_all, NET_BIND_TCP | NET_CONNECT_TCP if self.abi >= 4 else 0,
                             SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if self.abi >= 6 else 0)
@@ -173,6 +179,11 @@ class Sandbox:
         try:
             for path, access in [(p, READ) for p in read] + [(p, WRITE) for p in write]:
                 self._allow(ruleset, path, access & fs_all)
+            for port in connect_ports if self.abi >= 4 else []:  # the job's egress proxy, nothing else
+                rule = _NetPort(NET_CONNECT_TCP, port)
+                if _libc.syscall(SYS_LANDLOCK_ADD_RULE, ruleset, ctypes.c_int(LANDLOCK_RULE_NET_PORT),
+                                 ctypes.byref(rule), ctypes.c_uint32(0)) != 0:
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule failed for TCP port {port}")
             if _libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) != 0:
                 raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
         finally:

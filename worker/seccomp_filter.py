@@ -6,7 +6,9 @@ probe gets an error they handle (clone3 -> ENOSYS, so libc falls back to clone);
 what a job must never do gets EPERM: tracing, mounts and the new mount API,
 namespace changes, io_uring, bpf, perf, keyrings, userfaultfd, kexec, kernel
 modules, personality changes, new AF_UNIX sockets (socketpair() is fine), AF_VSOCK
-sockets, and terminal injection.
+sockets, terminal injection, and every IP socket but plain TCP: Landlock's port rules
+cover TCP only, so a datagram, raw, SCTP or MPTCP socket, or a TCP Fast Open send
+(which connects without connect()), could otherwise reach another job's port.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 CLONE_NEW = {"CLONE_NEWNS": 0x00020000, "CLONE_NEWCGROUP": 0x02000000, "CLONE_NEWUTS": 0x04000000,
              "CLONE_NEWIPC": 0x08000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
              "CLONE_NEWNET": 0x40000000, "CLONE_NEWTIME": 0x00000080}
-AF_UNIX, AF_VSOCK = 1, 40
+AF_UNIX, AF_INET, AF_INET6, AF_VSOCK = 1, 2, 10, 40
+SOCK_STREAM, SOCK_TYPE_MASK = 1, 0xF
+NON_STREAM_TYPES = (2, 3, 4, 5, 6, 10)  # dgram, raw, rdm, seqpacket, dccp, packet
+IPPROTO_TCP = 6
+MSG_FASTOPEN = 0x20000000
 TIOCSTI, TIOCLINUX = 0x5412, 0x541C
 DENIED = (
     "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "fsopen", "fsconfig", "fsmount",
@@ -51,6 +57,16 @@ def build_bpf() -> bytes | None:
         # A new AF_UNIX socket could connect to the host's pathname sockets, which neither
         # Landlock nor the network namespace covers; socketpair() (event loops, pipes) stays.
         f.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, AF_UNIX))
+        for family in (AF_INET, AF_INET6):
+            for t in NON_STREAM_TYPES:
+                f.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, family),
+                           sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, t))
+            f.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, family),
+                       sc.Arg(2, sc.GT, IPPROTO_TCP))
+            for proto in range(1, IPPROTO_TCP):
+                f.add_rule(sc.ERRNO(errno.EACCES), "socket", sc.Arg(0, sc.EQ, family), sc.Arg(2, sc.EQ, proto))
+        for name, flags_arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
+            f.add_rule(sc.ERRNO(errno.EACCES), name, sc.Arg(flags_arg, sc.MASKED_EQ, MSG_FASTOPEN, MSG_FASTOPEN))
         for req in (TIOCSTI, TIOCLINUX):
             f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, req))
         f.add_rule(sc.ERRNO(errno.EPERM), "personality", sc.Arg(0, sc.NE, 0xFFFFFFFF))
