@@ -78,16 +78,22 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
     mode, controllers = _cgroups()
     ns = _namespaces()
     root = os.geteuid() == 0
+    egress = root and "net" in ns and abi >= 4
     layers = [
         Layer("landlock", abi > 0, abi > 0, f"ABI {abi}" if abi else "not in this kernel"),
-        Layer("landlock-net", abi >= 4, abi >= 4, "TCP bind/connect refused" if abi >= 4 else "needs ABI 4"),
+        Layer("landlock-net", abi >= 4, abi >= 4,
+              "TCP bind refused; connect only to the job's egress port" if abi >= 4 else "needs ABI 4"),
         Layer("landlock-scopes", abi >= 6, abi >= 6, "signals and abstract sockets" if abi >= 6 else "needs ABI 6"),
         Layer("seccomp", _seccomp_available(), seccomp_available(),
               "deny-list filter (errors, not kills)" if seccomp_available() else "libseccomp not reachable"),
         Layer(f"cgroup-{mode}", mode != "none", _cgroups_usable(mode, controllers),
               f"writable controllers: {', '.join(controllers) or 'none'}; a group per worker (memory, pids)"),
         Layer("netns-empty", root and "net" in ns, root and "net" in ns,
-              "one network namespace with no interface up, shared by all workers"),
+              "one network namespace with only loopback, no route out, shared by all workers"),
+        Layer("egress-proxy", egress, egress,
+              "net.fetch through the supervisor: plain HTTP checked by full URL; HTTPS CONNECT by scheme, "
+              "host and port only (the path is encrypted)" if egress else
+              "needs the network namespace and Landlock ABI 4: jobs with net.fetch get no network"),
         Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; pid/mnt/user not used yet"),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),

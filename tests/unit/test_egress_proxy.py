@@ -1,0 +1,240 @@
+"""The egress proxy's I/O, in-process: a listener on 127.0.0.1, a local origin, a fake resolver.
+
+The resolver is a test double, so names that would resolve to metadata or
+private addresses are refused without any lookup or connection leaving this host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from supervisor.authority import Authority
+from supervisor.egress import EgressJob, EgressListener
+
+ip = ipaddress.ip_address
+
+
+class FakeResolver:
+    def __init__(self, table: dict[str, list[str]]) -> None:
+        self.table = table
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[Any]:
+        self.asked.append(host)
+        if host not in self.table:
+            raise OSError(f"unknown name {host}")
+        return [ip(a) for a in self.table[host]]
+
+
+class Origin:
+    """A raw origin: records every byte it receives, answers one canned response per connection."""
+
+    def __init__(self, response: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"):
+        self.response = response
+        self.received: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        buf = b""
+        try:
+            async with asyncio.timeout(2):
+                while b"\r\n\r\n" not in buf:
+                    chunk = await reader.read(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                await asyncio.sleep(0.1)  # whatever else the proxy forwards arrives now
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(reader.read(65536), 0.05)
+                    except TimeoutError:
+                        break
+                    if not chunk:
+                        break
+                    buf += chunk
+        except TimeoutError:
+            pass
+        self.received.append(buf)
+        if self.response:
+            writer.write(self.response)
+        await writer.drain()
+        writer.close()
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+class Proxy:
+    def __init__(self, lease: dict[str, Any], resolver: FakeResolver, header_timeout: float = 5.0) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.resolver = resolver
+        self.job = EgressJob("job_test", Authority(lease, None), lambda k, b: self.events.append((k, b)),
+                             header_timeout, resolver)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener = EgressListener(sock, sock.getsockname()[1])
+        self.listener.job = self.job
+
+    async def request(self, raw: bytes, read_timeout: float = 5.0) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.listener.port)
+        writer.write(raw)
+        await writer.drain()
+        out = b""
+        async with asyncio.timeout(read_timeout):
+            while chunk := await reader.read(65536):
+                out += chunk
+        writer.close()
+        return out
+
+    def warns(self) -> list[str]:
+        return [b["message"] for k, b in self.events if k == "log" and b["level"] == "warn"]
+
+    def metric(self, name: str) -> int:
+        return sum(b["value"] for k, b in self.events if k == "metric" and b["name"] == name)
+
+
+@asynccontextmanager
+async def proxy(lease: dict[str, Any], table: dict[str, list[str]] | None = None,
+                header_timeout: float = 5.0) -> AsyncIterator[Proxy]:
+    p = Proxy(lease, FakeResolver(table or {}), header_timeout)
+    await p.listener.start()
+    try:
+        yield p
+    finally:
+        p.listener.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_a_name_resolving_to_the_metadata_address_is_refused_before_any_connection() -> None:
+    async def go() -> None:
+        table = {"metadata.test": ["169.254.169.254"], "intranet.test": ["10.0.0.7", "fd00::7"]}
+        async with proxy({"net.fetch": ["http://*.test/**"]}, table) as p:
+            for host in ("metadata.test", "intranet.test"):
+                out = await p.request(f"GET http://{host}/latest HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 403") and host.encode() in out and b"net.fetch" in out, out
+            assert p.resolver.asked == ["metadata.test", "intranet.test"]
+            assert len(p.warns()) == 2 and "metadata" in p.warns()[0] and "private" in p.warns()[1]
+    run(go())
+
+
+def test_a_named_host_may_reach_its_loopback_address_and_the_origin_sees_origin_form() -> None:
+    async def go() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            table = {"svc.test": ["127.0.0.1"]}
+            async with proxy({"net.fetch": [f"http://svc.test:{origin.port}/**"]}, table) as p:
+                out = await p.request(f"GET http://svc.test:{origin.port}/x HTTP/1.1\r\n"
+                                      f"Host: svc.test:{origin.port}\r\nProxy-Connection: keep-alive\r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close\r\n" in out
+                assert out.endswith(b"\r\n\r\nok") and b"keep-alive" not in out
+                sent = origin.received[0]
+                assert sent.startswith(b"GET /x HTTP/1.1\r\n") and b"Proxy-Connection" not in sent
+                assert p.metric("net.bytes_in") == len(origin.response) and p.metric("net.bytes_out") == len(sent)
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_nothing_after_the_declared_body_reaches_the_origin() -> None:
+    async def go() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/public/**"]}) as p:
+                smuggled = f"GET /private HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+                raw = (f"POST http://127.0.0.1:{origin.port}/public/a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+                       f"hello{smuggled}").encode()
+                out = await p.request(raw)
+                assert out.startswith(b"HTTP/1.1 200")
+                assert origin.received[0].endswith(b"\r\n\r\nhello") and b"/private" not in origin.received[0]
+                chunked = (f"POST http://127.0.0.1:{origin.port}/public/b HTTP/1.1\r\n"
+                           f"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"
+                           f"{smuggled}").encode()
+                out = await p.request(chunked)
+                assert out.startswith(b"HTTP/1.1 200")
+                body = origin.received[1].split(b"\r\n\r\n", 1)[1]
+                assert body == b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n", body
+                assert origin.connections == 2
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_an_origin_that_closes_without_answering_gives_502() -> None:
+    async def go() -> None:
+        origin = Origin(response=b"")
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/**"]}) as p:
+                out = await p.request(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 502") and b"without a response" in out
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_an_unresolvable_name_gives_502_naming_it() -> None:
+    async def go() -> None:
+        async with proxy({"net.fetch": ["http://nowhere.test/**"]}) as p:
+            out = await p.request(b"GET http://nowhere.test/ HTTP/1.1\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 502") and b"cannot resolve nowhere.test" in out
+    run(go())
+
+
+def test_closing_the_job_cuts_tunnels_and_half_sent_heads() -> None:
+    async def go() -> None:
+        origin = Origin(response=b"")
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"https://127.0.0.1:{origin.port}/**"]}) as p:
+                r1, w1 = await asyncio.open_connection("127.0.0.1", p.listener.port)
+                w1.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+                assert (await r1.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                w1.write(b"tunnel bytes\r\n\r\n")
+                r2, w2 = await asyncio.open_connection("127.0.0.1", p.listener.port)
+                w2.write(b"GET http://127.0.0.1/ HTT")
+                await asyncio.sleep(0.2)
+                p.job.close()
+                p.listener.job = None
+                async with asyncio.timeout(2):
+                    assert await r1.read() == b"" and await r2.read() == b""
+                assert p.metric("net.bytes_out") >= len("tunnel bytes")
+                r3, w3 = await asyncio.open_connection("127.0.0.1", p.listener.port)  # no job: closed at once
+                async with asyncio.timeout(2):
+                    assert await r3.read() == b""
+                for w in (w1, w2, w3):
+                    w.close()
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_a_slow_head_gets_408() -> None:
+    async def go() -> None:
+        async with proxy({"net.fetch": ["http://h/**"]}, header_timeout=0.3) as p:
+            reader, writer = await asyncio.open_connection("127.0.0.1", p.listener.port)
+            writer.write(b"GET http://h/ HTTP/1.1\r\n")
+            async with asyncio.timeout(3):
+                out = await reader.read()
+            assert out.startswith(b"HTTP/1.1 408") and b"0.3 s" in out
+            writer.close()
+    run(go())
