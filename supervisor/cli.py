@@ -64,6 +64,9 @@ def run(
     back_pressure_threshold: Annotated[Optional[int], typer.Option(
         "--back-pressure-threshold",
         help="Unacked events after which an acking client gets a back_pressure status (default 0: off).")] = None,
+    tmp_size: Annotated[Optional[str], typer.Option(
+        "--tmp-size", help="Cap of each job's private temp dir, a tmpfs of its own (default 256M; "
+                           "at most half the job's memory limit).")] = None,
     egress_header_timeout: Annotated[Optional[float], typer.Option(
         "--egress-header-timeout",
         help="Seconds a job's request to the egress proxy may take to send its head (default 10).")] = None,
@@ -126,7 +129,7 @@ def build_config(flags: dict[str, Any]) -> Config:
                 "back_pressure_threshold", "egress_header_timeout"):
         if flags.get(key) is not None:
             base[key] = flags[key]
-    for key in ("max_result_bytes", "chunk_size"):
+    for key in ("max_result_bytes", "chunk_size", "tmp_size"):
         if flags.get(key) is not None:
             base[key] = parse_size(flags[key], f"--{key.replace('_', '-')}")
     for key in ("retention_jobs", "retention_seconds", "resume_window"):

@@ -90,6 +90,7 @@ class Config:
     chunk_size: int = 256 * KiB
     ws_compression: bool = False
     back_pressure_threshold: int = 0  # 0: no back_pressure status events
+    tmp_size: int = 256 * MiB  # each job's private temp dir (a tmpfs of its own), at most its memory limit
     egress_header_timeout: float = 10.0  # seconds a job's proxy request may take to send its head
     tokens: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
@@ -136,6 +137,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
     "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
+    "tmp_size": (int, str),
 }
 _LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size")
 
@@ -189,7 +191,7 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
         if not isinstance(v, t):
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
-        if key in ("max_result_bytes", "chunk_size"):
+        if key in ("max_result_bytes", "chunk_size", "tmp_size"):
             v = parse_size(v, f"config key server.{key}")
         out[key] = v
     auth = doc.get("auth", {})
@@ -264,6 +266,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--back-pressure-threshold: must be >= 0 (0 turns it off)")
     if not 0 < cfg.egress_header_timeout <= 3600:
         raise ConfigError("--egress-header-timeout: must be > 0 and at most 3600 seconds")
+    if cfg.tmp_size < MiB:
+        raise ConfigError("--tmp-size: must be at least 1M")
     if cfg.chunk_size < 1024:
         raise ConfigError("--chunk-size: must be at least 1K")
     if not cfg.stdio and not cfg.tokens and not _is_loopback(cfg.host):

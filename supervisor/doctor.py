@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.landlock import landlock_abi
+from supervisor.job_dirs import can_mount_tmpfs, tmp_base
 from shared.seccomp import seccomp_available
 
 PR_GET_SECCOMP = 21
@@ -79,6 +80,7 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
     ns = _namespaces()
     root = os.geteuid() == 0
     egress = root and "net" in ns and abi >= 4
+    tmp_cap, tmp_why = can_mount_tmpfs(tmp_base())
     layers = [
         Layer("landlock", abi > 0, abi > 0, f"ABI {abi}" if abi else "not in this kernel"),
         Layer("landlock-net", abi >= 4, abi >= 4,
@@ -94,6 +96,9 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
               "net.fetch through the supervisor: plain HTTP checked by full URL; HTTPS CONNECT by scheme, "
               "host and port only (the path is encrypted)" if egress else
               "needs the network namespace and Landlock ABI 4: jobs with net.fetch get no network"),
+        Layer("tmp-size-cap", tmp_cap, tmp_cap,
+              "each job's HOME/TMPDIR a tmpfs of its own (--tmp-size, at most half its memory)" if tmp_cap
+              else f"{tmp_why}: job temp dirs are bounded only by the memory cgroup"),
         Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; pid/mnt/user not used yet"),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),

@@ -6,8 +6,6 @@ import asyncio
 import hmac
 import logging
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -28,6 +26,7 @@ from supervisor.cgroups import Cgroups
 from supervisor.config import Config, ConfigError
 from supervisor.credentials import Provisioner, ProvisionerError, load_provisioner
 from supervisor.frames import GO, error_payload, result_payload
+from supervisor.job_dirs import JobDirs
 from supervisor.job_runner import JobRunner
 from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
@@ -63,15 +62,6 @@ def sandbox_layers() -> list[str]:
     return layers
 
 
-def job_tmp_base() -> str:
-    """Where private job directories go: a tmpfs when there is one (creating and
-    removing a directory there costs microseconds, on a disk tens of them)."""
-    shm = "/dev/shm"
-    if os.path.isdir(shm) and os.access(shm, os.W_OK):
-        return shm
-    return tempfile.gettempdir()
-
-
 def worker_env() -> dict[str, str]:
     """The scrubbed environment of the fork server and so of every worker."""
     env = {k: v for k, v in os.environ.items() if k in ENV_PASSED or k.startswith("LC_")}
@@ -93,7 +83,7 @@ class Runtime:
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
         self.sandbox_layers = sandbox_layers() + self.cgroups.layers
-        self.tmp_base = job_tmp_base()
+        self.job_dirs = JobDirs(size=config.tmp_size)
         self.back_pressure_threshold = config.back_pressure_threshold
         self.provisioner: Provisioner | None = None
         if config.credentials_provisioner:
@@ -144,6 +134,7 @@ class Runtime:
         self.fork_server.close()
         self.fork_server.sweep_cgroups()
         self.cgroups.close()
+        self.job_dirs.close()
         self.store.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -242,7 +233,8 @@ class Runtime:
             "entry": r.agent.entry, "input": r.input, "lease": r.lease,
             "lease_constraints": r.lease_constraints, "max_result_bytes": self.config.max_result_bytes,
             "max_event_bytes": self.frame_cap - 8192, "chunk_size": self.config.chunk_size,
-            "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir, "credentials": job.credentials,
+            "limits": r.limits.as_wire(), "tmp_dir": job.tmp_dir, "tmp_size": job.tmp_size,
+            "credentials": job.credentials,
             "egress_port": egress_port,
         }
 
@@ -265,15 +257,20 @@ class Runtime:
 
     def _start(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
                job_id: str | None = None) -> Job:
+        job_id = job_id or new_id("job")
+        tmp_size = min(self.config.tmp_size, req.limits.memory // 2)  # its pages count as the job's memory
+        tmp_dir, capped = self.job_dirs.create(job_id, tmp_size)
         layers = self.sandbox_layers
+        if capped:
+            layers = layers + ["tmp-size-cap"]
         if "net.fetch" in req.lease and self.egress_unavailable is None:
             layers = layers + ["egress-proxy"]
         job = self.jobs.create(session.principal, session, req, layers, job_id)
+        job.tmp_dir, job.tmp_capped = tmp_dir, capped
+        job.tmp_size = tmp_size if capped else None
         if credentials:
             job.credentials = credentials
             self.store.add_credentials(job.id, [c["id"] for c in credentials])
-        job.tmp_dir = os.path.join(self.tmp_base, f"arcp-{job.id}")  # job ids are unique: no random name
-        os.mkdir(job.tmp_dir, 0o700)
         self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
                               job.trace_id, job.idempotency_key, job.fingerprint, job.record())
         runner = JobRunner(self, job)
@@ -451,10 +448,7 @@ class Runtime:
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
         if job.tmp_dir is not None:
-            try:
-                os.rmdir(job.tmp_dir)  # the common case: the job left nothing
-            except OSError:
-                shutil.rmtree(job.tmp_dir, ignore_errors=True)
+            self.job_dirs.remove(job.tmp_dir, job.tmp_capped)
             job.tmp_dir = None
         self.store.delete_jobs(self.jobs.finished_job(job))
 

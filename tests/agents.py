@@ -311,7 +311,80 @@ def attacks(input: Any, job: JobContext) -> Any:
         kinds.append(target if not target.startswith(("pipe:", "anon_inode:")) else target.split(":")[0])
     out["fds"] = ",".join(sorted(set(kinds)))
     out["ignores"] = str(sig.SIG_IGN)
+    out["setuid_copy"] = _setuid_copy(os.path.join(input["outside"], "secret.txt"))
+    out.update(_tty_attacks())
     return out
+
+
+def _setuid_copy(secret: str) -> str:
+    """Copy binaries into the private temp dir, make them setuid root, run them: do they gain
+    a capability (change uid, chown away) or read outside the lease?"""
+    import shutil
+    import subprocess
+
+    def setuid(src: str) -> str:
+        exe = os.path.join(os.environ["TMPDIR"], os.path.basename(src))
+        shutil.copy(src, exe)
+        os.chmod(exe, 0o4755)
+        return exe
+
+    mine = os.path.join(os.environ["TMPDIR"], "mine")
+    open(mine, "w").close()
+    tries = {"setresuid": [setuid("/usr/bin/setpriv"), "--reuid=65534", "--regid=65534", "--clear-groups", "true"],
+             "chown": [setuid("/bin/chown"), "65534", mine], "read": [setuid("/bin/cat"), secret]}
+    errors = []
+    for name, argv in tries.items():
+        r = subprocess.run(argv, capture_output=True, timeout=10)
+        if r.returncode == 0:
+            return "ok"  # the setuid copy got what it asked for
+        errors.append(f"{name}: {r.stderr.decode(errors='replace').strip()[-80:]}")
+    return "refused: " + "; ".join(errors)
+
+
+def _tty_attacks() -> dict[str, str]:
+    """Terminal injection: TIOCSTI/TIOCLINUX on stdin (also with high bits set in the request,
+    which the kernel drops), and reaching any terminal at all."""
+    import ctypes
+    import errno
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def ioctl(req: int) -> str:
+        ch = ctypes.c_char(b"x")
+        if libc.ioctl(0, ctypes.c_ulong(req), ctypes.byref(ch)) == 0:
+            return "ok"
+        return errno.errorcode.get(ctypes.get_errno(), "?")
+
+    def opening(fn: Any) -> str:
+        try:
+            fn()
+            return "ok"
+        except OSError as e:
+            return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+    return {"tiocsti": ioctl(0x5412), "tiocsti_high_bits": ioctl((1 << 32) | 0x5412),
+            "tioclinux": ioctl(0x541C), "open_tty": opening(lambda: os.open("/dev/tty", os.O_RDWR)),
+            "openpty": opening(os.openpty)}
+
+
+def fill_disk(input: Any, job: JobContext) -> Any:
+    """Write into the private temp dir until the kernel says no; raise it if asked."""
+    import errno
+
+    path = os.path.join(os.environ["TMPDIR"], "fill")
+    block = b"\0" * (1 << 20)
+    written = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while written < 8 << 30:
+            written += os.write(fd, block)
+    except OSError as e:
+        if input.get("raise"):
+            raise
+        return {"written_mb": written >> 20, "error": errno.errorcode.get(e.errno or 0, str(e.errno))}
+    finally:
+        os.close(fd)
+    return {"written_mb": written >> 20, "error": None}
 
 
 def grandchild_then(input: Any, job: JobContext) -> Any:
@@ -452,5 +525,5 @@ REGISTRY = [
     "delegator=tests.agents:delegator", "creds=tests.agents:creds", "attacks=tests.agents:attacks",
     "grandchild=tests.agents:grandchild_then",
     "fetch=tests.agents:fetch", "httpxfetch=tests.agents:httpx_fetch", "netescape=tests.agents:net_escape",
-    "rawproxy=tests.agents:raw_proxy",
+    "rawproxy=tests.agents:raw_proxy", "filldisk=tests.agents:fill_disk",
 ]

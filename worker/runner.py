@@ -124,7 +124,9 @@ class Runner:
     def run(self, spec: dict[str, Any]) -> None:
         ctx = JobContext(self.ch, spec)
         self.ctx = ctx
-        self.limits = spec.get("limits") or {}
+        self.limits = dict(spec.get("limits") or {})
+        if spec.get("tmp_size"):
+            self.limits["tmp_size_mb"] = max(1, int(spec["tmp_size"]) >> 20)
         outcome: list[Any]
         try:
             self._enter_sandbox(spec)
@@ -238,6 +240,7 @@ _LIMIT_ERRNOS = {
     errno.EMFILE: ("max_open_files", "open files limit {} reached"),
     errno.EFBIG: ("max_file_size_mb", "file size limit {} MiB exceeded"),
     errno.EAGAIN: ("max_procs", "process limit {} reached"),
+    errno.ENOSPC: ("tmp_size_mb", "temp dir limit {} MiB reached"),
 }
 
 

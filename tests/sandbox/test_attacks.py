@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -53,6 +54,12 @@ def test_escape_attempts_fail_and_others_go_on(server: Server, world: Path) -> N
             fds = r.pop("fds")
             r.pop("ignores")
             assert [k for k, v in r.items() if v == "ok"] == [], r
+            # seccomp, not a missing terminal, refuses the injection (ENOTTY without the filter)
+            assert r["tiocsti"] == r["tiocsti_high_bits"] == r["tioclinux"] == "EPERM", r
+            assert r["open_tty"] in ("EACCES", "ENXIO") and r["openpty"] == "EACCES", r
+            # the setuid copy runs (the temp dir is not noexec) but gains nothing: nosuid, no_new_privs
+            assert r["setuid_copy"].count("Operation not permitted") == 2, r
+            assert "Permission denied" in r["setuid_copy"].split("read:")[1], r
             # nothing inherited from the supervisor: /dev/null, pipes, the worker's own unix
             # socket pair and event loop; no file, no TCP socket
             assert set(fds.split(",")) <= {"/dev/null", "pipe", "anon_inode", "socket:AF_UNIX"}, fds
@@ -66,6 +73,34 @@ def test_escape_attempts_fail_and_others_go_on(server: Server, world: Path) -> N
         asyncio.run(go())
     finally:
         listener.close()
+
+
+def test_filling_the_temp_dir_stops_at_its_cap(server: Server) -> None:
+    """A tmpfs of the job's own: ENOSPC at the cap (half the job's memory, 64 MiB here), named
+    in the error if the agent lets it out; /dev/shm, other jobs and the supervisor go on."""
+    limits = {"x-vendor.arcp-supervisor.limits": ["memory_mb:128"]}
+
+    async def go() -> None:
+        shm_before = shutil.disk_usage("/dev/shm").used
+        async with sdk_session(server.url) as (client, rec):
+            other = await client.submit(agent="stubborn")
+            h = await client.submit(agent="filldisk", input={}, lease_request=limits)
+            r = (await asyncio.wait_for(h.done, 30)).result
+            assert r["error"] == "ENOSPC" and 56 <= r["written_mb"] <= 64, r
+            h = await client.submit(agent="filldisk", input={"raise": True}, lease_request=limits)
+            t = await rec.terminal(h.job_id)
+            err = t["payload"]
+            assert t["type"] == "job.error" and err["code"] == "INTERNAL_ERROR", t
+            assert err["message"].startswith("temp dir limit 64 MiB reached"), err
+            assert err["retryable"] is False and err["details"]["limit"] == "tmp_size_mb", err
+            await asyncio.sleep(0.2)
+            assert shutil.disk_usage("/dev/shm").used - shm_before < 16 << 20, "the job's files outlived it"
+            assert not (await rec.wait_for(lambda f: f.get("job_id") == other.job_id)).get("type") == "job.error"
+            await client.cancel_job(other.job_id)
+            await rec.terminal(other.job_id)
+            h2 = await client.submit(agent="echo", input="after")
+            assert (await asyncio.wait_for(h2.done, 15)).result == {"echo": "after"}
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("end", ["return", "cancel", "timeout"])
