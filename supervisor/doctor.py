@@ -107,7 +107,10 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Layer("process-group", True, True, "each worker in its own session; dies with the supervisor"),
         Layer("scrubbed-env", True, True, "PATH, LANG, LC_*, TZ; HOME and TMPDIR private"),
         Layer("root", root, root, "supervisor runs as root" if root else "supervisor is unprivileged"),
-        Layer("job-uids", False, False, "jobs run as the supervisor's uid" + (" (0)" if root else "")),
+        Layer("job-uids", False, False,
+              "not applied ([sandbox] job_uids is read only): jobs run as uid 0 with no capability, "
+              "no_new_privs and Landlock's scopes (listed as uid0-no-capabilities)" if root
+              else "jobs run as the supervisor's uid"),
         Layer("container", _in_container(), False, "inside a container" if _in_container() else "not a container"),
     ]
     g = [

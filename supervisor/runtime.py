@@ -50,6 +50,8 @@ def sandbox_layers() -> list[str]:
     """The isolation layers every job gets on this host, named as `doctor` names them."""
     layers = ["process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits",
               "memory-watchdog", "no-new-privs", "no-capabilities"]
+    if os.geteuid() == 0:  # [sandbox] job_uids is not applied: say so in every job's list
+        layers.append("uid0-no-capabilities")
     abi = landlock_abi()
     if abi:
         layers.append(f"landlock-abi{abi}")
