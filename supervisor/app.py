@@ -21,7 +21,7 @@ def _url_host(host: str) -> str:
 async def serve(config: Config) -> None:
     from supervisor.doctor import report
 
-    for line in report(as_json=False)[0].splitlines():
+    for line in report(as_json=False, job_uids=config.job_uids)[0].splitlines():
         if line:
             log.info("isolation: %s", line)
     rt = Runtime(config, STDIO_FRAME_CAP if config.stdio else WS_FRAME_CAP)

@@ -88,14 +88,24 @@ def run(
 @app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines.")] = False,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", help="TOML config file whose [sandbox] job_uids to check.")] = None,
 ) -> None:
     """Print the isolation layers this host offers and whether `run` uses them.
 
     Exits 0 when every guarantee of a job's sandbox is enforced here, 1 otherwise.
     """
+    from supervisor.config import ConfigError, load_file
     from supervisor.doctor import report
 
-    text, status = report(as_json)
+    job_uids = None
+    if config is not None:
+        try:
+            job_uids = load_file(config).get("job_uids")
+        except ConfigError as e:
+            typer.echo(f"arcp-supervisor: {e}", err=True)
+            raise typer.Exit(2) from None
+    text, status = report(as_json, job_uids)
     print(text)
     raise typer.Exit(status)
 

@@ -127,8 +127,13 @@ def parse_uid_range(text: Any, what: str) -> tuple[int, int]:
     if not isinstance(text, str) or not re.match(r"^\d+-\d+$", text):
         raise ConfigError(f"{what}: expected FIRST-LAST, got {text!r}")
     a, b = (int(x) for x in text.split("-"))
-    if not 0 < a <= b:
-        raise ConfigError(f"{what}: range {text!r} must be ascending and above 0")
+    if not 0 < a <= b or b >= 2 ** 31:
+        raise ConfigError(f"{what}: range {text!r} must be ascending, above 0 and below 2^31")
+    import pwd
+
+    for user in pwd.getpwall():  # a job must never share a uid with anyone else
+        if a <= user.pw_uid <= b:
+            raise ConfigError(f"{what}: uid {user.pw_uid} of range {text!r} belongs to user {user.pw_name!r}")
     return a, b
 
 

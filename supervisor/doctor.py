@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.landlock import landlock_abi
+from shared.reachability import blocked_dirs, unreadable_files
 from supervisor.job_dirs import can_mount_tmpfs, tmp_base
 from shared.seccomp import seccomp_available
 
@@ -74,7 +75,27 @@ def _in_container() -> bool:
     return os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv")
 
 
-def examine() -> tuple[list[Layer], list[Guarantee]]:
+def _job_uids_layer(root: bool, job_uids: tuple[int, int] | None) -> Layer:
+    """Whether jobs get uids of their own, and whether those can read Python, the venv and the agents."""
+    if not root:
+        return Layer("job-uids", False, False, "jobs run as the supervisor's uid (job uids need root)")
+    if job_uids is None:
+        return Layer("job-uids", True, False, "not configured ([sandbox] job_uids): jobs run as uid 0 with no "
+                                             "capability, no_new_privs and Landlock's scopes "
+                                             "(listed as uid0-no-capabilities)")
+    needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), os.getcwd()]
+    files = [os.path.realpath(sys.executable), os.path.join(os.path.dirname(os.__file__), "os.py")]
+    closed = sorted(blocked_dirs(needed))
+    bad = unreadable_files(files)
+    detail = f"uids {job_uids[0]}-{job_uids[1]}; "
+    if bad:
+        return Layer("job-uids", True, False, detail + f"NOT readable by them: {', '.join(bad)}: jobs run as uid 0")
+    detail += (f"Python and the venv readable through a private mount view that opens {', '.join(closed)}"
+               if closed else "Python and the venv readable as they are")
+    return Layer("job-uids", True, True, detail)
+
+
+def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[Guarantee]]:
     abi = landlock_abi()
     mode, controllers = _cgroups()
     ns = _namespaces()
@@ -107,10 +128,7 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
         Layer("process-group", True, True, "each worker in its own session; dies with the supervisor"),
         Layer("scrubbed-env", True, True, "PATH, LANG, LC_*, TZ; HOME and TMPDIR private"),
         Layer("root", root, root, "supervisor runs as root" if root else "supervisor is unprivileged"),
-        Layer("job-uids", False, False,
-              "not applied ([sandbox] job_uids is read only): jobs run as uid 0 with no capability, "
-              "no_new_privs and Landlock's scopes (listed as uid0-no-capabilities)" if root
-              else "jobs run as the supervisor's uid"),
+        _job_uids_layer(root, job_uids),
         Layer("container", _in_container(), False, "inside a container" if _in_container() else "not a container"),
     ]
     g = [
@@ -129,8 +147,8 @@ def examine() -> tuple[list[Layer], list[Guarantee]]:
     return layers, g
 
 
-def report(as_json: bool) -> tuple[str, int]:
-    layers, guarantees = examine()
+def report(as_json: bool, job_uids: tuple[int, int] | None = None) -> tuple[str, int]:
+    layers, guarantees = examine(job_uids)
     ok = all(g.ok for g in guarantees)
     if as_json:
         import json

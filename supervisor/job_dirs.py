@@ -21,7 +21,7 @@ import tempfile
 
 log = logging.getLogger("arcp.jobs")
 
-MS_NOSUID, MS_NODEV = 0x2, 0x4
+MS_NOSUID, MS_NODEV, MS_BIND, MS_SHARED = 0x2, 0x4, 0x1000, 1 << 20
 MNT_DETACH = 0x2
 PREFIX = "arcp-supervisor-"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -75,15 +75,27 @@ def can_mount_tmpfs(where: str) -> tuple[bool, str]:
 
 
 class JobDirs:
-    def __init__(self, base: str | None = None, size: int = 256 << 20) -> None:
+    def __init__(self, base: str | None = None, size: int = 256 << 20, shared: bool = False) -> None:
+        """`shared`: the root becomes a shared mount, so that the per-job mounts made here
+        also appear in the workers' own mount namespace (job uids on)."""
         self.base = base or tmp_base()
         self.size = size
         self.root = os.path.join(self.base, f"{PREFIX}{os.getpid()}")
         self._clean_stale()
         os.makedirs(self.root, 0o711, exist_ok=True)
+        os.chmod(self.root, 0o711)  # job uids reach their own directory, and list none
+        self.shared = shared and self._share()
         self.capped, self.why_not = self._probe()
         if not self.capped:
             log.warning("job temp dirs are not size-capped (%s); the job's memory cgroup bounds them", self.why_not)
+
+    def _share(self) -> bool:
+        root = self.root.encode()
+        if _libc.mount(root, root, None, MS_BIND, None) != 0 or _libc.mount(b"none", root, None, MS_SHARED, None) != 0:
+            log.warning("job temp dirs: cannot make %s a shared mount: %s", self.root,
+                        os.strerror(ctypes.get_errno()))
+            return False
+        return True
 
     def _probe(self) -> tuple[bool, str]:
         return can_mount_tmpfs(self.root)
@@ -103,6 +115,7 @@ class JobDirs:
             root = os.path.join(self.base, name)
             for point in _mounts_under(root):
                 _unmount(point)
+            _unmount(root)  # its shared bind mount, if it had one
             shutil.rmtree(root, ignore_errors=True)
 
     def create(self, job_id: str, size: int) -> tuple[str, bool]:
@@ -131,4 +144,6 @@ class JobDirs:
     def close(self) -> None:
         for point in _mounts_under(self.root):
             _unmount(point)
+        if self.shared:
+            _unmount(self.root)
         shutil.rmtree(self.root, ignore_errors=True)

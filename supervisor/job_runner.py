@@ -28,7 +28,7 @@ from shared.lease import clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.egress import EgressJob, EgressListener
-from supervisor.worker_proc import WorkerHandle, WorkerSpawnError
+from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
 from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
 
 if TYPE_CHECKING:
@@ -132,8 +132,11 @@ class JobRunner:
             except OSError as e:
                 log.warning("job %s: cgroup limits not set (%s); the watchdog applies", job.id, e)
         egress_port = await self._open_egress(worker) if "net.fetch" in self.request.lease else None
+        spec = self.rt.job_spec(job, egress_port)
+        if self.rt.uids is not None:
+            spec["uid"] = await self._job_uid(worker)
         assert worker.writer is not None
-        worker.writer.write(encode([pm.JOB, self.rt.job_spec(job, egress_port)], pm.MAX_PIPE_FRAME))
+        worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
         if watch:
             self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
         try:
@@ -146,6 +149,20 @@ class JobRunner:
             await self._ended(worker, outcome)
         elif self._stopper is not None:
             await self._stopper  # it sends the terminal once the worker is gone
+
+    async def _job_uid(self, worker: WorkerHandle) -> int:
+        """The worker's uid (taken from the pool at its first job); the job's temp dir is its."""
+        uids = self.rt.uids
+        assert uids is not None
+        if worker.uid is None:
+            uid = worker.uid = await uids.acquire()
+            loop = asyncio.get_running_loop()
+            sweep = worker.cgroup is None  # no cgroup: find what still runs as the uid by scanning
+            worker.exited.add_done_callback(
+                lambda _: loop.call_later(CGROUP_LINGER, uids.release, uid, sweep))
+        if self.job.tmp_dir is not None:
+            os.chown(self.job.tmp_dir, worker.uid, worker.uid)
+        return worker.uid
 
     async def _open_egress(self, worker: WorkerHandle) -> int | None:
         """The job's proxy port on the workers' loopback (the worker's, if it already has one)."""

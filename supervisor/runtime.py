@@ -28,6 +28,7 @@ from supervisor.credentials import Provisioner, ProvisionerError, load_provision
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_dirs import JobDirs
 from supervisor.job_runner import JobRunner
+from supervisor.job_uids import UidPool
 from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
@@ -50,8 +51,6 @@ def sandbox_layers() -> list[str]:
     """The isolation layers every job gets on this host, named as `doctor` names them."""
     layers = ["process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits",
               "memory-watchdog", "no-new-privs", "no-capabilities"]
-    if os.geteuid() == 0:  # [sandbox] job_uids is not applied: say so in every job's list
-        layers.append("uid0-no-capabilities")
     abi = landlock_abi()
     if abi:
         layers.append(f"landlock-abi{abi}")
@@ -82,10 +81,14 @@ class Runtime:
         self.sessions: dict[str, Session] = {}
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.cgroups = Cgroups()
-        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups)
+        want_uids = config.job_uids is not None and os.geteuid() == 0
+        if config.job_uids is not None and not want_uids:
+            log.warning("[sandbox] job_uids needs a supervisor running as root: jobs run as uid %d", os.geteuid())
+        self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
+        self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
+        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
         self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
         self.sandbox_layers = sandbox_layers() + self.cgroups.layers
-        self.job_dirs = JobDirs(size=config.tmp_size)
         self.back_pressure_threshold = config.back_pressure_threshold
         self.provisioner: Provisioner | None = None
         if config.credentials_provisioner:
@@ -107,6 +110,17 @@ class Runtime:
                 self._revoke(cred_id, attempt=0)
         self.fork_server.start()
         await self.fork_server.wait_ready()
+        if self.fork_server.job_uids and self.config.job_uids is not None:
+            self.uids = UidPool(*self.config.job_uids)
+            self.sandbox_layers.append("job-uids")
+            log.info("jobs run as uids %d-%d%s", *self.config.job_uids,
+                     f" (a private mount view opens {', '.join(self.fork_server.opened)})"
+                     if self.fork_server.opened else "")
+        elif os.geteuid() == 0:  # say so in every job's list
+            self.sandbox_layers.append("uid0-no-capabilities")
+            if self.config.job_uids is not None:
+                log.warning("job uids are off (%s): jobs run as uid 0 with no capability",
+                            self.fork_server.job_uids_error or "the fork server could not set them up")
         if self.fork_server.netns:
             self.sandbox_layers.append("netns-empty")
         else:

@@ -53,6 +53,7 @@ class WorkerHandle:
         self.writer: asyncio.StreamWriter | None = None
         self.jobs_run = 0
         self.egress: EgressListener | None = None  # its jobs' proxy port, opened for the first net.fetch job
+        self.uid: int | None = None  # the uid its jobs run as (job uids on), taken at its first job
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
@@ -106,8 +107,12 @@ class ForkServer:
     """The supervisor's client of `python -m worker`."""
 
     def __init__(self, env: dict[str, str], cwd: str, agent_modules: list[str],
-                 cgroups: Cgroups | None = None) -> None:
+                 cgroups: Cgroups | None = None, job_uids: bool = False) -> None:
         self._env = env
+        self._want_job_uids = job_uids
+        self.job_uids = False  # the fork server kept what workers need to take their job's uid
+        self.job_uids_error = ""
+        self.opened: list[str] = []  # directories its private mount view opened up for job uids
         self._cgroups = cgroups
         self.cgroups_to_remove: list[WorkerCgroup] = []
         self._cwd = cwd
@@ -130,7 +135,8 @@ class ForkServer:
         self._ready = self._loop.create_future()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()), *self._modules],
+            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()),
+             *(["--job-uids"] if self._want_job_uids else []), *self._modules],
             pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
         )
@@ -183,6 +189,10 @@ class ForkServer:
             facts = msg[1] if isinstance(msg[1], dict) else {}
             self.netns = bool(facts.get("netns"))
             self.loopback = bool(facts.get("loopback"))
+            self.job_uids = bool(facts.get("job_uids"))
+            self.job_uids_error = str(facts.get("job_uids_error") or "")
+            opened = facts.get("opened")
+            self.opened = [str(d) for d in opened] if isinstance(opened, list) else []
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif op == "spawned":

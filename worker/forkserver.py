@@ -61,19 +61,11 @@ import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
 import worker.sandbox
 from worker.agent_loader import precompile
+from worker.sandbox import set_parent_death_signal
 
-PR_SET_PDEATHSIG = 1
 CLONE_NEWNET = 0x40000000
 MAX_PACKET = 64 * 1024
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def set_parent_death_signal(expected_parent: int) -> None:
-    """Die with SIGKILL when the parent goes; exit now if it is already gone."""
-    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != expected_parent:
-        os._exit(BOOT_ERROR)
 
 
 def enter_empty_netns() -> bool:
@@ -125,6 +117,7 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: in
     try:
         os.setsid()
         set_parent_death_signal(zygote)
+        worker.sandbox.PARENT = zygote
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -148,7 +141,21 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: in
     worker.runner.worker_main(pipe_fd, reuse)
 
 
-def serve(ctl_fd: int, parent: int, modules: list[str]) -> None:
+def open_up_for_job_uids(modules: list[str]) -> dict[str, Any]:
+    """Job uids on: a private mount view where they can read Python, the venv and the agents."""
+    import worker.mount_ns
+
+    dirs = [d for m in modules for d in worker.runner.agent_dirs(m)]
+    needed = worker.sandbox.python_read_dirs(dirs) + [os.getcwd()] + [p for p in sys.path if p]
+    try:
+        opened = worker.mount_ns.enter_private_view(needed)
+    except OSError as e:
+        print(f"arcp fork server: job uids off: {e}", file=sys.stderr)
+        return {"job_uids": False, "job_uids_error": str(e)}
+    return {"job_uids": True, "opened": opened}
+
+
+def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) -> None:
     set_parent_death_signal(parent)
     zygote = os.getpid()
     ctl = socket.socket(fileno=ctl_fd)
@@ -161,10 +168,11 @@ def serve(ctl_fd: int, parent: int, modules: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     netns = enter_empty_netns()
     loopback = netns and bring_up_loopback()
-    # After the namespace (which needs CAP_SYS_ADMIN): what every job's sandbox shares. The fork
-    # server then holds no capability either, so no worker can inherit one.
-    worker.sandbox.prepare(modules, worker.runner.agent_dirs)
-    _send(ctl, ["ready", {"netns": netns, "loopback": loopback}])
+    uid_facts = open_up_for_job_uids(modules) if job_uids else {"job_uids": False}
+    # After the namespaces (which need CAP_SYS_ADMIN): what every job's sandbox shares. The fork
+    # server then holds no capability (but CAP_SETUID/SETGID for job uids), so no worker inherits one.
+    worker.sandbox.prepare(modules, worker.runner.agent_dirs, keep_setid=bool(uid_facts["job_uids"]))
+    _send(ctl, ["ready", {"netns": netns, "loopback": loopback, **uid_facts}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -238,12 +246,14 @@ def _reap(ctl: socket.socket) -> None:
 
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
-        print("usage: python -m worker CTL_FD PARENT_PID [AGENT_MODULE...]", file=sys.stderr)
+        print("usage: python -m worker CTL_FD PARENT_PID [--job-uids] [AGENT_MODULE...]", file=sys.stderr)
         sys.exit(2)
+    job_uids = len(argv) > 2 and argv[2] == "--job-uids"
+    modules = argv[3:] if job_uids else argv[2:]
     sys.path.insert(0, os.getcwd())
-    precompile(argv[2:])
+    precompile(modules)
     # Everything imported so far lives as long as we do: keep the collector from
     # walking (and so copying) those pages in every forked worker.
     gc.collect()
     gc.freeze()
-    serve(int(argv[0]), int(argv[1]), argv[2:])
+    serve(int(argv[0]), int(argv[1]), modules, job_uids)

@@ -19,10 +19,12 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import signal
 import sys
 from collections.abc import Iterable
 from typing import Any
 
+from shared.exit_codes import BOOT_ERROR
 from shared.landlock import SYS_LANDLOCK_CREATE_RULESET, landlock_abi
 from worker import seccomp_filter
 
@@ -97,17 +99,46 @@ LANDLOCK_ABI = landlock_abi()
 _READ_DIRS: dict[str, list[str]] = {}  # agent module -> what its jobs may read besides the lease
 
 
-def prepare(agent_modules: list[str], agent_dirs: Any) -> None:
-    """In the fork server: everything about the sandbox that is the same for every job."""
-    global SECCOMP_BPF, PRIVILEGES_DROPPED
+SETID_KEPT = False  # the fork server kept CAP_SETUID/CAP_SETGID so each worker can take its job's uid
+PARENT = 0  # the fork server's pid, which each worker must die with
+CAP_SETGID, CAP_SETUID = 6, 7
+PR_SET_PDEATHSIG = 1
+
+
+def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False) -> None:
+    """In the fork server: everything about the sandbox that is the same for every job.
+
+    With `keep_setid`, CAP_SETUID and CAP_SETGID stay in the effective and permitted sets
+    (nothing else, and the bounding set is emptied) until each worker trades them for its
+    job's uid, which clears them."""
+    global SECCOMP_BPF, PRIVILEGES_DROPPED, SETID_KEPT
     from worker.seccomp_filter import build_bpf
 
     SECCOMP_BPF = build_bpf()
     for module in agent_modules:
         _READ_DIRS[module] = python_read_dirs(agent_dirs(module))
-    drop_capabilities()
+    drop_capabilities(keep=(1 << CAP_SETUID) | (1 << CAP_SETGID) if keep_setid else 0)
     _no_new_privs()
     PRIVILEGES_DROPPED = True
+    SETID_KEPT = keep_setid
+
+
+def become(uid: int) -> None:
+    """Take the job's uid (and the same gid, no supplementary groups). Changing every uid
+    away from 0 clears all capabilities; it also clears the parent-death signal, so that is
+    set again, and the parent checked once more in case it died in between."""
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    set_parent_death_signal(PARENT)
+
+
+def set_parent_death_signal(expected_parent: int) -> None:
+    """Die with SIGKILL when the parent goes; exit now if it is already gone."""
+    if _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if expected_parent and os.getppid() != expected_parent:
+        os._exit(BOOT_ERROR)
 
 
 def read_dirs_for(module: str, agent_dirs: Any) -> list[str]:
@@ -133,6 +164,11 @@ class Sandbox:
         if not PRIVILEGES_DROPPED:
             drop_capabilities()
             _no_new_privs()
+        uid = spec.get("uid")
+        if uid is not None:
+            become(int(uid))
+        elif SETID_KEPT:
+            drop_capabilities()  # no uid for this job: give up the two kept ones
         lease = spec.get("lease") or {}
         tmp = spec.get("tmp_dir")
         if self.abi:
@@ -221,8 +257,9 @@ _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 
 
-def drop_capabilities() -> None:
-    """Leave the job no capability: bounding set, ambient set, then all three sets."""
+def drop_capabilities(keep: int = 0) -> None:
+    """Leave no capability (but those in the `keep` mask, effective and permitted only):
+    bounding set, ambient set, then the three sets."""
     sysno = _SYS_CAPSET.get(os.uname().machine)
     if sysno is None:
         raise OSError(0, f"capset number unknown on {os.uname().machine}")
@@ -236,6 +273,8 @@ def drop_capabilities() -> None:
     _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = keep & 0xFFFFFFFF
+    data[1].effective = data[1].permitted = keep >> 32
     if _libc.syscall(sysno, ctypes.byref(header), ctypes.byref(data)) != 0:
         raise OSError(ctypes.get_errno(), "capset failed")
 

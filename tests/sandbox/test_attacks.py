@@ -37,6 +37,11 @@ def world() -> Iterator[Path]:
 
 
 def test_escape_attempts_fail_and_others_go_on(server: Server, world: Path) -> None:
+    escape_attempts(server, world)
+
+
+def escape_attempts(server: Server, world: Path) -> None:
+    """The attacker's list, run against `server`; also run in job uid mode (test_job_uids)."""
     sock_path = str(world / "host.sock")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(sock_path)

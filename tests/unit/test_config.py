@@ -63,10 +63,17 @@ def test_parse_agent_flag_rejects_empty_version() -> None:
 
 
 def test_parse_uid_range() -> None:
-    assert parse_uid_range("1000-1999", "sandbox.job_uids") == (1000, 1999)
-    for bad in ["0-5", "5-1", "a-b", "5", 5, None]:
+    import pwd
+
+    taken = {u.pw_uid for u in pwd.getpwall()}
+    first = next(u for u in range(200000, 300000, 1000) if not any(u <= t < u + 1000 for t in taken))
+    assert parse_uid_range(f"{first}-{first + 999}", "sandbox.job_uids") == (first, first + 999)
+    for bad in ["0-5", "5-1", "a-b", "5", 5, None, "1-2147483648"]:
         with pytest.raises(ConfigError, match="sandbox.job_uids"):
             parse_uid_range(bad, "sandbox.job_uids")
+    owner = next(u for u in pwd.getpwall() if u.pw_uid > 0)
+    with pytest.raises(ConfigError, match=f"belongs to user {owner.pw_name!r}"):
+        parse_uid_range(f"{owner.pw_uid}-{owner.pw_uid}", "sandbox.job_uids")
 
 
 # -- load_file ----------------------------------------------------------------------------------------
