@@ -201,6 +201,8 @@ class EgressListener:
         if self._accepting is not None:
             self._accepting.cancel()
             self._accepting = None
+            with contextlib.suppress(RuntimeError, ValueError):  # before the descriptor number is freed
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
         self.sock.close()
 
     async def _accept_loop(self) -> None:
