@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 
@@ -18,8 +19,18 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def raise_open_files_limit() -> None:
+    """Sessions, worker pipes and proxied connections all hold descriptors: use the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(config: Config) -> None:
     from supervisor.doctor import report
+
+    raise_open_files_limit()
 
     for line in report(as_json=False, job_uids=config.job_uids)[0].splitlines():
         if line:

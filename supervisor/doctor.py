@@ -120,7 +120,8 @@ def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[
         Layer("tmp-size-cap", tmp_cap, tmp_cap,
               "each job's HOME/TMPDIR a tmpfs of its own (--tmp-size, at most half its memory)" if tmp_cap
               else f"{tmp_why}: job temp dirs are bounded only by the memory cgroup"),
-        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; pid/mnt/user not used yet"),
+        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; net: one empty namespace for all workers; mnt: a private view "
+              "when job uids are on; pid, user: not used (the cgroup finds every task)"),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),
         Layer("no-new-privs", True, True, "set before Landlock"),

@@ -58,6 +58,7 @@ METRIC_INTERVAL = 0.5  # seconds between byte-count metrics while data flows
 READ_CHUNK = 64 * 1024
 LOOP_COPY = 256 * 1024  # bytes a stream is copied on the loop before a relay thread takes over
 MAX_CHUNK_LINE = 4096
+MAX_CONNECTIONS = 128  # open proxy connections per job
 LINGER = 1.0  # seconds an error response waits for the job to stop sending
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -139,6 +140,7 @@ class EgressJob:
         self._flush: asyncio.TimerHandle | None = None
         self.exchanges: set[Exchange] = set()
         self.closed = False
+        self.overflow_logged = False
         self.requests = self.refused = 0
 
     def count(self, inbound: int, outbound: int) -> None:
@@ -219,6 +221,16 @@ class EgressListener:
                 conn.close()
                 continue
             conn.setblocking(False)
+            if len(job.exchanges) >= MAX_CONNECTIONS:  # each holds two of our descriptors
+                with contextlib.suppress(OSError):
+                    conn.send(error_response(429, f"arcp-supervisor egress proxy: more than {MAX_CONNECTIONS} "
+                                                  "open connections for this job"))
+                conn.close()
+                if not job.overflow_logged:
+                    job.overflow_logged = True
+                    job.emit("log", {"level": "warn", "message": f"egress: connections over {MAX_CONNECTIONS} "
+                                                                 "at once are refused (429)"})
+                continue
             ex = Exchange(job, conn)
             job.exchanges.add(ex)
             ex.task = loop.create_task(ex.serve())

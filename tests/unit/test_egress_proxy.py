@@ -13,6 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
+from supervisor import egress
 from supervisor.authority import Authority
 from supervisor.egress import EgressJob, EgressListener
 
@@ -237,4 +240,19 @@ def test_a_slow_head_gets_408() -> None:
                 out = await reader.read()
             assert out.startswith(b"HTTP/1.1 408") and b"0.3 s" in out
             writer.close()
+    run(go())
+
+
+def test_connections_over_the_cap_get_429(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(egress, "MAX_CONNECTIONS", 2)
+
+    async def go() -> None:
+        async with proxy({"net.fetch": ["http://h/**"]}, header_timeout=5) as p:
+            held = [await asyncio.open_connection("127.0.0.1", p.listener.port) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            out = await p.request(b"")
+            assert out.startswith(b"HTTP/1.1 429") and b"more than 2 open connections" in out, out
+            assert sum("429" in w for w in p.warns()) == 1
+            for _, w in held:
+                w.close()
     run(go())
