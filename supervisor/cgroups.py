@@ -40,6 +40,10 @@ class WorkerCgroup:
         self.limits_set: tuple[int, int] | None = None
         self.oom_base = 0  # OOM kills counted before the current worker joined (groups are reused)
 
+    def procs_files(self) -> list[str]:
+        """The files the worker writes "0" to, to move itself into its groups."""
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
     @property
     def limits_memory(self) -> bool:
         return "memory" in self.dirs or "unified" in self.dirs
@@ -171,10 +175,11 @@ class Cgroups:
             return []
         return [f"cgroup-{self.mode}-" + ctl for ctl in sorted(self.bases)]
 
-    def join(self, pid: int) -> WorkerCgroup | None:
-        """Move worker `pid` into a group of its own (a reused empty one, or a new one);
-        None when cgroups are unavailable. Making a memory cgroup costs the kernel far
-        more than reusing one, so groups are recycled rather than removed."""
+    def reserve(self) -> WorkerCgroup | None:
+        """A group of its own for the next worker (a reused empty one, or a new one), which
+        the worker joins itself right after fork; None when cgroups are unavailable. Making
+        a memory cgroup costs the kernel far more than reusing one, so groups are recycled
+        rather than removed."""
         if not self.bases:
             return None
         cg = self._free.pop() if self._free else None
@@ -187,18 +192,18 @@ class Cgroups:
                     os.makedirs(d, exist_ok=True)
                     dirs[ctl] = d
             except OSError as e:
-                log.warning("cannot make a cgroup for worker %d: %s", pid, e)
+                log.warning("cannot make a cgroup for a worker: %s", e)
                 WorkerCgroup(dirs, self.mode == "v2").remove()
                 return None
             cg = WorkerCgroup(dirs, self.mode == "v2")
-        try:
-            for d in cg.dirs.values():
-                _write(os.path.join(d, "cgroup.procs"), str(pid))
-        except OSError as e:
-            log.warning("worker %d could not join its cgroup: %s", pid, e)
-            cg.remove()
-            return None
         return cg
+
+    def unreserve(self, cg: WorkerCgroup) -> None:
+        """A reserved group whose worker was never forked: keep it for the next one."""
+        if len(self._free) < MAX_FREE_GROUPS:
+            self._free.append(cg)
+        else:
+            cg.remove()
 
     def recycle(self, cg: WorkerCgroup) -> bool:
         """A worker is gone: kill what it left; keep the group for the next worker if it is

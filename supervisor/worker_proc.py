@@ -298,11 +298,17 @@ class ForkServer:
         req = self._next_req
         fut: asyncio.Future[int] = self._loop.create_future()
         self._spawning[req] = (fut, ours)
+        # The worker joins its group itself, first thing after fork (it fails closed if it
+        # cannot): no cgroup.procs write on the event loop, and never a job outside its group.
+        cgroup = self._cgroups.reserve() if self._cgroups is not None else None
+        procs = cgroup.procs_files() if cgroup is not None else []
         try:
-            await self._send_request(msgpack.packb(["spawn", req, reuse]), [theirs.fileno()])
-        except (OSError, TimeoutError) as e:
+            await self._send_request(msgpack.packb(["spawn", req, reuse, procs]), [theirs.fileno()])
+        except (OSError, TimeoutError, WorkerSpawnError) as e:
             self._spawning.pop(req, None)
             ours.close()
+            if cgroup is not None and self._cgroups is not None:
+                self._cgroups.unreserve(cgroup)
             raise WorkerSpawnError(f"cannot reach the fork server: {e}") from e
         finally:
             theirs.close()
@@ -310,6 +316,8 @@ class ForkServer:
             pid = await asyncio.wait_for(fut, SPAWN_TIMEOUT)
         except BaseException:
             ours.close()
+            if cgroup is not None:  # a late fork may still join it: empty it before reuse
+                self.cgroups_to_remove.append(cgroup)
             raise
         exited: asyncio.Future[int] = self._loop.create_future()
         early = self._early_exits.pop(pid, None)
@@ -317,7 +325,6 @@ class ForkServer:
             exited.set_result(early)
         else:
             self._exits[pid] = exited
-        cgroup = self._cgroups.join(pid) if self._cgroups is not None else None
         if cgroup is not None:
             exited.add_done_callback(lambda _: self._release_cgroup(cgroup))
         handle = WorkerHandle(pid, ours, exited, cgroup)

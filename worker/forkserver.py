@@ -3,7 +3,7 @@
 The supervisor starts this process once, with one end of a SOCK_SEQPACKET
 socket pair. Each request is one packet:
 
-    ["spawn", req_id, reuse]  + one descriptor (the worker's end of its job pipe)
+    ["spawn", req_id, reuse, [cgroup.procs path, ...]]  + one descriptor (the worker's end of its job pipe)
 
 and is answered with ``["spawned", req_id, pid]`` (or ``["spawn_failed",
 req_id, message]``).
@@ -112,9 +112,13 @@ def _send(ctl: socket.socket, msg: list[Any]) -> None:
     ctl.send(msgpack.packb(msg))
 
 
-def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: int, zygote: int) -> None:
-    """In the forked worker: detach, keep only its pipe, then serve jobs."""
+def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: int, zygote: int,
+           cgroup_procs: list[str]) -> None:
+    """In the forked worker: join its cgroups, detach, keep only its pipe, then serve jobs."""
     try:
+        for path in cgroup_procs:  # "0": this process (uid 0 may write these root-owned 0644 files)
+            with open(path, "w") as f:
+                f.write("0")
         os.setsid()
         set_parent_death_signal(zygote)
         worker.sandbox.PARENT = zygote
@@ -201,6 +205,7 @@ def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w
             _listen(ctl, msg[1])
             return
         op, req_id, reuse = msg[0], msg[1], int(msg[2])
+        cgroup_procs = [str(p) for p in msg[3]] if len(msg) > 3 else []
         if op != "spawn" or len(fds) != 1:
             raise ValueError(f"bad request {op!r} with {len(fds)} descriptors")
     except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
@@ -216,7 +221,7 @@ def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w
         _send(ctl, ["spawn_failed", req_id, f"fork failed: {e}"])
         return
     if pid == 0:
-        _child(ctl, wake_r, wake_w, pipe_fd, reuse, zygote)
+        _child(ctl, wake_r, wake_w, pipe_fd, reuse, zygote, cgroup_procs)
         os._exit(0)  # not reached
     os.close(pipe_fd)
     _send(ctl, ["spawned", req_id, pid])
