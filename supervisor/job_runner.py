@@ -131,6 +131,12 @@ class JobRunner:
                 watch = not worker.cgroup.limits_memory
             except OSError as e:
                 log.warning("job %s: cgroup limits not set (%s); the watchdog applies", job.id, e)
+        try:
+            self.rt.job_tmp_dir(job, worker)
+        except OSError as e:
+            self.rt.pool.retire(worker)
+            self._finish(ERROR, InternalError(f"could not make the job's temp dir: {e}").to_wire())
+            return
         egress_port = await self._open_egress(worker) if "net.fetch" in self.request.lease else None
         spec = self.rt.job_spec(job, egress_port)
         if self.rt.uids is not None:

@@ -161,7 +161,7 @@ class Job:
     created_mono: float = field(default_factory=time.monotonic)
     finished_mono: float | None = None
     last_seq: int = 0  # the highest event_seq this job took in its submitting session
-    tmp_dir: str | None = None  # the job's private HOME/TMPDIR, removed at its terminal
+    tmp_dir: str | None = None  # the job's private HOME/TMPDIR: its worker's, emptied at its terminal
     tmp_capped: bool = False  # a tmpfs of its own, capped at tmp_size bytes
     tmp_size: int | None = None
     children: list[str] = field(default_factory=list)  # delegated jobs, ended with this one

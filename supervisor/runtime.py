@@ -33,7 +33,7 @@ from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
 from supervisor.store import Store, StoredJob
-from supervisor.worker_proc import ForkServer, WorkerPool
+from supervisor.worker_proc import ForkServer, WorkerHandle, WorkerPool
 from supervisor.worker_rpc import WorkerProtocolError
 
 log = logging.getLogger("arcp.runtime")
@@ -87,7 +87,8 @@ class Runtime:
         self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
         self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
-        self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers)
+        self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers,
+                               on_spawn=self._give_tmp_dir, on_keep=self._empty_tmp_dir)
         self.sandbox_layers = sandbox_layers() + self.cgroups.layers
         self.back_pressure_threshold = config.back_pressure_threshold
         self.provisioner: Provisioner | None = None
@@ -234,6 +235,28 @@ class Runtime:
         self.store.delete_jobs(self.jobs.expire(now))
         self.fork_server.sweep_cgroups()
 
+    # -- workers' temp dirs (job_dirs) -------------------------------------------
+    def _give_tmp_dir(self, worker: WorkerHandle) -> None:
+        path, capped = self.job_dirs.create(f"w{worker.pid}", self.config.tmp_size)
+        worker.tmp_dir, worker.tmp_capped, worker.tmp_size = path, capped, self.config.tmp_size
+        worker.on_close.append(lambda: self.job_dirs.remove(path, capped))
+
+    def _empty_tmp_dir(self, worker: WorkerHandle) -> None:
+        if worker.tmp_dir is not None:
+            self.job_dirs.empty(worker.tmp_dir)
+
+    def job_tmp_dir(self, job: Job, worker: WorkerHandle) -> None:
+        """The job's HOME/TMPDIR: its worker's directory, capped at the operator's size or
+        half the job's memory limit if that is smaller (its pages count as the job's memory)."""
+        assert job.request is not None
+        if worker.tmp_dir is None:
+            self._give_tmp_dir(worker)
+        size = min(self.config.tmp_size, job.request.limits.memory // 2)
+        if worker.tmp_capped and worker.tmp_size != size and self.job_dirs.resize(worker.tmp_dir or "", size):
+            worker.tmp_size = size
+        job.tmp_dir, job.tmp_capped = worker.tmp_dir, worker.tmp_capped
+        job.tmp_size = worker.tmp_size if worker.tmp_capped else None
+
     # -- jobs ---------------------------------------------------------------
     def reuse_key(self, job: Job) -> tuple[Any, ...]:
         r = job.request
@@ -273,17 +296,12 @@ class Runtime:
 
     def _start(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
                job_id: str | None = None) -> Job:
-        job_id = job_id or new_id("job")
-        tmp_size = min(self.config.tmp_size, req.limits.memory // 2)  # its pages count as the job's memory
-        tmp_dir, capped = self.job_dirs.create(job_id, tmp_size)
         layers = self.sandbox_layers
-        if capped:
+        if self.job_dirs.capped:
             layers = layers + ["tmp-size-cap"]
         if "net.fetch" in req.lease and self.egress_unavailable is None:
             layers = layers + ["egress-proxy"]
         job = self.jobs.create(session.principal, session, req, layers, job_id)
-        job.tmp_dir, job.tmp_capped = tmp_dir, capped
-        job.tmp_size = tmp_size if capped else None
         if credentials:
             job.credentials = credentials
             self.store.add_credentials(job.id, [c["id"] for c in credentials])
@@ -463,9 +481,7 @@ class Runtime:
                 child.runner.request_stop("cancel", f"parent job {job.id} ended")
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
-        if job.tmp_dir is not None:
-            self.job_dirs.remove(job.tmp_dir, job.tmp_capped)
-            job.tmp_dir = None
+        job.tmp_dir = None  # the worker's: emptied when it is kept for another job, removed with it
         self.store.delete_jobs(self.jobs.finished_job(job))
 
     def _terminal_of(self, job: Job) -> dict[str, Any]:

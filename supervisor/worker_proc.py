@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import msgpack
@@ -54,6 +54,10 @@ class WorkerHandle:
         self.jobs_run = 0
         self.egress: EgressListener | None = None  # its jobs' proxy port, opened for the first net.fetch job
         self.uid: int | None = None  # the uid its jobs run as (job uids on), taken at its first job
+        self.tmp_dir: str | None = None  # its jobs' HOME/TMPDIR (see job_dirs), emptied between jobs
+        self.tmp_capped = False
+        self.tmp_size = 0
+        self.on_close: list[Callable[[], None]] = []  # run once, when its pipe is closed
 
     async def open(self) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(sock=self.sock, limit=1 << 20)
@@ -94,6 +98,12 @@ class WorkerHandle:
         self.close_pipe()
 
     def close_pipe(self) -> None:
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            try:
+                hook()
+            except OSError as e:
+                log.warning("worker %d: clean-up failed: %s", self.pid, e)
         if self.egress is not None:
             self.egress.close()
             self.egress = None
@@ -362,8 +372,14 @@ class ForkServer:
 class WorkerPool:
     """Warm workers ready before they are needed; reuse only within one key."""
 
-    def __init__(self, fork_server: ForkServer, warm: int, reuse: int, max_idle_reused: int = 32) -> None:
+    def __init__(self, fork_server: ForkServer, warm: int, reuse: int, max_idle_reused: int = 32,
+                 on_spawn: Callable[[WorkerHandle], None] | None = None,
+                 on_keep: Callable[[WorkerHandle], None] | None = None) -> None:
+        """`on_spawn` prepares each new worker (its temp dir) before it waits in the pool;
+        `on_keep` resets a worker kept for another job of its key."""
         self._fs = fork_server
+        self._on_spawn = on_spawn
+        self._on_keep = on_keep
         self._warm = max(0, warm)
         self._reuse = max(1, reuse)
         self._max_idle_reused = max_idle_reused
@@ -393,7 +409,16 @@ class WorkerPool:
                 return h
             h.close_pipe()
         self._refill()
-        return await self._fs.spawn(self._reuse)
+        return self._prepared(await self._fs.spawn(self._reuse))
+
+    def _prepared(self, h: WorkerHandle) -> WorkerHandle:
+        if self._on_spawn is not None:
+            try:
+                self._on_spawn(h)
+            except OSError as e:
+                self.retire(h)
+                raise WorkerSpawnError(f"cannot prepare worker {h.pid}: {e}") from e
+        return h
 
     def release(self, handle: WorkerHandle, key: Hashable) -> None:
         """A job ended normally on `handle`: keep it for `key` or retire it."""
@@ -401,6 +426,8 @@ class WorkerPool:
         if (self._reuse > 1 and not self._closed and handle.alive and handle.jobs_run < self._reuse):
             if self._reused_count >= self._max_idle_reused:
                 self._evict_one()
+            if self._on_keep is not None:
+                self._on_keep(handle)
             self._reused.setdefault(key, deque()).append(handle)
             self._reused_count += 1
             return
@@ -431,7 +458,7 @@ class WorkerPool:
 
     async def _spawn_one(self) -> None:
         try:
-            h = await self._fs.spawn(self._reuse)
+            h = self._prepared(await self._fs.spawn(self._reuse))
         except (WorkerSpawnError, TimeoutError, OSError) as e:
             log.error("could not start a warm worker: %s", e)
             return

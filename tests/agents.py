@@ -168,6 +168,7 @@ def tmp_and_net(input: Any, job: JobContext) -> Any:
     import socket
     import tempfile
 
+    found = sorted(os.listdir(tempfile.gettempdir()))  # what an earlier job may have left
     path = os.path.join(tempfile.gettempdir(), "scratch.txt")
     with open(path, "w") as f:
         f.write("mine")
@@ -182,7 +183,8 @@ def tmp_and_net(input: Any, job: JobContext) -> Any:
     except OSError as e:
         udp = f"{type(e).__name__}: {e}"
     interfaces = sorted(name for _, name in socket.if_nameindex())
-    return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "net": net,
+    return {"home": os.environ.get("HOME"), "tmp": tempfile.gettempdir(), "wrote": path, "found": found,
+            "pid": os.getpid(), "net": net,
             "udp": udp, "interfaces": interfaces}
 
 

@@ -15,8 +15,9 @@ sent back through a pipe, and exits with os._exit(0). The parent also times fork
 Layers (per job in this design):
   baseline       fork -> reaped of a child that applies nothing (same pipe handshake)
   rlimits        Sandbox._rlimits with the default limits (cpu, open files, file size, procs)
-  cgroup-join    Cgroups.join of a recycled group: the parent writes the pid into memory+pids cgroup.procs
-  cgroup-new     Cgroups.join when no group is free (mkdir memory+pids, then join), then set_limits
+  cgroup-join    a recycled group (Cgroups.reserve), its memory+pids cgroup.procs written with the pid
+                 (a worker writes them itself right after fork; the kernel's attach is the same)
+  cgroup-new     Cgroups.reserve when no group is free (mkdir memory+pids, then join), then set_limits
   caps-nnp       drop_capabilities + no_new_privs (once in the fork server in this design, not per job)
   landlock       Sandbox.apply's Landlock part: read dirs + lease roots + tmp dir, restrict_self
   seccomp        seccomp_filter.load of build_bpf()
@@ -168,7 +169,7 @@ ROWS = [
     Row("baseline", "fork → reaped, nothing applied", "baseline", (), "parent", None),
     Row("rlimits", "rlimits (Sandbox._rlimits, default limits)", "rlimits", ("child",), "child", "baseline",
         "rlimits-2x"),
-    Row("cgroup-join", "cgroup join, recycled group (Cgroups.join: pid → memory+pids cgroup.procs)",
+    Row("cgroup-join", "cgroup join, recycled group (reserve, then pid → memory+pids cgroup.procs)",
         "cgroup-join", ("join",), "parent", "baseline"),
     Row("cgroup-new", "cgroup join, new group (mkdir memory+pids, then join)", "cgroup-new", ("join",),
         "parent", "baseline"),
@@ -299,10 +300,13 @@ class Bench:
         if not cgs.bases:
             raise OSError(0, "no writable cgroup hierarchy (memory/pids)")
         t0 = time.perf_counter_ns()
-        cg = cgs.join(pid)
-        ns = time.perf_counter_ns() - t0
+        cg = cgs.reserve()
         if cg is None:
-            raise OSError(0, "Cgroups.join failed (see the warning above)")
+            raise OSError(0, "Cgroups.reserve failed (see the warning above)")
+        for path in cg.procs_files():  # what a worker writes ("0") right after fork: the same attach
+            with open(path, "w") as f:
+                f.write(str(pid))
+        ns = time.perf_counter_ns() - t0
         self.current = cg
         return cg, ns
 

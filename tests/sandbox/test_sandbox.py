@@ -76,7 +76,7 @@ def test_private_tmp_and_no_network(server: Server) -> None:
     async def go() -> None:
         _, t = await _run(server.url, "tmpnet", {"port": port})
         r = t["payload"]["result"]
-        assert r["home"] == r["tmp"] and os.path.basename(r["tmp"]).startswith("arcp-job_")
+        assert r["home"] == r["tmp"] and os.path.basename(r["tmp"]).startswith("arcp-w")
         assert "connected" != r["net"] and "Permission denied" in r["net"], r
         assert r["udp"] != "sent" and "Permission denied" in r["udp"], r  # seccomp: TCP is the only IP socket
         assert r["interfaces"] == ["lo"], r
@@ -147,6 +147,21 @@ def test_accepted_lists_the_active_layers(server: Server) -> None:
             if landlock_abi():
                 assert f"landlock-abi{landlock_abi()}" in layers
     asyncio.run(go())
+
+
+def test_a_reused_workers_next_job_finds_its_temp_dir_empty_and_writable() -> None:
+    s = Server("--reuse-workers", "3")
+    try:
+        async def go() -> None:
+            _, t1 = await _run(s.url, "tmpnet", {"port": 9})
+            _, t2 = await _run(s.url, "tmpnet", {"port": 9})
+            r1, r2 = t1["payload"]["result"], t2["payload"]["result"]
+            assert r1["pid"] == r2["pid"] and r1["tmp"] == r2["tmp"], (r1, r2)  # the same worker
+            assert r1["found"] == [] and r2["found"] == [], (r1, r2)  # the first job's file is gone
+            assert os.path.isdir(r1["tmp"]) and os.listdir(r1["tmp"]) == []
+        asyncio.run(go())
+    finally:
+        s.stop()
 
 
 def test_jobs_hold_no_capabilities_and_no_new_privileges(server: Server) -> None:
