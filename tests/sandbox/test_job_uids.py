@@ -124,3 +124,18 @@ def test_the_uid_pool_reuses_late_and_waits_when_empty() -> None:
         pool.release(12)
         assert [await pool.acquire(), await pool.acquire()] == [10, 12]
     asyncio.run(go())
+
+
+@needs_root
+@pytest.mark.skipif(landlock_abi() < 4, reason="the egress proxy needs Landlock ABI 4")
+def test_net_fetch_works_under_job_uids(uid_server: Server) -> None:
+    from tests.sandbox.test_egress import Origin
+
+    origin = Origin()
+    try:
+        lease = {"net.fetch": [f"http://127.0.0.1:{origin.port}/**"]}
+        t = asyncio.run(_run(uid_server.url, "fetch", {"url": f"http://127.0.0.1:{origin.port}/uid"},
+                             lease_request=lease))
+        assert t["payload"]["result"]["body"] == "hello from /uid", t
+    finally:
+        origin.close()
