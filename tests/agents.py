@@ -271,18 +271,21 @@ def creds(input: Any, job: JobContext) -> Any:
     return {"ids": ids, "in_env": in_env, "schemes": [c["scheme"] for c in job.credentials]}
 
 
+def _errno_of(fn: Any) -> str:
+    """"ok" if `fn()` worked, else the name of the errno it failed with."""
+    import errno
+
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
 def attacks(input: Any, job: JobContext) -> Any:
     """Escape attempts; each entry says how it failed ("ok" means it worked)."""
-    import errno
     import signal as sig
     import socket
-
-    def attempt(fn: Any) -> str:
-        try:
-            fn()
-            return "ok"
-        except OSError as e:
-            return errno.errorcode.get(e.errno or 0, str(e.errno))
 
     granted = input["granted"]
     out: dict[str, str] = {}
@@ -291,20 +294,20 @@ def attacks(input: Any, job: JobContext) -> Any:
         with open(os.path.join(granted, "swap", "secret.txt")) as f:
             f.read()
 
-    out["symlink_swap"] = attempt(symlink_swap)
-    out["hardlink"] = attempt(lambda: os.link(os.path.join(input["outside"], "secret.txt"),
+    out["symlink_swap"] = _errno_of(symlink_swap)
+    out["hardlink"] = _errno_of(lambda: os.link(os.path.join(input["outside"], "secret.txt"),
                                               os.path.join(granted, "hl")))
-    out["mknod"] = attempt(lambda: os.mknod(os.path.join(granted, "dev"), 0o600 | 0o020000, os.makedev(1, 3)))
-    out["parent_environ"] = attempt(lambda: open(f"/proc/{os.getppid()}/environ", "rb").read())
-    out["supervisor_environ"] = attempt(lambda: open(f"/proc/{input['supervisor']}/environ", "rb").read())
-    out["signal_supervisor"] = attempt(lambda: os.kill(int(input["supervisor"]), 0))
-    out["signal_other_job"] = attempt(lambda: os.kill(int(input["other"]), 0))
-    out["ptrace_other_job"] = attempt(lambda: open(f"/proc/{input['other']}/mem", "rb").read(1))
+    out["mknod"] = _errno_of(lambda: os.mknod(os.path.join(granted, "dev"), 0o600 | 0o020000, os.makedev(1, 3)))
+    out["parent_environ"] = _errno_of(lambda: open(f"/proc/{os.getppid()}/environ", "rb").read())
+    out["supervisor_environ"] = _errno_of(lambda: open(f"/proc/{input['supervisor']}/environ", "rb").read())
+    out["signal_supervisor"] = _errno_of(lambda: os.kill(int(input["supervisor"]), 0))
+    out["signal_other_job"] = _errno_of(lambda: os.kill(int(input["other"]), 0))
+    out["ptrace_other_job"] = _errno_of(lambda: open(f"/proc/{input['other']}/mem", "rb").read(1))
     def unix_connect() -> None:
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(input["unix"])
 
-    out["unix_socket"] = attempt(unix_connect)
+    out["unix_socket"] = _errno_of(unix_connect)
     kinds = []
     for fd in sorted(int(fd) for fd in os.listdir("/proc/self/fd")):
         try:
@@ -361,16 +364,9 @@ def _tty_attacks() -> dict[str, str]:
             return "ok"
         return errno.errorcode.get(ctypes.get_errno(), "?")
 
-    def opening(fn: Any) -> str:
-        try:
-            fn()
-            return "ok"
-        except OSError as e:
-            return errno.errorcode.get(e.errno or 0, str(e.errno))
-
     return {"tiocsti": ioctl(0x5412), "tiocsti_high_bits": ioctl((1 << 32) | 0x5412),
-            "tioclinux": ioctl(0x541C), "open_tty": opening(lambda: os.open("/dev/tty", os.O_RDWR)),
-            "openpty": opening(os.openpty)}
+            "tioclinux": ioctl(0x541C), "open_tty": _errno_of(lambda: os.open("/dev/tty", os.O_RDWR)),
+            "openpty": _errno_of(os.openpty)}
 
 
 def fill_disk(input: Any, job: JobContext) -> Any:

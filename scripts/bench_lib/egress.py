@@ -35,7 +35,6 @@ import os
 import re
 import secrets
 import selectors
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +46,8 @@ from typing import Any
 
 import psutil
 from websockets.asyncio.client import connect
+
+from procgroup import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -162,16 +163,7 @@ class Proc:
         return float(t.user + t.system)
 
     def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(5)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, 5)
 
 
 def host_env() -> dict[str, str]:

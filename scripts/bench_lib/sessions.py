@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,8 @@ from typing import Any
 
 import psutil
 from websockets.asyncio.client import connect
+
+from procgroup import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT.parent / "shared" / "bench"
@@ -71,16 +71,7 @@ class Server:
         return int(self.ps.memory_info().rss)
 
     def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(3)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(self.proc, 3)
 
 
 def servers(quick: bool) -> dict[str, list[str]]:
