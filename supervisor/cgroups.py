@@ -1,10 +1,17 @@
-"""Per-worker cgroups (v1 memory and pids controllers; v2 where its controllers are delegated).
+"""Per-worker cgroups (v1 memory, pids and cpuacct controllers; v2 where its controllers are delegated).
 
 Each worker joins a cgroup of its own when it is forked (off any job's path);
-the job's limits are written when the job arrives. The kernel then enforces
-them: memory over the limit is OOM-killed inside the group only, forks past
-`pids.max` fail with EAGAIN, and every task of the group — grandchildren that
-called setsid() included — can be found and killed when the job ends.
+the job's limits are written when the job arrives, and read back. The kernel
+then enforces them: memory over the limit is OOM-killed inside the group only,
+forks past `pids.max` fail with EAGAIN, the group's CPU time is counted for the
+whole process tree (the supervisor reads it while the job runs), and every task
+of the group — grandchildren that called setsid() included — can be found and
+killed when the job ends.
+
+Groups are recycled from one worker to the next, so a job's limits are never
+assumed: each one is written in an order the kernel accepts from whatever the
+last job left, and read back. A limit that does not hold raises
+`LimitNotApplied`; that group is then retired (removed, never handed out again).
 """
 
 from __future__ import annotations
@@ -13,69 +20,185 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 
 log = logging.getLogger("arcp.cgroups")
-V1_ROOT = "/sys/fs/cgroup"
-V2_ROOT = "/sys/fs/cgroup"
+ROOT = "/sys/fs/cgroup"
+V1_ROOT = ROOT
+V2_ROOT = ROOT
 PREFIX = "arcp-supervisor-"
 MAX_FREE_GROUPS = 256
+V1_CONTROLLERS = ("memory", "pids", "cpuacct")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 1 << 20
 
 
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
+class CgroupFS:
+    """How the supervisor touches cgroupfs: plain file operations (tests give a fake tree)."""
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def write(self, path: str, value: str) -> None:
+        with open(path, "w") as f:
+            f.write(value)
+
+    def mkdir(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
 
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+HOST_FS = CgroupFS()
+
+
+def describe_limit(key: str, value: int) -> str:
+    """A limit in the words of the contract's messages."""
+    return {"memory_mb": f"memory limit {value} MiB", "max_procs": f"process limit {value}",
+            "cpu_sec": f"cpu time limit {value} s"}.get(key, f"{key} limit {value}")
+
+
+class LimitNotApplied(Exception):
+    """A layer could not apply one of a job's limits: the job must not run without it."""
+
+    def __init__(self, key: str, value: int, layer: str, reason: str) -> None:
+        super().__init__(f"could not apply {describe_limit(key, value)} ({layer}): {reason}")
+        self.key = key
+        self.value = value
+        self.layer = layer
+        self.reason = reason
+
+    @property
+    def details(self) -> dict[str, int | str]:
+        return {"limit": self.key, "value": self.value, "layer": self.layer}
+
+
+class _NotHeld(Exception):
+    """A control file does not hold the value written to it."""
+
+
+def _number(text: str) -> int | None:
+    """A control file's value: an integer, or None for "max" (no limit)."""
+    text = text.strip()
+    if text == "max":
+        return None
+    return int(text)
 
 
 class WorkerCgroup:
     """The cgroup directories of one worker (one per controller in v1)."""
 
-    def __init__(self, dirs: dict[str, str], v2: bool) -> None:
-        self.dirs = dirs  # controller -> directory
+    def __init__(self, dirs: dict[str, str], v2: bool, fs: CgroupFS | None = None) -> None:
+        self.dirs = dirs  # controller -> directory ("unified" in v2)
         self.v2 = v2
-        self.limits_set: tuple[int, int] | None = None
+        self.fs = fs or HOST_FS
+        self.retired = False  # a limit did not hold here: removed when its worker is gone, never reused
         self.oom_base = 0  # OOM kills counted before the current worker joined (groups are reused)
 
     def procs_files(self) -> list[str]:
         """The files the worker writes "0" to, to move itself into its groups."""
         return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
 
+    def layer(self, ctl: str) -> str:
+        """The sandbox layer that `ctl` is, named as `Cgroups.layers` (and so job.accepted) name it."""
+        return f"cgroup-{'v2' if self.v2 else 'v1'}-{'unified' if self.v2 else ctl}"
+
     @property
     def limits_memory(self) -> bool:
         return "memory" in self.dirs or "unified" in self.dirs
 
+    @property
+    def counts_cpu(self) -> bool:
+        return "cpuacct" in self.dirs or "unified" in self.dirs
+
+    @property
+    def cpu_layer(self) -> str:
+        return self.layer("cpuacct")
+
+    # -- limits ---------------------------------------------------------------
     def set_limits(self, memory: int, max_procs: int) -> None:
-        if self.limits_set == (memory, max_procs):
-            return  # a reused worker: the same limits (the supervisor's reuse key)
+        """Apply a job's memory (bytes) and process limits, whatever the group held before.
+
+        Each controller is written on its own (one failing does not skip the next) and
+        every value is read back. Raises `LimitNotApplied` for the first limit that does
+        not hold, after trying them all.
+        """
+        failures: list[LimitNotApplied] = []
+
+        def attempt(key: str, value: int, ctl: str, apply: Callable[[], None]) -> None:
+            try:
+                apply()
+            except (OSError, ValueError, _NotHeld) as e:
+                failures.append(LimitNotApplied(key, value, self.layer(ctl), _reason(e)))
+
+        mem_mib = memory // MiB
         if self.v2:
             d = self.dirs["unified"]
-            _write(os.path.join(d, "memory.max"), str(memory))
+            attempt("memory_mb", mem_mib, "unified", lambda: self._set(os.path.join(d, "memory.max"), _pages(memory)))
+            with contextlib.suppress(OSError):  # no swap on this host: nothing to keep out of it
+                self.fs.write(os.path.join(d, "memory.swap.max"), "0")
             with contextlib.suppress(OSError):
-                _write(os.path.join(d, "memory.swap.max"), "0")
-            with contextlib.suppress(OSError):
-                _write(os.path.join(d, "memory.oom.group"), "1")
-            _write(os.path.join(d, "pids.max"), str(max_procs))
+                self.fs.write(os.path.join(d, "memory.oom.group"), "1")
+            attempt("max_procs", max_procs, "unified", lambda: self._set(os.path.join(d, "pids.max"), max_procs))
         else:
             if "memory" in self.dirs:
-                d = self.dirs["memory"]
-                _write(os.path.join(d, "memory.limit_in_bytes"), str(memory))
-                with contextlib.suppress(OSError):  # no swap accounting: RAM only
-                    _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory))
+                attempt("memory_mb", mem_mib, "memory", lambda: self._v1_memory(self.dirs["memory"], memory))
             if "pids" in self.dirs:
-                _write(os.path.join(self.dirs["pids"], "pids.max"), str(max_procs))
-        self.limits_set = (memory, max_procs)
+                attempt("max_procs", max_procs, "pids",
+                        lambda: self._set(os.path.join(self.dirs["pids"], "pids.max"), max_procs))
+        if failures:
+            for f in failures[1:]:
+                log.error("%s", f)
+            raise failures[0]
 
+    def _v1_memory(self, d: str, memory: int) -> None:
+        """v1 keeps memory.memsw.limit_in_bytes >= memory.limit_in_bytes at every write
+        (EINVAL otherwise): to raise the limit memsw goes first, to lower it memory does."""
+        want = _pages(memory)
+        mem = os.path.join(d, "memory.limit_in_bytes")
+        memsw = os.path.join(d, "memory.memsw.limit_in_bytes")
+        current = _number(self.fs.read(mem))
+        try:
+            self.fs.read(memsw)
+            order = [memsw, mem] if current is None or want > current else [mem, memsw]
+        except FileNotFoundError:  # no swap accounting: RAM is all there is to limit
+            order = [mem]
+        for path in order:
+            self._set(path, want)
+
+    def _set(self, path: str, want: int) -> None:
+        """Write `want` unless the file holds it already; read it back."""
+        try:
+            if _number(self.fs.read(path)) != want:
+                self.fs.write(path, str(want))
+            got = _number(self.fs.read(path))
+        except OSError as e:
+            raise _NotHeld(f"{os.path.basename(path)}: {e.strerror or e}") from e
+        if got != want:
+            raise _NotHeld(f"{os.path.basename(path)} reads {'max' if got is None else got} "
+                           f"after writing {want}")
+
+    # -- CPU time -------------------------------------------------------------
+    def cpu_usage_ns(self) -> int:
+        """CPU time used by every task the group ever held, in ns (OSError, ValueError)."""
+        if self.v2:
+            for line in self.fs.read(os.path.join(self.dirs["unified"], "cpu.stat")).splitlines():
+                k, _, v = line.partition(" ")
+                if k == "usage_usec":
+                    return int(v) * 1000
+            raise ValueError("cpu.stat has no usage_usec")
+        return int(self.fs.read(os.path.join(self.dirs["cpuacct"], "cpuacct.usage")))
+
+    # -- memory events -----------------------------------------------------------
     def oom_kills(self) -> int:
         """OOM kills the kernel made in this group so far."""
         try:
             if self.v2:
-                text = _read(os.path.join(self.dirs["unified"], "memory.events"))
+                text = self.fs.read(os.path.join(self.dirs["unified"], "memory.events"))
             elif "memory" in self.dirs:
-                text = _read(os.path.join(self.dirs["memory"], "memory.oom_control"))
+                text = self.fs.read(os.path.join(self.dirs["memory"], "memory.oom_control"))
             else:
                 return 0
         except OSError:
@@ -90,12 +213,14 @@ class WorkerCgroup:
         """Did the kernel OOM-kill a task of this group since the current worker joined?"""
         return self.oom_kills() > self.oom_base
 
+    # -- tasks ----------------------------------------------------------------------
     def pids(self) -> list[int]:
-        d = self.dirs.get("unified") or self.dirs.get("pids") or self.dirs.get("memory")
+        d = (self.dirs.get("unified") or self.dirs.get("pids") or self.dirs.get("memory")
+             or self.dirs.get("cpuacct"))
         if d is None:
             return []
         try:
-            return [int(x) for x in _read(os.path.join(d, "cgroup.procs")).split()]
+            return [int(x) for x in self.fs.read(os.path.join(d, "cgroup.procs")).split()]
         except (OSError, ValueError):
             return []
 
@@ -103,18 +228,46 @@ class WorkerCgroup:
         """SIGKILL every task of the group, wherever it moved in the process tree."""
         if self.v2:
             with contextlib.suppress(OSError):
-                _write(os.path.join(self.dirs["unified"], "cgroup.kill"), "1")
+                self.fs.write(os.path.join(self.dirs["unified"], "cgroup.kill"), "1")
                 return
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        self._kill(self.pids(), keep=None)
+
+    def kill_others(self, keep: int) -> list[int]:
+        """SIGKILL every process of the group but `keep` (the worker); the pids signalled."""
+        return self._kill(self.pids(), keep)
+
+    def _kill(self, pids: list[int], keep: int | None) -> list[int]:
+        """Signal each pid through a pidfd taken while it was still listed in the group, so a
+        pid that exited and was reused by a process elsewhere is never signalled."""
+        handles: list[tuple[int, int]] = []
+        for pid in pids:
+            if pid == keep:
+                continue
+            try:
+                handles.append((pid, os.pidfd_open(pid)))
+            except OSError:
+                continue  # gone already
+        if not handles:
+            return []
+        still = set(self.pids())
+        killed = []
+        for pid, fd in handles:
+            try:
+                if pid in still:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    killed.append(pid)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return killed
 
     def remove(self) -> bool:
         """Remove the directories; False while tasks remain (try again later)."""
         ok = True
         for d in self.dirs.values():
             try:
-                os.rmdir(d)
+                self.fs.rmdir(d)
             except FileNotFoundError:
                 pass
             except OSError:
@@ -122,29 +275,49 @@ class WorkerCgroup:
         return ok
 
 
+def _pages(n: int) -> int:
+    """What the kernel keeps of a memory limit: whole pages."""
+    return n // PAGE * PAGE
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e)
+
+
 class Cgroups:
     """The supervisor's own subtree, one child group per worker."""
 
-    def __init__(self) -> None:
+    root = ROOT  # class defaults: a subclass may skip __init__ and call _init_v1/_init_v2 itself
+    fs = HOST_FS
+
+    def __init__(self, root: str | None = None, fs: CgroupFS | None = None) -> None:
+        """`root` is where the controllers are mounted (a fake tree in tests, with `fs`
+        emulating the kernel's rules)."""
+        if root is not None:
+            self.root = root
+        if fs is not None:
+            self.fs = fs
         self.mode = "none"
         self.bases: dict[str, str] = {}
         self._free: list[WorkerCgroup] = []  # empty groups, ready for the next worker
         self._made = 0
-        _remove_stale()
+        _remove_stale(self.root, self.fs)
         name = f"{PREFIX}{os.getpid()}"
-        if os.path.exists(os.path.join(V2_ROOT, "cgroup.controllers")):
+        if os.path.exists(os.path.join(self.root, "cgroup.controllers")):
             self._init_v2(name)
         else:
             self._init_v1(name)
 
     def _init_v1(self, name: str) -> None:
-        for ctl in ("memory", "pids"):
-            root = os.path.join(V1_ROOT, ctl)
+        for ctl in V1_CONTROLLERS:
+            root = os.path.join(self.root, ctl)
             if not (os.path.isdir(root) and os.access(root, os.W_OK)):
                 continue
             base = os.path.join(root, name)
             try:
-                os.makedirs(base, exist_ok=True)
+                self.fs.mkdir(base)
             except OSError as e:
                 log.warning("cannot create the %s cgroup %s: %s", ctl, base, e)
                 continue
@@ -154,15 +327,15 @@ class Cgroups:
 
     def _init_v2(self, name: str) -> None:
         try:
-            enabled = _read(os.path.join(V2_ROOT, "cgroup.subtree_control")).split()
+            enabled = self.fs.read(os.path.join(self.root, "cgroup.subtree_control")).split()
         except OSError:
             return
-        if not {"memory", "pids"} <= set(enabled) or not os.access(V2_ROOT, os.W_OK):
+        if not {"memory", "pids"} <= set(enabled) or not os.access(self.root, os.W_OK):
             return
-        base = os.path.join(V2_ROOT, name)
+        base = os.path.join(self.root, name)
         try:
-            os.makedirs(base, exist_ok=True)
-            _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
+            self.fs.mkdir(base)
+            self.fs.write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
         except OSError as e:
             log.warning("cannot create the cgroup %s: %s", base, e)
             return
@@ -189,28 +362,30 @@ class Cgroups:
             try:
                 for ctl, base in self.bases.items():
                     d = os.path.join(base, f"g{self._made}")
-                    os.makedirs(d, exist_ok=True)
+                    self.fs.mkdir(d)
                     dirs[ctl] = d
             except OSError as e:
                 log.warning("cannot make a cgroup for a worker: %s", e)
-                WorkerCgroup(dirs, self.mode == "v2").remove()
+                WorkerCgroup(dirs, self.mode == "v2", self.fs).remove()
                 return None
-            cg = WorkerCgroup(dirs, self.mode == "v2")
+            cg = WorkerCgroup(dirs, self.mode == "v2", self.fs)
         return cg
 
     def unreserve(self, cg: WorkerCgroup) -> None:
         """A reserved group whose worker was never forked: keep it for the next one."""
-        if len(self._free) < MAX_FREE_GROUPS:
+        if len(self._free) < MAX_FREE_GROUPS and not cg.retired:
             self._free.append(cg)
         else:
             cg.remove()
 
     def recycle(self, cg: WorkerCgroup) -> bool:
         """A worker is gone: kill what it left; keep the group for the next worker if it is
-        empty (False: tasks remain, try again later)."""
+        empty, or remove it if it was retired (False: tasks remain, try again later)."""
         cg.kill_all()
         if cg.pids():
             return False
+        if cg.retired:
+            return cg.remove()
         cg.oom_base = cg.oom_kills()
         if len(self._free) < MAX_FREE_GROUPS:
             self._free.append(cg)
@@ -225,40 +400,43 @@ class Cgroups:
 
         for _ in range(10):
             for base in self.bases.values():
-                _remove_tree(base)
+                _remove_tree(base, self.fs)
             if not any(os.path.isdir(b) for b in self.bases.values()):
                 return
             time.sleep(0.05)
 
 
-def _remove_tree(base: str) -> None:
+def _remove_tree(base: str, fs: CgroupFS = HOST_FS) -> None:
     """Kill what is left in a supervisor's groups and remove them (bounded: one pass)."""
     for entry in os.listdir(base) if os.path.isdir(base) else []:
         d = os.path.join(base, entry)
         if not os.path.isdir(d):
             continue
         try:
-            pids = [int(x) for x in _read(os.path.join(d, "cgroup.procs")).split()]
+            pids = [int(x) for x in fs.read(os.path.join(d, "cgroup.procs")).split()]
         except (OSError, ValueError):
             pids = []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(OSError):
-            os.rmdir(d)
+            fs.rmdir(d)
     with contextlib.suppress(OSError):
-        os.rmdir(base)
+        fs.rmdir(base)
 
 
-def _remove_stale() -> None:
+def _remove_stale(root: str = ROOT, fs: CgroupFS = HOST_FS) -> None:
     """Groups left by supervisors that died (kill -9) are cleaned up at the next start."""
-    for root in (os.path.join(V1_ROOT, "memory"), os.path.join(V1_ROOT, "pids"), V2_ROOT):
+    for top in [os.path.join(root, ctl) for ctl in V1_CONTROLLERS] + [root]:
         try:
-            entries = os.listdir(root)
+            entries = os.listdir(top)
         except OSError:
             continue
         for entry in entries:
             if entry.startswith(PREFIX) and entry[len(PREFIX):].isdigit():
                 pid = int(entry[len(PREFIX):])
                 if not os.path.exists(f"/proc/{pid}"):
-                    _remove_tree(os.path.join(root, entry))
+                    _remove_tree(os.path.join(top, entry), fs)
+
+
+__all__ = ["CgroupFS", "Cgroups", "LimitNotApplied", "WorkerCgroup", "describe_limit"]

@@ -27,6 +27,7 @@ from shared.ids import new_id
 from shared.lease import clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
+from supervisor.cgroups import LimitNotApplied
 from supervisor.egress import EgressJob, EgressListener
 from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
 from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
@@ -124,13 +125,14 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
-        watch = True  # the supervisor's own memory check, where the kernel does not enforce it
+        watch = True  # the supervisor's own memory check, where no memory cgroup enforces it
         if worker.cgroup is not None:
             try:
                 worker.cgroup.set_limits(self.request.limits.memory, self.request.limits.max_procs)
-                watch = not worker.cgroup.limits_memory
-            except OSError as e:
-                log.warning("job %s: cgroup limits not set (%s); the watchdog applies", job.id, e)
+            except LimitNotApplied as e:
+                self._limit_not_applied(worker, e)
+                return
+            watch = not worker.cgroup.limits_memory
         try:
             self.rt.job_tmp_dir(job, worker)
         except OSError as e:
@@ -155,6 +157,15 @@ class JobRunner:
             await self._ended(worker, outcome)
         elif self._stopper is not None:
             await self._stopper  # it sends the terminal once the worker is gone
+
+    def _limit_not_applied(self, worker: WorkerHandle, e: LimitNotApplied) -> None:
+        """A layer could not apply a limit: the job does not run, and neither its worker nor
+        that cgroup takes another job."""
+        log.error("job %s: %s; the worker and its cgroup are retired", self.job.id, e)
+        if worker.cgroup is not None:
+            worker.cgroup.retired = True
+        self.rt.pool.retire(worker)
+        self._finish(ERROR, InternalError(str(e), retryable=True, details=e.details).to_wire())
 
     async def _job_uid(self, worker: WorkerHandle) -> int:
         """The worker's uid (taken from the pool at its first job); the job's temp dir is its."""

@@ -529,3 +529,59 @@ REGISTRY = [
     "fetch=tests.agents:fetch", "httpxfetch=tests.agents:httpx_fetch", "netescape=tests.agents:net_escape",
     "rawproxy=tests.agents:raw_proxy", "filldisk=tests.agents:fill_disk",
 ]
+
+
+# -- limits on recycled cgroups --
+def _own_cgroups() -> dict[str, str]:
+    """controller -> this process's cgroup path ("unified" for the v2 line)."""
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, ctls, path = line.rstrip("\n").split(":", 2)
+            for ctl in ctls.split(","):
+                out[ctl or "unified"] = path
+    return out
+
+
+def cgroup_hog(input: Any, job: JobContext) -> Any:
+    """Logs its cgroups ("cgroups" with them as fields), waits `hold` s, then allocates and
+    touches `mb` MiB."""
+    job.log("info", "cgroups", **_own_cgroups())
+    time.sleep(float(input.get("hold", 0.3)))
+    blocks = [bytearray(b"x") * (1 << 20) for _ in range(int(input.get("mb", 0)))]
+    return {"allocated": len(blocks), "cgroups": _own_cgroups()}
+
+
+def fork_count(input: Any, job: JobContext) -> Any:
+    """Logs its cgroups, waits `hold` s, then forks children (each waits for a pipe to close)
+    until the kernel refuses one or `n` run; reports how many, and its own thread count."""
+    job.log("info", "cgroups", **_own_cgroups())
+    time.sleep(float(input.get("hold", 0.3)))
+    r, w = os.pipe()
+    pids: list[int] = []
+    refused = None
+    try:
+        for _ in range(int(input.get("n", 100))):
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                refused = "EAGAIN"
+                break
+            if pid == 0:
+                os.close(w)
+                os.read(r, 1)
+                os._exit(0)
+            pids.append(pid)
+        with open("/proc/self/status") as f:
+            threads = int(next(line for line in f if line.startswith("Threads:")).split()[1])
+    finally:
+        os.close(w)
+        os.close(r)
+        for pid in pids:
+            os.waitpid(pid, 0)
+    return {"forked": len(pids), "refused": refused, "threads": threads}
+
+
+REGISTRY += [
+    "cgrouphog=tests.agents:cgroup_hog", "forkcount=tests.agents:fork_count",
+]
