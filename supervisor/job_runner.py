@@ -40,6 +40,7 @@ log = logging.getLogger("arcp.jobs")
 KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
 EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
 WATCH_INTERVAL = 0.1  # seconds between memory checks of a running job
+CPU_INTERVAL = 0.1  # seconds between reads of a running job's cgroup CPU time
 
 
 class _Died:
@@ -58,6 +59,10 @@ class JobRunner:
         self._pump_done = asyncio.Event()
         self._memory_exceeded = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._cpu_watch: asyncio.TimerHandle | None = None
+        self._cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
+        self._cpu_exceeded = False
+        self._cpu_unreadable: LimitNotApplied | None = None
         self._stopper: asyncio.Task[None] | None = None
         self._final: tuple[str, dict[str, Any]] | None = None
         self.egress: EgressJob | None = None
@@ -133,6 +138,12 @@ class JobRunner:
                 self._limit_not_applied(worker, e)
                 return
             watch = not worker.cgroup.limits_memory
+            if worker.cgroup.counts_cpu:  # CPU time of the whole tree; RLIMIT_CPU stays, per process
+                try:
+                    self._cpu_base = worker.cgroup.cpu_usage_ns()
+                except (OSError, ValueError) as e:
+                    self._limit_not_applied(worker, self._cpu_limit_error(worker, e))
+                    return
         try:
             self.rt.job_tmp_dir(job, worker)
         except OSError as e:
@@ -147,11 +158,15 @@ class JobRunner:
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
         if watch:
             self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
+        if worker.cgroup is not None and worker.cgroup.counts_cpu:
+            self._cpu_watch = asyncio.get_running_loop().call_later(CPU_INTERVAL, self._check_cpu, worker)
         try:
             outcome = await self._pump(worker)
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
+            if self._cpu_watch is not None:
+                self._cpu_watch.cancel()
         self._pump_done.set()
         if self.stop_kind is None:
             await self._ended(worker, outcome)
@@ -206,6 +221,10 @@ class JobRunner:
 
     async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
         job = self.job
+        if isinstance(outcome, Done | Fail) and self._cpu_over(worker):
+            # The job's tree passed its CPU time between two reads, or since the last one.
+            await worker.kill(1.0)
+            outcome = _Died()
         if isinstance(outcome, Done):
             self.rt.pool.release(worker, self.rt.reuse_key(job))
             result_id = size = None
@@ -232,7 +251,10 @@ class JobRunner:
                     f"memory limit {mib} MiB exceeded", retryable=False,
                     details={"limit": "memory_mb", "value": mib,
                              "enforced_by": "cgroup" if oom else "watchdog"}).to_wire())
-            elif worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU):
+            elif self._cpu_unreadable is not None:
+                e = self._cpu_unreadable
+                self._finish(ERROR, InternalError(str(e), retryable=True, details=e.details).to_wire())
+            elif self._cpu_exceeded or (worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU)):
                 sec = limits["cpu_sec"]
                 self._finish(TIMED_OUT, Timeout(
                     f"cpu time limit {sec} s exceeded", retryable=False,
@@ -263,6 +285,43 @@ class JobRunner:
             worker.signal(signal.SIGKILL)
             return
         self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
+
+    def _check_cpu(self, worker: WorkerHandle) -> None:
+        """The CPU time limit of the job's whole process tree, read from its cgroup."""
+        if not worker.alive or self.job.done or self.stop_kind is not None or self._pump_done.is_set():
+            return
+        if self._cpu_over(worker):
+            worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
+            return
+        self._cpu_watch = asyncio.get_running_loop().call_later(CPU_INTERVAL, self._check_cpu, worker)
+
+    def _cpu_over(self, worker: WorkerHandle) -> bool:
+        """Has the job's tree used more CPU time than its limit (or can that no longer be told)?"""
+        if self._cpu_exceeded or self._cpu_unreadable is not None:
+            return True
+        cg = worker.cgroup
+        if cg is None or not cg.counts_cpu:
+            return False
+        limit = self.request.limits.cpu_time
+        try:
+            used = cg.cpu_usage_ns() - self._cpu_base
+        except (OSError, ValueError) as e:
+            self._cpu_unreadable = self._cpu_limit_error(worker, e)
+            cg.retired = True
+            log.error("job %s: %s; killing it", self.job.id, self._cpu_unreadable)
+            return True
+        if used > limit * 1_000_000_000:
+            log.warning("job %s: %.2f s of CPU time in its process tree, over its %d s limit: killing it",
+                        self.job.id, used / 1e9, limit)
+            self._cpu_exceeded = True
+            return True
+        return False
+
+    def _cpu_limit_error(self, worker: WorkerHandle, e: Exception) -> LimitNotApplied:
+        assert worker.cgroup is not None
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        return LimitNotApplied("cpu_sec", self.request.limits.cpu_time, worker.cgroup.cpu_layer,
+                               f"its CPU time cannot be read: {why}")
 
     async def _stopping(self, worker: WorkerHandle) -> None:
         """Tell the worker, give it `grace`, then SIGTERM and SIGKILL; then the terminal."""

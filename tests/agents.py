@@ -531,7 +531,7 @@ REGISTRY = [
 ]
 
 
-# -- limits on recycled cgroups --
+# -- limits on recycled cgroups; CPU time of a process tree --
 def _own_cgroups() -> dict[str, str]:
     """controller -> this process's cgroup path ("unified" for the v2 line)."""
     out = {}
@@ -582,6 +582,22 @@ def fork_count(input: Any, job: JobContext) -> Any:
     return {"forked": len(pids), "refused": refused, "threads": threads}
 
 
+def cpu_children(input: Any, job: JobContext) -> Any:
+    """Burns `each` s of CPU in each of `n` children, one after another (each alone stays
+    under a per-process CPU limit of 1 s)."""
+    n, each = int(input.get("n", 10)), float(input.get("each", 0.5))
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            end = time.process_time() + each
+            while time.process_time() < end:
+                pass
+            os._exit(0)
+        os.waitpid(pid, 0)
+    return {"children": n, "cgroups": _own_cgroups()}
+
+
 REGISTRY += [
     "cgrouphog=tests.agents:cgroup_hog", "forkcount=tests.agents:fork_count",
+    "cpuchildren=tests.agents:cpu_children",
 ]
