@@ -8,8 +8,9 @@ split on "/"; a segment `**` matches zero or more whole segments, a segment
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable
 import re
+from collections.abc import Callable
+from functools import lru_cache
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -20,8 +21,15 @@ RESERVED_CAPABILITIES = frozenset({
 VENDOR_CAPABILITY_RE = re.compile(r"^x-vendor\.[A-Za-z0-9_-]+\.[A-Za-z0-9._-]+$")
 BUDGET_RE = re.compile(r"^([A-Z]{1,10}|[a-z]{1,10}):([0-9]+(?:\.[0-9]+)?)$")
 MAX_PATTERNS = 256
-MAX_PATTERN_LEN = 4096
 MAX_CAPABILITIES = 64
+# Bounds on every pattern and target, in UTF-8 bytes, checked before any other work:
+PATH_MAX = 4096  # the kernel's: a path is at most PATH_MAX - 1 bytes (its NUL takes the last)
+NAME_MAX = 255  # the kernel's: one path segment
+MAX_URL_LEN = 8192  # net.fetch
+MAX_PATTERN_LEN = 4096  # any other capability's pattern or target (tool, agent, model names, ...)
+MAX_CAPABILITY_LEN = 256  # a capability name
+
+PATH_CAPABILITIES = frozenset({"fs.read", "fs.write"})
 
 Lease = dict[str, list[str]]
 
@@ -40,6 +48,10 @@ def validate_lease_request(obj: Any) -> Lease:
         raise LeaseError(f"lease_request has more than {MAX_CAPABILITIES} capabilities")
     out: Lease = {}
     for cap, patterns in obj.items():
+        if not isinstance(cap, str):
+            raise LeaseError(f"lease capability names must be strings (got {type(cap).__name__})")
+        if len(cap.encode("utf-8", "surrogatepass")) > MAX_CAPABILITY_LEN:
+            raise LeaseError(f"lease capability {cap[:64]!r}... is longer than {MAX_CAPABILITY_LEN} bytes")
         if cap not in RESERVED_CAPABILITIES and not VENDOR_CAPABILITY_RE.fullmatch(cap):
             raise LeaseError(
                 f"lease capability {cap!r} is neither reserved nor of the form x-vendor.<vendor>.<name>"
@@ -51,12 +63,44 @@ def validate_lease_request(obj: Any) -> Lease:
         for p in patterns:
             if not isinstance(p, str):
                 raise LeaseError(f"lease capability {cap!r}: pattern {p!r} is not a string")
-            if len(p) > MAX_PATTERN_LEN:
-                raise LeaseError(f"lease capability {cap!r}: a pattern is longer than {MAX_PATTERN_LEN}")
+            too_big = bound_error(cap, p)
+            if too_big is not None:
+                raise LeaseError(f"lease capability {cap!r}: a pattern {too_big}")
             if cap == "cost.budget":
                 parse_budget_entry(p)
         out[cap] = list(patterns)
     return out
+
+
+def _utf8_len(s: str, limit: int) -> int:
+    """Length of `s` in UTF-8 bytes, or some number above `limit` without encoding all of a huge `s`."""
+    if len(s) > limit:
+        return len(s)  # at least that many bytes
+    return len(s.encode("utf-8", "surrogatepass"))
+
+
+def bound_error(capability: str, text: str) -> str | None:
+    """Why `text` is too big to be a pattern or target of `capability`, or None.
+
+    fs.* paths follow the kernel: at most PATH_MAX - 1 bytes in all (PATH_MAX counts the
+    terminating NUL), NAME_MAX bytes per segment, no NUL. net.fetch URLs: MAX_URL_LEN bytes.
+    Anything else (tool, agent, model names, vendor targets): MAX_PATTERN_LEN bytes.
+    O(len(text)) at most; the message names the bound, never the text.
+    """
+    if capability in PATH_CAPABILITIES:
+        if _utf8_len(text, PATH_MAX) >= PATH_MAX:
+            return f"is longer than {PATH_MAX - 1} bytes, the most a path can be (PATH_MAX {PATH_MAX})"
+        segments = text.split("/")
+        if max(map(len, segments)) * 4 > NAME_MAX and \
+                max(_utf8_len(seg, NAME_MAX) for seg in segments) > NAME_MAX:
+            return f"has a segment longer than {NAME_MAX} bytes, the most a path segment can be (NAME_MAX)"
+        if "\0" in text:
+            return "holds a NUL byte, which no path can"
+        return None
+    limit = MAX_URL_LEN if capability == "net.fetch" else MAX_PATTERN_LEN
+    if _utf8_len(text, limit) > limit:
+        return f"is longer than {limit} bytes, the most accepted for {capability[:64]!r}"
+    return None
 
 
 def parse_budget_entry(entry: str) -> tuple[str, Decimal]:
@@ -114,30 +158,30 @@ def canonical_target(capability: str, target: str) -> str:
 def _segment_match(pattern: str, segment: str) -> bool:
     """`*` matches any run of characters within the segment.
 
-    Two pointers that fall back to the last `*`: linear in practice and never
-    worse than O(len(pattern) * len(segment)), whatever a hostile pattern holds.
+    The literal pieces between the stars: the first must start the segment, the last end
+    it, and each one between is found left to right after the previous one (taking the
+    leftmost place never loses a match). str.find and friends: no backtracking.
     """
     if "*" not in pattern:
         return pattern == segment
-    p = s = 0
-    star = -1
-    mark = 0
-    while s < len(segment):
-        if p < len(pattern) and pattern[p] == "*":
-            star, mark = p, s
-            p += 1
-        elif p < len(pattern) and pattern[p] == segment[s]:
-            p += 1
-            s += 1
-        elif star >= 0:
-            p = star + 1
-            mark += 1
-            s = mark
-        else:
-            return False
-    while p < len(pattern) and pattern[p] == "*":
-        p += 1
-    return p == len(pattern)
+    parts = _star_parts(pattern)
+    first, last = parts[0], parts[-1]
+    stop = len(segment) - len(last)
+    if stop < len(first) or not segment.startswith(first) or not segment.endswith(last):
+        return False
+    pos = len(first)
+    for piece in parts[1:-1]:
+        if piece:
+            found = segment.find(piece, pos, stop)
+            if found < 0:
+                return False
+            pos = found + len(piece)
+    return True
+
+
+@lru_cache(maxsize=1024)
+def _star_parts(pattern: str) -> tuple[str, ...]:
+    return tuple(pattern.split("*"))
 
 
 def _split(s: str) -> list[str]:
@@ -146,38 +190,113 @@ def _split(s: str) -> list[str]:
 
 def glob_match(pattern: str, target: str) -> bool:
     """Go-SDK segment glob (protocol.md §8.2)."""
-    return _match(tuple(_split(pattern)), tuple(_split(target)))
+    return _walk(_split(pattern), _Target(target), _segment_match)
 
 
-def _walk(pat: tuple[str, ...], tgt: tuple[str, ...], step: Callable[[str, str], bool],
-          prefix: bool = False) -> bool:
+# Called with the number of segment comparisons and row steps each match or cover did (tests
+# use it to bound the matcher's work); None in normal running.
+step_counter: Callable[[int], None] | None = None
+
+# The most steps one lease check may take (all of a capability's patterns against one target,
+# or all of a delegated lease against its parent's): far above any honest lease (tens to a few
+# thousand), and about a tenth of a second at worst. Beyond it the check fails closed.
+MATCH_BUDGET = 50_000
+
+
+class MatchTooCostly(LeaseError):
+    """A lease check would take more than its step budget."""
+
+
+class _Target:
+    """A target split into segments, with the positions of each distinct segment: shared by
+    every pattern matched against it."""
+
+    __slots__ = ("segs", "index", "wild")
+
+    def __init__(self, target: str) -> None:
+        self.segs = _split(target)
+        self.index: dict[str, int] = {}
+        for j, seg in enumerate(self.segs):
+            self.index[seg] = self.index.get(seg, 0) | (1 << j)
+        self.wild: dict[str, int] = {}  # pattern segment with a `*` inside -> positions it takes
+
+
+class _Budget:
+    __slots__ = ("left",)
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+
+def _walk(pat: list[str], tgt: _Target, step: Callable[[str, str], bool],
+          prefix: bool = False, cover: bool = False, budget: _Budget | None = None) -> bool:
     """Segment-by-segment walk shared by matching and covering: `**` takes any run of
     segments, every other pattern segment takes one segment for which `step` holds.
     With `prefix`, succeed once the whole target is consumed: some longer target would
     match (whatever is left of the pattern, some segments satisfy it).
-    Iterative, with the visited (i, j) pairs remembered, so hostile `**` chains stay cheap."""
-    seen: set[tuple[int, int]] = set()
-    stack = [(0, 0)]
-    while stack:
-        i, j = stack.pop()
-        if (i, j) in seen:
-            continue
-        seen.add((i, j))
-        if prefix and j == len(tgt):
-            return True
-        if i == len(pat):
-            if j == len(tgt):
-                return True
-            continue
-        if pat[i] == "**":
-            stack.extend((i + 1, k) for k in range(j, len(tgt) + 1))
-        elif j < len(tgt) and step(pat[i], tgt[j]):
-            stack.append((i + 1, j + 1))
-    return False
 
-
-def _match(pat: tuple[str, ...], tgt: tuple[str, ...], prefix: bool = False) -> bool:
-    return _walk(pat, tgt, lambda seg, s: seg == "*" or _segment_match(seg, s), prefix)
+    Dynamic programming over pattern segments: `reach` has bit j set when the pattern so
+    far can consume exactly the first j target segments. `**` sets every bit from the
+    lowest set one up; `*` and a literal segment shift the bits whose segment they take
+    (literals through the target's index); only a segment with a `*` inside calls `step`:
+    once per reachable position, or once per distinct target segment when those are fewer.
+    So at most len(pat) * (len(tgt) + 1) calls to `step` and a few big-integer operations
+    on len(tgt) + 1 bits per pattern segment: no backtracking. With `cover`, `*` takes any
+    segment but `**`. With a `budget`, raise MatchTooCostly once it is spent.
+    """
+    segs, index = tgt.segs, tgt.index
+    n = len(segs)
+    end = 1 << n
+    every = (end << 1) - 1
+    one_segment = (end - 1) & ~(index.get("**", 0) if cover else 0)
+    reach = 1
+    steps = 1
+    for seg in pat:
+        if prefix and reach & end:
+            break
+        if not reach:
+            break
+        steps += 1
+        if seg == "**":
+            low = reach & -reach
+            reach = every & ~(low - 1)
+        elif seg == "*":
+            reach = (reach & one_segment) << 1
+        elif "*" not in seg:
+            reach = (reach & index.get(seg, 0)) << 1
+        else:
+            left = reach & ~end
+            tries = left.bit_count()
+            if budget is not None and steps + min(tries, len(index)) > budget.left:
+                budget.left -= steps
+                raise MatchTooCostly(f"the check would take more than {MATCH_BUDGET} steps")
+            if tries > len(index) or (not cover and seg in tgt.wild):  # by distinct segment
+                mask = None if cover else tgt.wild.get(seg)
+                if mask is None:
+                    mask = 0
+                    for value, bits in index.items():
+                        steps += 1
+                        if step(seg, value):
+                            mask |= bits
+                    if not cover:
+                        tgt.wild[seg] = mask
+                reach = (left & mask) << 1
+                continue
+            nxt = 0
+            while left:
+                low = left & -left
+                steps += 1
+                if step(seg, segs[low.bit_length() - 1]):
+                    nxt |= low << 1
+                left ^= low
+            reach = nxt
+    if budget is not None:
+        budget.left -= steps
+        if budget.left < 0:
+            raise MatchTooCostly(f"the check would take more than {MATCH_BUDGET} steps")
+    if step_counter is not None:
+        step_counter(steps)
+    return bool(reach & end)
 
 
 def glob_match_prefix(pattern: str, target: str) -> bool:
@@ -186,16 +305,24 @@ def glob_match_prefix(pattern: str, target: str) -> bool:
     How an HTTPS tunnel is checked: its target is `https://host[:port]`; the path is
     inside the encrypted stream, so only the pattern's scheme and host can be enforced.
     """
-    return _match(tuple(_split(pattern)), tuple(_split(target)), prefix=True)
+    return _walk(_split(pattern), _Target(target), _segment_match, prefix=True)
 
 
 def lease_allows(lease: Lease, capability: str, target: str) -> bool:
-    """True when some pattern of `capability` matches the canonical target."""
+    """True when some pattern of `capability` matches the canonical target.
+
+    All the patterns together take at most MATCH_BUDGET steps; a check that would take
+    more (only a pathological lease against a long target can) allows nothing.
+    """
     patterns = lease.get(capability)
     if not patterns:
         return False
-    canon = canonical_target(capability, target)
-    return any(glob_match(p, canon) for p in patterns)
+    tgt = _Target(canonical_target(capability, target))
+    budget = _Budget(MATCH_BUDGET - len(tgt.segs))
+    try:
+        return any(_walk(_split(p), tgt, _segment_match, budget=budget) for p in patterns)
+    except MatchTooCostly:
+        return False
 
 
 def covers(parent: str, child: str) -> bool:
@@ -205,16 +332,21 @@ def covers(parent: str, child: str) -> bool:
     included); parent `*` covers one child segment that is not `**`; a literal parent
     segment covers a child segment that is identical, or that has no `*` and matches it.
     """
-    return _covers(tuple(_split(parent)), tuple(_split(child)))
+    return _covers(_split(parent), _Target(child))
 
 
-def _covers(p: tuple[str, ...], c: tuple[str, ...]) -> bool:
-    return _walk(p, c, lambda seg, s: s != "**" and (
-        seg == "*" or seg == s or ("*" not in s and _segment_match(seg, s))))
+def _covers(p: list[str], c: _Target, budget: _Budget | None = None) -> bool:
+    # `_walk` calls this only for a parent segment with a `*` inside (not `*`, not `**`).
+    return _walk(p, c, lambda seg, s: s != "**" and (seg == s or ("*" not in s and _segment_match(seg, s))),
+                 cover=True, budget=budget)
 
 
 def check_subset(child: Lease, parent: Lease, parent_remaining: dict[str, Decimal]) -> None:
-    """Raise LeaseError naming the first capability/pattern of `child` that `parent` does not cover."""
+    """Raise LeaseError naming the first capability/pattern of `child` that `parent` does not cover.
+
+    The whole check takes at most MATCH_BUDGET steps (MatchTooCostly, a LeaseError, beyond).
+    """
+    budget = _Budget(MATCH_BUDGET)
     for cap, patterns in child.items():
         if cap == "cost.budget":
             for cur, amount in initial_budget({cap: patterns}).items():
@@ -227,6 +359,13 @@ def check_subset(child: Lease, parent: Lease, parent_remaining: dict[str, Decima
         granted = parent.get(cap)
         if granted is None:
             raise LeaseError(f"capability {cap!r} is not in the parent's lease")
+        parents = [_split(g) for g in granted]
         for pat in patterns:
-            if not any(covers(g, pat) for g in granted):
-                raise LeaseError(f"capability {cap!r}: pattern {pat!r} is not covered by the parent's lease")
+            tgt = _Target(pat)
+            budget.left -= len(tgt.segs) + 1
+            try:
+                if not any(_covers(g, tgt, budget) for g in parents):
+                    raise LeaseError(f"capability {cap!r}: pattern {pat!r} is not covered by the parent's lease")
+            except MatchTooCostly as e:
+                raise MatchTooCostly(f"checking the lease against its parent's would take more than "
+                                     f"{MATCH_BUDGET} steps") from e

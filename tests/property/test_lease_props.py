@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from shared.lease import canonical_target, clean_path, glob_match, lease_allows
+import shared.lease as lease_mod
+from shared.lease import canonical_target, clean_path, covers, glob_match, lease_allows
 
 segment = st.sampled_from(["a", "b", "..", ".", "", "x.txt", "b2"])
 rel_path = st.lists(segment, max_size=12).map("/".join)
@@ -108,3 +112,109 @@ def test_double_star_prefix_covers_subtree(segs: list[str]) -> None:
     target = "/root" + "".join("/" + s for s in segs)
     assert glob_match("/root/**", target)
     assert not glob_match("/root/**", "/rootx" + "".join("/" + s for s in segs))
+
+
+# -- the matcher's work is bounded, whatever the pattern and target ---------------------------------
+
+@contextmanager
+def counted() -> Iterator[list[int]]:
+    """Sum of the steps every match and cover reports while the block runs."""
+    total = [0]
+
+    def add(n: int) -> None:
+        total[0] += n
+
+    lease_mod.step_counter = add
+    try:
+        yield total
+    finally:
+        lease_mod.step_counter = None
+
+
+HOSTILE_SEG = st.sampled_from(["**", "**", "*", "a", "*a", "a*", "*a*", "b", "x", "*b*a*", ""])
+HOSTILE_PATTERN = st.lists(HOSTILE_SEG, max_size=40)
+HOSTILE_TARGET = st.lists(st.sampled_from(["a", "aa", "aaab", "b", "", "**", "ba", "x"]), max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(HOSTILE_PATTERN, HOSTILE_TARGET, st.booleans())
+@example(["**", "x", "**"], ["a"] * 300, False)
+@example(["**"] * 40, ["a"] * 300, True)
+@example(["**", "*a*"] * 20, ["a"] * 300, False)
+def test_matcher_work_is_linear_in_the_target(pat: list[str], tgt: list[str], lead: bool) -> None:
+    """At most (pattern segments + 1) x (target segments + 1) steps, and the verdict is the reference's."""
+    pattern, target = "/".join(pat), "/".join(tgt)
+    if lead:
+        pattern, target = "/" + pattern, "/" + target
+    p_segs, t_segs = len(pattern.split("/")), len(target.split("/"))
+    with counted() as steps:
+        got = glob_match(pattern, target)
+    assert 1 <= steps[0] <= (p_segs + 1) * (t_segs + 1)
+    assert got is glob_ref(pattern, target)
+    with counted() as steps:
+        covers(pattern, target)
+    assert 1 <= steps[0] <= (p_segs + 1) * (t_segs + 1)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 60), st.integers(1000, 20000))
+def test_double_star_chains_on_long_targets_stay_cheap(stars: int, length: int) -> None:
+    """The reported case (`**/x/**` against a 40 KB target took 5 s) and longer `**` chains."""
+    target = "a/" * length + "b"
+    for pattern in ("**/x/**", "/**" * stars + "/x", "**/" * stars + "*a*/" * stars + "c"):
+        p_segs = len(pattern.split("/"))
+        with counted() as steps:
+            assert glob_match(pattern, target) is False
+        assert steps[0] <= (p_segs + 1) * (length + 2)
+    with counted() as steps:
+        assert glob_match("**/" * stars + "b", target) is True
+    assert 1 <= steps[0] <= (stars + 2) * (length + 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 12), st.integers(100, 2000))
+def test_distinct_segments_cost_one_step_per_reachable_position(k: int, length: int) -> None:
+    """Every target segment different: `*` inside a segment is tried at each reachable position."""
+    target = "/".join(str(i) for i in range(length))
+    pattern = "**/*1*/" * k + "x"
+    with counted() as steps:
+        assert glob_match(pattern, target) is False
+    assert 1 <= steps[0] <= (2 * k + 2) * (length + 1)
+
+
+def test_reported_case_is_fast() -> None:
+    """A loose wall-clock guard on top of the step counts (it took 5 s)."""
+    start = time.perf_counter()
+    assert glob_match("**/x/**", "a/" * 20000) is False
+    assert covers("**/x/**", "a/" * 20000 + "*") is False
+    assert time.perf_counter() - start < 1.0
+
+
+def test_a_pathological_lease_costs_a_bounded_number_of_steps() -> None:
+    """Many in-segment stars after `**`, in many patterns, against a long target of distinct
+    segments: lease_allows stops at its budget and allows nothing."""
+    target = "/" + "/".join(str(i) for i in range(800))
+    pattern = "/**/" + "/**/".join(f"*{i}*" for i in range(300))
+    with counted() as steps:
+        assert lease_allows({"fs.read": [pattern] * 256}, "fs.read", target) is False
+    assert steps[0] <= lease_mod.MATCH_BUDGET
+    start = time.perf_counter()
+    assert lease_allows({"fs.read": [pattern] * 256}, "fs.read", target) is False
+    assert time.perf_counter() - start < 1.0  # loose: about a tenth of a second
+    assert lease_allows({"fs.read": [pattern, "/**"]}, "fs.read", "/a/b") is True
+
+
+def test_a_pathological_delegation_costs_a_bounded_number_of_steps() -> None:
+    """A child lease of the largest size against a parent with many patterns."""
+    from shared.lease import MATCH_BUDGET, MatchTooCostly, check_subset
+
+    parent = {"fs.read": ["/**/" + "/**/".join(f"*{j}*" for j in range(i, i + 40)) + "/z" for i in range(256)]}
+    child = {"fs.read": ["/" + "/".join(str(i) for i in range(700))] * 256}
+    start = time.perf_counter()
+    try:
+        check_subset(child, parent, {})
+    except MatchTooCostly as e:
+        assert str(MATCH_BUDGET) in str(e)
+    else:
+        raise AssertionError("the check should have run out of budget")
+    assert time.perf_counter() - start < 1.0

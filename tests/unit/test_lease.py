@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from shared.lease import (
-    MAX_CAPABILITIES, MAX_PATTERN_LEN, MAX_PATTERNS, LeaseError, canonical_target, clean_path, glob_match,
-    initial_budget, lease_allows, parse_budget_entry, validate_lease_request,
+    MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_PATTERN_LEN, MAX_PATTERNS, MAX_URL_LEN, NAME_MAX, PATH_MAX,
+    LeaseError, bound_error, canonical_target, clean_path, glob_match, initial_budget, lease_allows,
+    parse_budget_entry, validate_lease_request,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +175,10 @@ def test_lease_allows() -> None:
         {"cost.budget": ["USD:5", "USD:0.50", "credits:100", "EUR:0", "ABCDEFGHIJ:1"]},
         {"x-vendor.acme.gpu": ["a100"], "x-vendor.a_b-c.x.y-z": []},
         {"fs.read": ["p"] * MAX_PATTERNS},
-        {"fs.read": ["x" * MAX_PATTERN_LEN]},
+        {"tool.call": ["x" * MAX_PATTERN_LEN]},
+        {"net.fetch": ["https://x/" + "y" * (MAX_URL_LEN - 10)]},
+        {"fs.read": ["/" + "/".join(["n" * NAME_MAX] * 15) + "/" + "x" * (PATH_MAX - 1 - 16 * 256)]},
+        {"fs.read": ["/" + "é" * (NAME_MAX // 2)]},
     ],
 )
 def test_validate_accepts(obj: Any) -> None:
@@ -216,7 +220,16 @@ def test_validate_accepts(obj: Any) -> None:
         ({"cost.budget": ["USD: 5"]}, "'USD: 5'"),
         ({"cost.budget": ["ABCDEFGHIJK:1"]}, "'ABCDEFGHIJK:1'"),
         ({"fs.read": ["p"] * (MAX_PATTERNS + 1)}, "'fs.read'"),
-        ({"fs.read": ["x" * (MAX_PATTERN_LEN + 1)]}, "'fs.read'"),
+        ({"tool.call": ["x" * (MAX_PATTERN_LEN + 1)]}, f"longer than {MAX_PATTERN_LEN} bytes"),
+        ({"tool.call": ["é" * (MAX_PATTERN_LEN // 2 + 1)]}, f"longer than {MAX_PATTERN_LEN} bytes"),
+        ({"net.fetch": ["https://x/" + "y" * MAX_URL_LEN]}, f"longer than {MAX_URL_LEN} bytes"),
+        ({"fs.read": ["/" + "a/" * (PATH_MAX // 2)]}, "PATH_MAX 4096"),
+        ({"fs.read": ["/" + "a" * PATH_MAX]}, "PATH_MAX 4096"),
+        ({"fs.write": ["/tmp/" + "a" * (NAME_MAX + 1)]}, "(NAME_MAX)"),
+        ({"fs.write": ["/tmp/" + "é" * (NAME_MAX // 2 + 1)]}, "(NAME_MAX)"),
+        ({"fs.read": ["/tmp/a\0b"]}, "NUL"),
+        ({"x-vendor.v." + "c" * MAX_CAPABILITY_LEN: []}, f"longer than {MAX_CAPABILITY_LEN} bytes"),
+        ({1: ["/x"]}, "must be strings"),
         ({f"x-vendor.v.c{i}": [] for i in range(MAX_CAPABILITIES + 1)}, "capabilities"),
     ],
 )
@@ -225,6 +238,27 @@ def test_validate_rejects(obj: Any, needle: str) -> None:
         validate_lease_request(obj)
     assert needle in str(ei.value)
     assert isinstance(ei.value, ValueError)
+
+
+def test_bounds_are_the_kernels() -> None:
+    """A path of PATH_MAX - 1 bytes with NAME_MAX-byte segments passes; one byte more does not."""
+    seg = "s" * NAME_MAX
+    path = ("/" + seg) * 15 + "/" + "t" * (PATH_MAX - 1 - 16 * (NAME_MAX + 1) - 1)
+    path = path + "u" * (PATH_MAX - 1 - len(path))
+    assert len(path.encode()) == PATH_MAX - 1 and bound_error("fs.read", path) is None
+    assert "PATH_MAX" in (bound_error("fs.read", path + "u") or "")
+    assert bound_error("fs.write", "/" + seg) is None
+    assert "NAME_MAX" in (bound_error("fs.write", "/" + seg + "s") or "")
+    assert bound_error("tool.call", "t" * MAX_PATTERN_LEN) is None
+    assert bound_error("net.fetch", "h" * MAX_URL_LEN) is None
+
+
+def test_bounds_cost_little_for_huge_input() -> None:
+    huge = "/" + "a/" * 300000
+    start = time.perf_counter()
+    for cap in ("fs.read", "net.fetch", "tool.call"):
+        assert bound_error(cap, huge) is not None
+    assert time.perf_counter() - start < 1.0
 
 
 @pytest.mark.parametrize("obj", [{"cost.budget": ["USD:5\n"]}, {"x-vendor.acme.gpu\n": []}])
