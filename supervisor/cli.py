@@ -70,6 +70,9 @@ def run(
     egress_header_timeout: Annotated[Optional[float], typer.Option(
         "--egress-header-timeout",
         help="Seconds a job's request to the egress proxy may take to send its head (default 10).")] = None,
+    session_log_bytes: Annotated[Optional[str], typer.Option(
+        "--session-log-bytes", help="Bytes of frames kept per session for resume and subscribe history; "
+                                    "older frames drop out (default 64M).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     try:
@@ -139,7 +142,7 @@ def build_config(flags: dict[str, Any]) -> Config:
                 "back_pressure_threshold", "egress_header_timeout"):
         if flags.get(key) is not None:
             base[key] = flags[key]
-    for key in ("max_result_bytes", "chunk_size", "tmp_size"):
+    for key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes"):
         if flags.get(key) is not None:
             base[key] = parse_size(flags[key], f"--{key.replace('_', '-')}")
     for key in ("retention_jobs", "retention_seconds", "resume_window"):

@@ -92,6 +92,7 @@ class Config:
     back_pressure_threshold: int = 0  # 0: no back_pressure status events
     tmp_size: int = 256 * MiB  # each job's private temp dir (a tmpfs of its own), at most its memory limit
     egress_header_timeout: float = 10.0  # seconds a job's proxy request may take to send its head
+    session_log_bytes: int = 64 * MiB  # each session's frame log (resume, subscribe history), in bytes
     tokens: dict[str, str] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     agents: tuple[AgentSpec, ...] = ()
@@ -142,7 +143,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
     "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
-    "tmp_size": (int, str),
+    "tmp_size": (int, str), "session_log_bytes": (int, str),
 }
 _LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size")
 
@@ -196,7 +197,7 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
         if not isinstance(v, t):
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
-        if key in ("max_result_bytes", "chunk_size", "tmp_size"):
+        if key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes"):
             v = parse_size(v, f"config key server.{key}")
         out[key] = v
     auth = doc.get("auth", {})
@@ -275,6 +276,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--tmp-size: must be at least 1M")
     if cfg.chunk_size < 1024:
         raise ConfigError("--chunk-size: must be at least 1K")
+    if cfg.session_log_bytes < MiB:
+        raise ConfigError("--session-log-bytes: must be at least 1M (a frame of the log fits in it)")
     if not cfg.stdio and not cfg.tokens and not _is_loopback(cfg.host):
         raise ConfigError(
             f"--host: {cfg.host} is not a loopback address; without --token the server runs "

@@ -29,6 +29,7 @@ from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.cgroups import LimitNotApplied
 from supervisor.egress import EgressJob, EgressListener
+from supervisor.log_text import block, one_line
 from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
 from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
 
@@ -234,11 +235,11 @@ class JobRunner:
             self._finish(SUCCESS, None, value=outcome.value, result_id=result_id, result_size=size)
         elif isinstance(outcome, Fail):
             if outcome.traceback:
-                log.warning("job %s: agent raised\n%s", job.id, outcome.traceback)
+                log.warning("job %s: agent raised\n%s", job.id, block(outcome.traceback))  # the worker's text
             self.rt.pool.release(worker, self.rt.reuse_key(job))
             self._finish(ERROR, outcome.error)
         elif isinstance(outcome, WorkerProtocolError | CodecError):
-            log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, outcome)
+            log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, one_line(str(outcome), 1024))
             await worker.kill(EXIT_WAIT)
             self._finish(ERROR, InternalError(f"worker sent an invalid frame: {outcome}").to_wire())
         else:  # the pipe closed without an outcome: the worker died

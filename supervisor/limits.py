@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 from shared.errors import InvalidRequest
@@ -53,3 +53,8 @@ def effective_limits(ceiling: Limits, asked: dict[str, int]) -> Limits:
         attr, scale = _FIELDS[key]
         values[attr] = min(getattr(ceiling, attr), n * scale)
     return replace(ceiling, **values)
+
+
+def within(parent: Limits, child: Limits) -> Limits:
+    """A delegated child's limits: per key the tighter of its own and its parent's effective ones."""
+    return replace(child, **{f.name: min(getattr(parent, f.name), getattr(child, f.name)) for f in fields(Limits)})

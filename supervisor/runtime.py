@@ -29,6 +29,7 @@ from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_dirs import JobDirs
 from supervisor.job_runner import JobRunner
 from supervisor.job_uids import UidPool
+from supervisor.limits import LIMITS_KEY, within
 from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
@@ -77,7 +78,7 @@ class Runtime:
         self.frame_cap = frame_cap
         self.registry = AgentRegistry(config.agents, config.defaults)
         self.jobs = JobTable(config.retention_jobs, config.retention_seconds)
-        self.store = Store(config.state_dir)
+        self.store = Store(config.state_dir, config.session_log_bytes)
         self.sessions: dict[str, Session] = {}
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.cgroups = Cgroups()
@@ -289,6 +290,8 @@ class Runtime:
         job_id = new_id("job")
         credentials = self._issue_credentials(session, req, job_id)
         job = self._start(session, req, credentials, job_id)
+        if parent is not None:
+            self._share_budget(parent, job)
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
                            session_id=session.id, job_id=job.id, trace_id=job.trace_id))
         if parent is not None:
@@ -364,20 +367,22 @@ class Runtime:
 
     # -- delegation (protocol.md §8.10, §11.8) ---------------------------------
     def _delegating_parent(self, principal: str, req: SubmitRequest) -> Job:
-        """Check a child job against its parent (no side effects)."""
+        """Check a child job against its parent; bound its expiry and limits by the parent's."""
         parent = self.jobs.jobs.get(req.parent_job_id or "")
-        if parent is None or parent.principal != principal or parent.done:
+        if parent is None or parent.principal != principal or parent.done or parent.request is None:
             raise JobNotFound(f"no running parent job {str(req.parent_job_id)[:128]!r}")
         if not lease_allows(parent.lease, "agent.delegate", req.agent.ref):
             raise PermissionDenied(f"the parent's lease does not grant agent.delegate on {req.agent.ref!r}")
-        try:
-            check_subset(req.lease, parent.lease, parent.authority.remaining)
+        try:  # limits are not patterns: the child's are clamped to the parent's below
+            check_subset({c: p for c, p in req.lease.items() if c != LIMITS_KEY},
+                         {c: p for c, p in parent.lease.items() if c != LIMITS_KEY}, parent.authority.remaining)
         except LeaseError as e:
             raise LeaseSubsetViolation(f"child lease is not a subset of the parent's: {e}") from e
         limit = parent.authority.expires_at
         if limit is not None and (req.expires_at is None or req.expires_at > limit):
             req.expires_at = limit  # a child never outlives its parent's lease
             req.lease_constraints = {**req.lease_constraints, "expires_at": format_ts(limit)}
+        req.limits = within(parent.request.limits, req.limits)  # nor runs under looser limits
         return parent
 
     @staticmethod
@@ -386,6 +391,15 @@ class Runtime:
         carve = initial_budget(req.lease)
         if carve:
             parent.authority.reserve({c: str(v) for c, v in carve.items()}, time.time())
+
+    @staticmethod
+    def _share_budget(parent: Job, child: Job) -> None:
+        """A child that asked no budget spends its parent's: the same counters, so that a debit
+        by either is seen by both (and by the child's own children that ask none)."""
+        if child.authority.initial or not parent.authority.remaining:
+            return
+        child.authority.remaining = parent.authority.remaining
+        child.authority.initial = dict(parent.authority.remaining)  # what it started with
 
     def _delegated(self, parent: Job, child: Job) -> None:
         parent.children.append(child.id)
@@ -403,6 +417,7 @@ class Runtime:
         self._delegating_parent(parent.principal, req)
         self._carve_budget(parent, req)
         child = self._start(parent.owner, req)
+        self._share_budget(parent, child)
         self._delegated(parent, child)
         return child.id
 

@@ -21,7 +21,8 @@ from shared.ids import UUID_RE, new_id, new_resume_token, new_ulid, now_ts
 from shared.messages import CLIENT_TYPES, FEATURES
 from supervisor import __version__
 from supervisor.frames import GO, PY, session_error
-from supervisor.outbox import Outbox
+from supervisor.outbox import HIGH_WATER_BYTES, Outbox
+from supervisor.store import DEFAULT_LOG_BYTES
 
 if TYPE_CHECKING:
     from supervisor.runtime import Runtime
@@ -91,7 +92,11 @@ class Session:
         self.features = features
         self.resume_token = new_resume_token()
         self.frame_cap = frame_cap
-        self.outbox = Outbox()
+        # Past the high-water mark the session's own jobs wait; the hard limit leaves room for a
+        # resume's replay of the whole log on top of that before the client counts as not reading.
+        log_bytes = getattr(runtime.config, "session_log_bytes", DEFAULT_LOG_BYTES)
+        self.outbox = Outbox(hard_bytes=log_bytes + 2 * HIGH_WATER_BYTES)
+        self.outbox.on_overflow = self._overflow
         self.seq = 0
         self.last_ack = 0
         self.closed = False  # the client said close/bye
@@ -113,6 +118,13 @@ class Session:
 
     def close_transport(self, code: int, reason: str) -> None:
         self._close(code, reason)
+
+    def _overflow(self, queued: int) -> None:
+        """The client stopped reading while frames no job waits for piled up: its queue is
+        dropped (the outbox did) and the transport closed; the session stays resumable."""
+        log.warning("session %s: %d bytes queued for a client that does not read: closing its transport",
+                    self.id, queued)
+        self._close(1011, "consumer too slow")
 
     # -- outbound -----------------------------------------------------------
     def encode(self, env: dict[str, Any]) -> bytes:

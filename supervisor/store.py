@@ -2,9 +2,17 @@
 sequenced frames each session was sent (for resume and subscribe history).
 
 With `--state-dir DIR` the database is `DIR/arcp-supervisor.sqlite3` in WAL
-mode; without it the same code runs on an in-memory database. Job rows are
+mode (the directory 0700, the database and its WAL and shared-memory files
+0600); without it the same code runs on an in-memory database. Job rows are
 written at once (acceptance and terminal), so an idempotent resubmission after
 a crash finds them; frames are written in batches, once per event-loop turn.
+
+Each session's frame log is bounded in bytes (`--session-log-bytes`): when a
+batch takes it past the bound, its oldest frames are deleted in the same
+transaction, down to 7/8 of the bound, so a trim happens once per bound/8 bytes
+logged. Deleted pages are reused by later frames, and the WAL is cut back to
+WAL_LIMIT after checkpoints, so the file holds about the bound per session plus
+the job records, whatever the jobs emit.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,8 +31,9 @@ import orjson
 
 log = logging.getLogger("arcp.store")
 DB_NAME = "arcp-supervisor.sqlite3"
-MAX_FRAMES_PER_SESSION = 20_000  # the resume/history log of one session keeps its latest frames
-TRIM_EVERY = 1024
+DEFAULT_LOG_BYTES = 64 * 1024 * 1024  # bytes of frames one session's resume/history log keeps
+TRIM_SLACK = 8  # a trim takes a log down to (1 - 1/TRIM_SLACK) of its bound
+WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -77,21 +87,24 @@ class StoredJob:
 
 
 class Store:
-    def __init__(self, state_dir: str | None) -> None:
+    def __init__(self, state_dir: str | None, session_log_bytes: int = DEFAULT_LOG_BYTES) -> None:
         if state_dir:
-            os.makedirs(state_dir, mode=0o700, exist_ok=True)
-            path = os.path.join(state_dir, DB_NAME)
+            path = _private_db(state_dir)
         else:
             path = ":memory:"
         self.path = path
+        self.log_bytes = session_log_bytes
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         if path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         self.db.executescript(SCHEMA)
+        if path != ":memory:":
+            _tighten(path)
         self._pending: list[tuple[str, int, str, bytes]] = []
         self._flush_scheduled = False
-        self._trim_at: dict[str, int] = {}  # session -> seq at which to trim its log next
+        self._log_size: dict[str, int] = {}  # live session -> bytes of its logged frames
 
     # -- jobs ---------------------------------------------------------------
     def insert_job(self, job_id: str, principal: str, session_id: str, agent: str, status: str,
@@ -118,6 +131,12 @@ class Store:
             return
         self.flush()
         self.db.execute("BEGIN")
+        for (job_id,) in ids:
+            for session_id, n in self.db.execute(
+                    "SELECT session_id, SUM(length(frame)) FROM frames WHERE job_id = ? GROUP BY session_id",
+                    (job_id,)).fetchall():
+                if session_id in self._log_size:
+                    self._log_size[session_id] = max(0, self._log_size[session_id] - (n or 0))
         self.db.executemany("DELETE FROM frames WHERE job_id = ?", ids)
         self.db.executemany("DELETE FROM jobs WHERE job_id = ?", ids)
         self.db.execute("COMMIT")
@@ -183,16 +202,43 @@ class Store:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        grown: dict[str, tuple[int, int]] = {}  # session -> (bytes added, newest seq)
+        for session_id, seq, _, data in pending:
+            added, newest = grown.get(session_id, (0, 0))
+            grown[session_id] = (added + len(data), max(newest, seq))
         self.db.execute("BEGIN")
-        self.db.executemany("INSERT OR REPLACE INTO frames (session_id, seq, job_id, frame) VALUES (?,?,?,?)",
-                            pending)
-        for session_id, seq, _, _ in pending[-1:] if len(pending) == 1 else _last_per_session(pending):
-            trim_at = self._trim_at.setdefault(session_id, MAX_FRAMES_PER_SESSION + TRIM_EVERY)
-            if seq >= trim_at:
-                self.db.execute("DELETE FROM frames WHERE session_id = ? AND seq <= ?",
-                                (session_id, seq - MAX_FRAMES_PER_SESSION))
-                self._trim_at[session_id] = seq + TRIM_EVERY
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO frames (session_id, seq, job_id, frame) VALUES (?,?,?,?)",
+                                pending)
+            for session_id, (added, newest) in grown.items():
+                size = self._log_size.get(session_id, 0) + added
+                if size > self.log_bytes:
+                    size = self._trim(session_id, size, newest)
+                self._log_size[session_id] = size
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
         self.db.execute("COMMIT")
+
+    def _trim(self, session_id: str, size: int, newest: int) -> int:
+        """Delete a session's oldest frames until its log is below the trim target (never its
+        newest frame, which fits the bound alone); return the bytes left."""
+        target = self.log_bytes - self.log_bytes // TRIM_SLACK
+        cut = None
+        cur = self.db.execute("SELECT seq, length(frame) FROM frames WHERE session_id = ? AND seq < ? ORDER BY seq",
+                              (session_id, newest))
+        try:
+            for seq, n in cur:
+                if size <= target:
+                    break
+                size -= n
+                cut = seq
+        finally:
+            cur.close()
+        if cut is not None:
+            self.db.execute("DELETE FROM frames WHERE session_id = ? AND seq <= ?", (session_id, cut))
+        return size
 
     def frames_since(self, session_id: str, after_seq: int) -> list[tuple[int, bytes]]:
         self.flush()
@@ -214,7 +260,7 @@ class Store:
     def forget_session(self, session_id: str) -> None:
         """A session past its resume window: its copies of other sessions' jobs go."""
         self.flush()
-        self._trim_at.pop(session_id, None)
+        self._log_size.pop(session_id, None)
         self.db.execute("DELETE FROM frames WHERE session_id = ? AND job_id NOT IN "
                         "(SELECT job_id FROM jobs WHERE session_id = ?)", (session_id, session_id))
 
@@ -223,11 +269,39 @@ class Store:
         self.db.close()
 
 
-def _last_per_session(rows: list[tuple[str, int, str, bytes]]) -> list[tuple[str, int, str, bytes]]:
-    last: dict[str, tuple[str, int, str, bytes]] = {}
-    for row in rows:
-        last[row[0]] = row
-    return list(last.values())
+def _private_db(state_dir: str) -> str:
+    """The database path in a directory only the supervisor's user can enter; the file 0600."""
+    try:
+        os.makedirs(state_dir, mode=0o700)
+    except FileExistsError:
+        if not os.path.isdir(state_dir):
+            raise
+        mode = os.stat(state_dir).st_mode & 0o777
+        if mode & 0o077:
+            log.warning("state dir %s is mode %03o: others can see what it holds (the database itself "
+                        "is 0600)", state_dir, mode)
+    else:
+        os.chmod(state_dir, 0o700)  # makedirs' mode is masked by the umask
+    path = os.path.join(state_dir, DB_NAME)
+    # SQLite makes its WAL and shared-memory files with the database file's mode: create it 0600 first.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    _tighten(path)
+    return path
+
+
+def _tighten(path: str) -> None:
+    """WAL and shared-memory files left by an older run with a wider mode: 0600 too."""
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            st = os.stat(path + suffix, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            os.chmod(path + suffix, 0o600)
 
 
 def _ts(ns: int) -> str:

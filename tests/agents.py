@@ -471,6 +471,49 @@ def net_escape(input: Any, job: JobContext) -> Any:
     return out
 
 
+def flood(input: Any, job: JobContext) -> Any:
+    """`n` log events of `size` bytes each, numbered."""
+    n, size = int(input.get("n", 100)), int(input.get("size", 512 * 1024))
+    for i in range(n):
+        job.log("info", f"{i}:" + "x" * size)
+    return {"n": n}
+
+
+def watch_budget(input: Any, job: JobContext) -> Any:
+    """Delegates a child, then waits (up to `wait` s) for the budget to change: the child spends it."""
+    child = job.delegate(input["agent"], input.get("input"), input.get("lease"))
+    start = {k: str(v) for k, v in job.budget().items()}
+    deadline = time.monotonic() + float(input.get("wait", 5))
+    budget = start
+    while budget == start and time.monotonic() < deadline:
+        time.sleep(0.05)
+        budget = {k: str(v) for k, v in job.budget().items()}
+    return {"child": child, "after_delegate": start, "budget": budget}
+
+
+def own_limits(input: Any, job: JobContext) -> Any:
+    """Reports the rlimits it runs under and its budget; spends `spend` of `currency` first."""
+    import resource
+
+    spend = input.get("spend") if isinstance(input, dict) else None
+    before = {k: str(v) for k, v in job.budget().items()}
+    if spend:
+        job.metric("cost.test", float(spend), input.get("currency", "USD"))
+    return {"cpu_sec": resource.getrlimit(resource.RLIMIT_CPU)[0],
+            "max_procs": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+            "max_open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "budget": before, "budget_after": {k: str(v) for k, v in job.budget().items()}}
+
+
+def forged_fail(input: Any, job: JobContext) -> Any:
+    """Ends its job with a hand-made fail frame: a huge traceback that tries to forge log records."""
+    line = "\n2099-01-01 00:00:00,000 WARNING arcp.jobs: job forged: \x1b[2Jforged record\r"
+    tb = "Traceback (most recent call last):\n" + "x" * int(input.get("size", 4 * 1000 * 1000)) + line * 100
+    job._ch.send(["fail", job.job_id, {"code": "INTERNAL_ERROR", "message": "forged", "traceback": tb}])
+    time.sleep(5)
+    return None
+
+
 _HELD: list[Any] = []  # connections a job leaves open (kept across jobs of a reused worker)
 
 
@@ -528,6 +571,8 @@ REGISTRY = [
     "grandchild=tests.agents:grandchild_then",
     "fetch=tests.agents:fetch", "httpxfetch=tests.agents:httpx_fetch", "netescape=tests.agents:net_escape",
     "rawproxy=tests.agents:raw_proxy", "filldisk=tests.agents:fill_disk",
+    "flood=tests.agents:flood", "watchbudget=tests.agents:watch_budget", "ownlimits=tests.agents:own_limits",
+    "forgedfail=tests.agents:forged_fail",
 ]
 
 

@@ -83,3 +83,45 @@ def test_children_end_with_their_parent(server: Server) -> None:
             assert term["payload"]["code"] == "CANCELLED"
             assert h.job_id in term["payload"]["message"]
     asyncio.run(go())
+
+
+LIMITS = "x-vendor.arcp-supervisor.limits"
+TIGHT_PARENT = {"agent.delegate": ["ownlimits@*", "echo@*"], LIMITS: ["cpu_sec:2", "max_procs:4", "memory_mb:64"],
+                "cost.budget": ["USD:1"]}
+
+
+@pytest.mark.parametrize("lease, cpu, procs, child_budget, parent_after", [
+    ({}, 2, 4, "1", "0.75"),  # asks nothing: the parent's limits, and the parent's budget shared
+    ({LIMITS: ["cpu_sec:1", "max_procs:16"]}, 1, 4, "1", "0.75"),  # tighter is kept, looser clamped
+    ({"cost.budget": ["USD:0.5"]}, 2, 4, "0.5", "0.5"),  # its own budget, carved from the parent's
+])
+def test_a_delegated_child_runs_within_its_parents_limits_and_budget(
+        server: Server, lease: dict[str, Any], cpu: int, procs: int, child_budget: str, parent_after: str) -> None:
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, rec):
+            h = await client.submit(agent="watchbudget", lease_request=TIGHT_PARENT, input={
+                "agent": "ownlimits", "input": {"spend": 0.25}, "lease": lease, "wait": 5})
+            parent = (await asyncio.wait_for(h.done, 20)).result
+            term = await rec.terminal(parent["child"])
+            child = term["payload"]["result"]
+            assert (child["cpu_sec"], child["max_procs"]) == (cpu, procs)
+            assert child["budget"] == {"USD": child_budget}
+            assert child["budget_after"] == {"USD": str(float(child_budget) - 0.25).rstrip("0")}
+            assert parent["budget"] == {"USD": parent_after}, "a shared budget is spent by the child"
+    asyncio.run(go())
+
+
+def test_a_client_submitted_child_gets_its_parents_limits_and_budget(server: Server) -> None:
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, _):
+            parent = await client.submit(agent="sleep", input={"seconds": 3},
+                                         lease_request={**TIGHT_PARENT, "agent.delegate": ["echo@*"]})
+            child = await client.submit(agent="echo@1.0.0", input=1, parent_job_id=parent.job_id,
+                                        lease_request={LIMITS: ["max_open_files:64", "cpu_sec:9"]})
+            extra = child.accepted.model_extra or {}
+            assert extra[LIMITS] == {"memory_mb": 64, "cpu_sec": 2, "max_procs": 4, "max_open_files": 64,
+                                     "max_file_size_mb": 1024}
+            assert sorted(child.accepted.lease[LIMITS]) == ["cpu_sec:2", "max_open_files:64"]
+            assert child.accepted.budget == {"USD": "USD:1"}
+            assert (await asyncio.wait_for(child.done, 15)).result == {"echo": 1}
+    asyncio.run(go())

@@ -220,3 +220,36 @@ def test_a_subscriber_cannot_cancel(server: Server) -> None:
             assert (await recb.terminal(h.job_id))["type"] == "job.result"
             assert not any(f.get("type") == "job.cancelled" for f in reca.frames + recb.frames)
     asyncio.run(go())
+
+
+def _log_numbers(rec: Recorder, job_id: str) -> list[int]:
+    return [int(m.split(":", 1)[0]) for m in
+            (f["payload"]["body"]["message"] for f in rec.frames
+             if f.get("type") == "job.event" and f.get("job_id") == job_id and f["payload"]["kind"] == "log")]
+
+
+def test_resume_from_before_the_kept_log_is_window_expired(make_server: type[Server]) -> None:
+    srv = make_server("--session-log-bytes", "1M")
+
+    async def go() -> None:
+        conn = await connect(srv.url, max_size=4 * 1024 * 1024)
+        rec = Recorder(WebSocketTransport(conn))
+        client = _client()
+        welcome = await client.connect(rec)
+        h = await client.submit(agent="flood", input={"n": 24, "size": 128 * 1024})  # 3 MiB
+        await rec.terminal(h.job_id)
+        last = max(f["event_seq"] for f in rec.frames if "event_seq" in f)
+        conn.transport.abort()
+        await asyncio.sleep(0.3)
+        resume = SessionResume(session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=2)
+        with pytest.raises(arcp.ARCPError) as ei:
+            await _client().resume(await WebSocketTransport.connect(srv.url), resume=resume)
+        assert ei.value.code == "RESUME_WINDOW_EXPIRED" and "no longer kept" in ei.value.message
+        await asyncio.sleep(0.3)
+        rec2 = Recorder(await WebSocketTransport.connect(srv.url))  # within the kept log: replayed
+        await _client().resume(rec2, resume=SessionResume(
+            session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=last - 3))
+        await rec2.terminal(h.job_id)
+        assert [f["event_seq"] for f in rec2.frames if "event_seq" in f] == [last - 2, last - 1, last]
+        assert _log_numbers(rec2, h.job_id) == [22, 23]
+    asyncio.run(go())

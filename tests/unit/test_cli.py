@@ -65,3 +65,9 @@ def test_no_args_shows_help() -> None:
     code, out = invoke()
     assert code in (0, 2)
     assert "run" in out
+
+
+def test_bad_session_log_bytes_exits_2() -> None:
+    code, out = invoke("run", "--agent", "e=tests.agents:echo", "--session-log-bytes", "12Q")
+    assert code == 2
+    assert "arcp-supervisor: error:" in out and "--session-log-bytes" in out and "12Q" in out

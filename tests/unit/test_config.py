@@ -329,3 +329,30 @@ def test_credentials_section_loads(tmp_path: Path) -> None:
     f.write_text('[credentials]\nprovisioner = "static"\n[credentials.options]\nprofile = "p"\n')
     out = load_file(str(f))
     assert out["credentials_provisioner"] == "static" and out["credentials_options"] == {"profile": "p"}
+
+
+# -- --session-log-bytes ------------------------------------------------------------------------------
+
+def test_session_log_bytes_from_flag_and_file(tmp_path: Path) -> None:
+    assert build_config({"agent": [ECHO]}).session_log_bytes == 64 * MiB
+    assert build_config({"agent": [ECHO], "session_log_bytes": "8M"}).session_log_bytes == 8 * MiB
+    path = write(tmp_path, '[server]\nsession_log_bytes = "2G"\n')
+    assert build_config({"agent": [ECHO], "config": path}).session_log_bytes == 2 * GiB
+    assert build_config({"agent": [ECHO], "config": path, "session_log_bytes": "16M"}).session_log_bytes == 16 * MiB
+
+
+@pytest.mark.parametrize(("flags", "toml", "needle"), [
+    ({"session_log_bytes": "lots"}, None, "--session-log-bytes"),
+    ({"session_log_bytes": "0"}, None, "--session-log-bytes"),
+    ({"session_log_bytes": "512K"}, None, "--session-log-bytes: must be at least 1M"),
+    ({}, "[server]\nsession_log_bytes = \"x\"", "server.session_log_bytes"),
+    ({}, "[server]\nsession_log_bytes = true", "server.session_log_bytes"),
+    ({}, "[server]\nsession_log_bytes = -1", "server.session_log_bytes"),
+])
+def test_bad_session_log_bytes_names_the_flag_or_key(tmp_path: Path, flags: dict[str, Any], toml: str | None,
+                                                     needle: str) -> None:
+    if toml is not None:
+        flags = {**flags, "config": write(tmp_path, toml)}
+    with pytest.raises(ConfigError) as ei:
+        build_config({"agent": [ECHO], **flags})
+    assert needle in str(ei.value)
