@@ -62,7 +62,7 @@ def validate_lease_request(obj: Any) -> Lease:
             raise LeaseError(f"lease capability {cap!r}: more than {MAX_PATTERNS} patterns")
         for p in patterns:
             if not isinstance(p, str):
-                raise LeaseError(f"lease capability {cap!r}: pattern {p!r} is not a string")
+                raise LeaseError(f"lease capability {cap!r}: a pattern of type {type(p).__name__} is not a string")
             too_big = bound_error(cap, p)
             if too_big is not None:
                 raise LeaseError(f"lease capability {cap!r}: a pattern {too_big}")
@@ -70,6 +70,11 @@ def validate_lease_request(obj: Any) -> Lease:
                 parse_budget_entry(p)
         out[cap] = list(patterns)
     return out
+
+
+def _cut(text: str, n: int = 128) -> str:
+    """`text` quoted for a message, cut to `n` characters."""
+    return repr(text) if len(text) <= n else repr(text[:n]) + "..."
 
 
 def _utf8_len(s: str, limit: int) -> int:
@@ -108,7 +113,7 @@ def parse_budget_entry(entry: str) -> tuple[str, Decimal]:
     m = BUDGET_RE.fullmatch(entry)
     if not m:
         raise LeaseError(
-            f"lease capability 'cost.budget': pattern {entry!r} is not CURRENCY:AMOUNT "
+            f"lease capability 'cost.budget': pattern {_cut(entry)} is not CURRENCY:AMOUNT "
             "(currency [A-Z]{1,10} or [a-z]{1,10}, amount digits with an optional fraction)"
         )
     try:
@@ -365,7 +370,7 @@ def check_subset(child: Lease, parent: Lease, parent_remaining: dict[str, Decima
             budget.left -= len(tgt.segs) + 1
             try:
                 if not any(_covers(g, tgt, budget) for g in parents):
-                    raise LeaseError(f"capability {cap!r}: pattern {pat!r} is not covered by the parent's lease")
+                    raise LeaseError(f"capability {cap!r}: pattern {_cut(pat)} is not covered by the parent's lease")
             except MatchTooCostly as e:
                 raise MatchTooCostly(f"checking the lease against its parent's would take more than "
                                      f"{MATCH_BUDGET} steps") from e

@@ -15,6 +15,16 @@ REMAINING_METRIC = "cost.budget.remaining"
 REPORT_STEP = Decimal("0.0001")
 
 
+SHOWN_LEN = 256  # characters of a job's target repeated in a refusal
+
+
+def shown(target: str) -> str:
+    """A job's target for an error message: quoted, and cut to SHOWN_LEN characters."""
+    if len(target) <= SHOWN_LEN:
+        return repr(target)
+    return repr(target[:SHOWN_LEN]) + f"... ({len(target)} characters)"
+
+
 class Authority:
     def __init__(self, lease: Lease, expires_at: float | None) -> None:
         self.lease = lease
@@ -29,12 +39,16 @@ class Authority:
     def exhausted(self) -> bool:
         return any(v <= 0 for v in self.remaining.values())
 
-    def validate_op(self, capability: str, target: str, now: float) -> None:
-        """protocol.md §8.4: expiry, then the pattern, then every budget counter."""
+    def validate_op(self, capability: str, target: str, now: float, *, asked: str | None = None) -> None:
+        """protocol.md §8.4: expiry, then the pattern, then every budget counter.
+
+        `target` is what is matched (for fs.*, the resolved path); a refusal names `asked`,
+        the target as the job sent it, never what it resolved to.
+        """
         if self.expired(now):
             raise LeaseExpired("the job's lease has expired")
         if not lease_allows(self.lease, capability, target):
-            raise PermissionDenied(f"lease does not grant {capability} on {target!r}")
+            raise PermissionDenied(f"lease does not grant {capability[:64]} on {shown(target if asked is None else asked)}")
         if self.initial and self.exhausted():
             spent = ", ".join(f"{c} {v}" for c, v in self.remaining.items() if v <= 0)
             raise BudgetExhausted(f"budget exhausted ({spent} remaining)")

@@ -24,14 +24,16 @@ from shared.errors import (
     ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
 )
 from shared.ids import new_id
-from shared.lease import clean_path, lease_allows
+from shared.lease import PATH_CAPABILITIES, clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.cgroups import LimitNotApplied
 from supervisor.egress import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
+from supervisor import path_resolve
+from supervisor.authority import shown
 from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
-from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
+from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError, check_call
 
 if TYPE_CHECKING:
     from supervisor.jobs import Job
@@ -42,6 +44,7 @@ KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
 EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
 WATCH_INTERVAL = 0.1  # seconds between memory checks of a running job
 CPU_INTERVAL = 0.1  # seconds between reads of a running job's cgroup CPU time
+MAX_PATH_CHECKS = 256  # fs.* validate_lease_op calls of one job waiting for their answer
 
 
 class _Died:
@@ -363,6 +366,7 @@ class JobRunner:
                             self._event(action)
                         elif isinstance(action, Call):
                             self._answer(writer, action)
+                            await asyncio.sleep(0)  # a call's work is bounded; others' turn between calls
                         else:
                             return action
                 await outbox.wait_writable()
@@ -381,9 +385,17 @@ class JobRunner:
             for name, value, unit in job.authority.debit_metric(b["name"], b["value"], b.get("unit")):
                 self.rt.emit_event(job, "metric", {"name": name, "value": value, "unit": unit})
 
+    # fs.* validate_lease_op calls: answered from a task, one resolution at a time per job.
+    _path_lock: asyncio.Lock | None = None
+    _path_waiting = 0
+    _path_stuck: asyncio.Future[str] | None = None  # a resolution that outlived its timeout
+
     def _answer(self, writer: asyncio.StreamWriter, call: Call) -> None:
-        job = self.job
         try:
+            check_call(call.op, call.args)  # every argument bounded before any work
+            if call.op == "validate_lease_op" and call.args[0] in PATH_CAPABILITIES:
+                self._answer_path_check(writer, call)  # resolved off the loop, answered later
+                return
             value = self._call(call.op, call.args)
             reply = [pm.REPLY, call.call_id, True, value]
         except ARCPError as e:
@@ -391,9 +403,69 @@ class JobRunner:
         except (TypeError, ValueError) as e:
             reply = [pm.REPLY, call.call_id, False,
                      InvalidRequest(f"bad arguments to {call.op}: {e}").to_wire()]
-        if job.done:
-            reply = [pm.REPLY, call.call_id, False, Cancelled("job has ended").to_wire()]
-        writer.write(encode(reply))
+        self._reply(writer, reply)
+
+    def _reply(self, writer: asyncio.StreamWriter, reply: list[Any]) -> None:
+        if self.job.done:
+            reply = [pm.REPLY, reply[1], False, Cancelled("job has ended").to_wire()]
+        if not writer.is_closing():
+            writer.write(encode(reply))
+
+    def _answer_path_check(self, writer: asyncio.StreamWriter, call: Call) -> None:
+        if self._path_waiting >= MAX_PATH_CHECKS:
+            raise InvalidRequest(f"validate_lease_op: more than {MAX_PATH_CHECKS} path checks of this job "
+                                 "are waiting for their answer", retryable=True)
+        self._path_waiting += 1
+        task = asyncio.get_running_loop().create_task(self._path_check(writer, call))
+        _PATH_TASKS.add(task)
+        task.add_done_callback(_PATH_TASKS.discard)
+
+    async def _path_check(self, writer: asyncio.StreamWriter, call: Call) -> None:
+        cap, target = call.args
+        try:
+            if self._path_lock is None:
+                self._path_lock = asyncio.Lock()
+            async with self._path_lock:
+                await self._check_path(cap, target)
+            reply = [pm.REPLY, call.call_id, True, None]
+        except ARCPError as e:
+            reply = [pm.REPLY, call.call_id, False, e.to_wire()]
+        except Exception as e:  # a supervisor fault: the job hears of it, the loop goes on
+            log.exception("job %s: path check failed", self.job.id)
+            reply = [pm.REPLY, call.call_id, False,
+                     InternalError(f"the path check failed: {type(e).__name__}").to_wire()]
+        finally:
+            self._path_waiting -= 1
+        self._reply(writer, reply)
+
+    async def _check_path(self, cap: str, target: str) -> None:
+        """fs.* `validate_lease_op`: the target the job's kernel would open (absolute, cleaned,
+        symlinks resolved in the job's view, with its credentials), then the lease. Refusals
+        name the target as the job sent it, never what it resolved to."""
+        auth = self.job.authority
+        if auth.expired(time.time()):
+            raise LeaseExpired("the job's lease has expired")
+        if not target.startswith("/"):
+            raise PermissionDenied(f"{cap} target {shown(target)} is not an absolute path")
+        if self._path_stuck is not None and not self._path_stuck.done():
+            raise Timeout(f"{cap} target {shown(target)}: an earlier path check of this job is still "
+                          "running", retryable=True)
+        worker = self.worker
+        uid = worker.uid if worker is not None else None
+        try:
+            resolved = await path_resolve.resolve(
+                clean_path(target), uid=uid, root_pid=worker.pid if worker is not None and uid is not None else None)
+        except path_resolve.PathRefused as e:
+            raise PermissionDenied(f"{cap} target {shown(target)} cannot be checked: {e}") from None
+        except path_resolve.ResolverBusy as e:
+            raise Timeout(f"{cap} target {shown(target)}: {e}", retryable=True) from None
+        except path_resolve.ResolveTimeout as e:
+            self._path_stuck = e.pending
+            raise Timeout(f"{cap} target {shown(target)}: {e}", retryable=True) from None
+        except OSError as e:
+            raise PermissionDenied(f"{cap} target {shown(target)} cannot be checked: "
+                                   f"{os.strerror(e.errno) if e.errno else type(e).__name__}") from None
+        auth.validate_op(cap, resolved, time.time(), asked=target)
 
     def _call(self, op: str, args: list[Any]) -> Any:
         job = self.job
@@ -401,15 +473,9 @@ class JobRunner:
         if op == "budget":
             return auth.budget_wire()
         if op == "validate_lease_op":
-            cap, target = args
-            if not isinstance(cap, str) or not isinstance(target, str):
+            cap, target = args  # bounded by check_call; fs.* targets go to _check_path
+            if not isinstance(cap, str) or not isinstance(target, str) or cap in PATH_CAPABILITIES:
                 raise InvalidRequest("validate_lease_op takes two strings")
-            if cap in ("fs.read", "fs.write"):
-                # The target the kernel would open: absolute, cleaned, symlinks resolved here in
-                # the supervisor, so a link inside a granted directory cannot point outside it.
-                if not target.startswith("/"):
-                    raise PermissionDenied(f"{cap} target {target[:256]!r} is not an absolute path")
-                target = os.path.realpath(clean_path(target))
             auth.validate_op(cap, target, time.time())
             return None
         if op == "reserve_budget":
@@ -421,7 +487,7 @@ class JobRunner:
             if not isinstance(tool, str) or not tool:
                 raise InvalidRequest("tool name must be a non-empty string")
             if "tool.call" in self.request.lease and not lease_allows(self.request.lease, "tool.call", tool):
-                raise PermissionDenied(f"lease does not grant tool.call on {tool!r}")
+                raise PermissionDenied(f"lease does not grant tool.call on {shown(tool)}")
             call_id = new_id("c")
             self._event(Event("tool_call", {"tool": tool, "args": tool_args, "call_id": call_id}))
             return call_id
@@ -445,6 +511,9 @@ class JobRunner:
                 self.worker.egress.job = None
             self.egress = None
         self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size)
+
+
+_PATH_TASKS: set[asyncio.Task[None]] = set()  # path checks in flight (a strong reference each)
 
 
 def _killed_by(status: int, sig: int) -> bool:

@@ -646,3 +646,49 @@ REGISTRY += [
     "cgrouphog=tests.agents:cgroup_hog", "forkcount=tests.agents:fork_count",
     "cpuchildren=tests.agents:cpu_children",
 ]
+
+
+def lease_probe(input: Any, job: JobContext) -> Any:
+    """Makes the symlinks it is told to ({name: target}), then asks validate_lease_op about each
+    [capability, target]: [code or "allowed", message] each. `{tmp}` stands for its temp dir."""
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    for name, dest in (input.get("links") or {}).items():
+        os.symlink(dest.replace("{tmp}", tmp), name.replace("{tmp}", tmp))
+    out = []
+    for cap, target in input["ops"]:
+        try:
+            job.validate_lease_op(cap, target.replace("{tmp}", tmp))
+            out.append(["allowed", ""])
+        except Exception as e:
+            out.append([getattr(e, "code", type(e).__name__), str(getattr(e, "message", e))])
+    return {"tmp": tmp, "results": out}
+
+
+async def lease_spam(input: Any, job: JobContext) -> Any:
+    """`rounds` of validate_lease_op calls, many in flight at once: a 600 KB path, paths through
+    a chain of links in its temp dir, /proc magic links. Counts the answers by code."""
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    for i in range(45):
+        os.symlink(f"c{i + 1}", f"{tmp}/c{i}")
+    huge = "/" + "a/" * 300000
+    chain = f"{tmp}/c0/x"
+    counts: dict[str, int] = {}
+
+    async def one(cap: str, target: str) -> None:
+        try:
+            await job.avalidate_lease_op(cap, target)
+            code = "allowed"
+        except Exception as e:
+            code = getattr(e, "code", type(e).__name__)
+        counts[code] = counts.get(code, 0) + 1
+
+    job.status("spamming")
+    for _ in range(int(input.get("rounds", 20))):
+        await asyncio.gather(one("fs.read", huge), one("net.fetch", "https://x/" + "**/" * 3000),
+                             *[one("fs.read", chain) for _ in range(30)],
+                             *[one("fs.read", f"/proc/1/fd/{n}") for n in range(5)],
+                             one("fs.read", f"{tmp}/plain"))
+    return counts
+
+
+REGISTRY += ["leaseprobe=tests.agents:lease_probe", "leasespam=tests.agents:lease_spam"]

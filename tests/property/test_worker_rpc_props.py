@@ -103,3 +103,50 @@ def test_base64_chunks_reassemble(pieces: list[bytes], max_text: int) -> None:
     assert b"".join(base64.b64decode(b["data"]) for b in bodies) == b"".join(pieces)
     assert [b["chunk_seq"] for b in bodies] == list(range(len(bodies)))
     assert all(len(b["data"]) <= max_text for b in bodies)
+
+
+# -- the arguments of calls: bounded before any work ----------------------------------------------
+
+from shared.errors import InvalidRequest  # noqa: E402
+from supervisor.worker_rpc import CALL_ARITY, check_call  # noqa: E402
+
+huge_texts = st.sampled_from([
+    "/" + "a/" * 300000,  # the reported one: 600 KB of path
+    "/" + "x" * 5000,
+    "/tmp/" + "s" * 256,
+    "https://h/" + "p" * 9000,
+    "t" * 5000,
+    "/ok/path",
+    "é" * 3000,
+    "**/" * 2000,
+]) | st.text(max_size=300)
+call_args = st.lists(huge_texts | msgpack_values, max_size=4)
+caps = st.sampled_from(["fs.read", "fs.write", "net.fetch", "tool.call", "model.use", "x-vendor.a.b",
+                        "c" * 300]) | st.text(max_size=20)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(CALL_ARITY)), call_args)
+def test_check_call_raises_only_invalid_request(op: str, args: list[Any]) -> None:
+    try:
+        check_call(op, args)
+    except InvalidRequest as e:
+        assert len(e.message) < 400  # names the argument and the bound, never repeats a big one
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(caps, huge_texts)
+def test_validate_lease_op_targets_within_the_bounds_pass_and_others_say_which_bound(cap: str, target: str) -> None:
+    from shared.lease import MAX_CAPABILITY_LEN, bound_error
+
+    try:
+        check_call("validate_lease_op", [cap, target])
+    except InvalidRequest as e:
+        assert cap == "" or len(cap.encode()) > MAX_CAPABILITY_LEN or bound_error(cap, target) is not None
+        assert "capability" in e.message or "target" in e.message
+        if cap in ("fs.read", "fs.write") and len(target.encode()) >= 4096:
+            assert "PATH_MAX 4096" in e.message
+        return
+    assert bound_error(cap, target) is None
+    if cap in ("fs.read", "fs.write"):
+        assert len(target.encode()) <= 4095 and all(len(s.encode()) <= 255 for s in target.split("/"))

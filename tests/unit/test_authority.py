@@ -175,3 +175,13 @@ def test_reserve_when_expired() -> None:
     with pytest.raises(LeaseExpired):
         a.reserve({"USD": 1}, NOW)
     assert a.remaining["USD"] == 10
+
+
+def test_a_refusal_names_the_target_as_asked_never_as_resolved() -> None:
+    a = auth({"fs.read": ["/workspace/**"]})
+    with pytest.raises(PermissionDenied) as ei:
+        a.validate_op("fs.read", "/var/lib/arcp/state.db", NOW, asked="/proc/1/fd/7")
+    assert "/proc/1/fd/7" in ei.value.message and "state.db" not in ei.value.message
+    with pytest.raises(PermissionDenied) as ei:
+        a.validate_op("tool.call", "t" * 5000, NOW)
+    assert len(ei.value.message) < 400 and "5000 characters" in ei.value.message

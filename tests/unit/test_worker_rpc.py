@@ -382,3 +382,68 @@ def test_falsy_non_object_log_fields_rejected(fields: Any) -> None:
 def test_call_id_must_be_non_negative_int(call_id: Any) -> None:
     with pytest.raises(WorkerProtocolError):
         wf().actions(["call", JOB, call_id, "budget", []])
+
+
+# -- call arguments are bounded before any work (answered INVALID_REQUEST, the job goes on) -----
+
+from shared.errors import InvalidRequest  # noqa: E402
+from supervisor.worker_rpc import check_call  # noqa: E402
+
+
+@pytest.mark.parametrize(("op", "args", "needle"), [
+    ("validate_lease_op", ["fs.read", "/" + "a/" * 300000], "target is longer than 4095 bytes"),
+    ("validate_lease_op", ["fs.write", "/" + "a" * 4095], "PATH_MAX 4096"),
+    ("validate_lease_op", ["fs.read", "/tmp/" + "n" * 256], "segment longer than 255 bytes"),
+    ("validate_lease_op", ["fs.read", "/tmp/" + "é" * 128], "(NAME_MAX)"),
+    ("validate_lease_op", ["fs.read", "/tmp/a\0b"], "NUL"),
+    ("validate_lease_op", ["net.fetch", "https://x/" + "p" * 8192], "longer than 8192 bytes"),
+    ("validate_lease_op", ["tool.call", "t" * 4097], "longer than 4096 bytes"),
+    ("validate_lease_op", ["x-vendor.a." + "b" * 300, "t"], "capability is longer than 256 bytes"),
+    ("validate_lease_op", ["", "t"], "capability is empty"),
+    ("validate_lease_op", ["fs.read", 5], "target is not a string"),
+    ("validate_lease_op", ["fs.read"], "takes 2 arguments"),
+    ("tool_call", ["t" * 4097, {}], "tool name is longer than 4096 bytes"),
+    ("tool_call", ["", {}], "tool name is empty"),
+    ("delegate", ["a" * 5000, None, None], "agent is longer than 4096 bytes"),
+    ("delegate", ["a", None, {"fs.read": ["/" + "x/" * 3000]}], "PATH_MAX"),
+    ("delegate", ["a", None, {"fs.read": [{"big": "x" * 10000}]}], "type dict"),
+    ("rotate_credential", ["c" * 257, "v"], "credential id is longer than 256 bytes"),
+    ("rotate_credential", ["c", "v" * 16385], "credential value is longer than 16384 bytes"),
+    ("reserve_budget", [{"USD": "1" * 65}], "longer than 64 bytes"),
+    ("reserve_budget", [{f"C{i}": 1 for i in range(65)}], "more than 64 currencies"),
+    ("reserve_budget", [{"USD": 2 ** 70}], "wider than 64 bits"),
+    ("reserve_budget", [{"USD": [1]}], "not a number"),
+    ("reserve_budget", [[1]], "mapping"),
+    ("budget", [1], "takes 0 arguments"),
+])
+def test_oversized_call_arguments_are_refused_naming_the_bound(op: str, args: list[Any], needle: str) -> None:
+    with pytest.raises(InvalidRequest) as ei:
+        check_call(op, args)
+    assert needle in ei.value.message, ei.value.message
+    assert len(ei.value.message) < 300
+
+
+@pytest.mark.parametrize(("op", "args"), [
+    ("validate_lease_op", ["fs.read", "/" + "/".join(["n" * 255] * 15) + "/" + "x" * 254]),
+    ("validate_lease_op", ["net.fetch", "https://x/" + "p" * 8000]),
+    ("validate_lease_op", ["tool.call", "t" * 4096]),
+    ("validate_lease_op", ["fs.read", "relative"]),  # refused later, by the lease check
+    ("tool_call", ["search.web", {"q": "x" * 100000}]),  # tool args: bounded by the frame
+    ("delegate", ["echo", {"x": 1}, {"fs.read": ["/data/**"]}]),
+    ("delegate", ["echo", None, None]),
+    ("rotate_credential", ["cred_1", "v" * 16384]),
+    ("reserve_budget", [{"USD": "1.25", "EUR": 3, "credits": 0.5}]),
+    ("budget", []),
+])
+def test_call_arguments_within_the_bounds_pass(op: str, args: list[Any]) -> None:
+    check_call(op, args)
+
+
+def test_bounding_a_huge_argument_is_cheap() -> None:
+    import time
+
+    start = time.perf_counter()
+    for _ in range(20):
+        with pytest.raises(InvalidRequest):
+            check_call("validate_lease_op", ["fs.read", "/" + "a/" * 300000])
+    assert time.perf_counter() - start < 1.0
