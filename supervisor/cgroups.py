@@ -214,14 +214,17 @@ class WorkerCgroup:
         return self.oom_kills() > self.oom_base
 
     # -- tasks ----------------------------------------------------------------------
-    def pids(self) -> list[int]:
+    def pids(self, strict: bool = False) -> list[int]:
+        """The processes of the group ([] if it cannot be read, or OSError when `strict`)."""
         d = (self.dirs.get("unified") or self.dirs.get("pids") or self.dirs.get("memory")
              or self.dirs.get("cpuacct"))
         if d is None:
             return []
         try:
             return [int(x) for x in self.fs.read(os.path.join(d, "cgroup.procs")).split()]
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if strict:
+                raise OSError(f"cannot read the group's processes: {e}") from e
             return []
 
     def kill_all(self) -> None:

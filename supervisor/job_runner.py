@@ -230,7 +230,7 @@ class JobRunner:
             await worker.kill(1.0)
             outcome = _Died()
         if isinstance(outcome, Done):
-            self.rt.pool.release(worker, self.rt.reuse_key(job))
+            self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
             result_id = size = None
             s = self.frames.stream
             if s is not None:
@@ -239,7 +239,7 @@ class JobRunner:
         elif isinstance(outcome, Fail):
             if outcome.traceback:
                 log.warning("job %s: agent raised\n%s", job.id, block(outcome.traceback))  # the worker's text
-            self.rt.pool.release(worker, self.rt.reuse_key(job))
+            self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
             self._finish(ERROR, outcome.error)
         elif isinstance(outcome, WorkerProtocolError | CodecError):
             log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, one_line(str(outcome), 1024))

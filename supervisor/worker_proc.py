@@ -19,11 +19,12 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import msgpack
 
+from shared import pipe_messages as pm
 from shared.exit_codes import describe_wait_status
 from supervisor.cgroups import Cgroups, WorkerCgroup
 from supervisor.egress import EgressListener
@@ -34,6 +35,7 @@ MAX_PACKET = 64 * 1024
 SPAWN_TIMEOUT = 10.0
 MAX_SPAWNS_IN_FLIGHT = 16
 CGROUP_LINGER = 0.5  # seconds a dead worker's cgroup is kept for its job to read
+LEFTOVER_WAIT, LEFTOVER_WAIT_STEPS = 0.5, 50  # for killed leftovers to leave a kept worker's cgroup
 
 
 class WorkerSpawnError(Exception):
@@ -70,13 +72,23 @@ class WorkerHandle:
         """Signal the worker's process group (never a pid that was already reaped).
 
         SIGKILL also reaches every task of the worker's cgroup, which includes
-        descendants that left the process group with setsid().
+        descendants that left the process group with setsid(). Once the worker is gone
+        its group is emptied at its exit and may pass to another worker: not touched here.
         """
         if not self.exited.done():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pid, sig)
-        if sig == signal.SIGKILL and self.cgroup is not None:
-            self.cgroup.kill_all()
+            if sig == signal.SIGKILL and self.cgroup is not None:
+                self.cgroup.kill_all()
+
+    def thread_count(self) -> int | None:
+        """The worker's threads as the kernel counts them (None when it cannot be told)."""
+        if self.exited.done():
+            return None
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/task"))
+        except OSError:
+            return None
 
     def exit_reason(self) -> str:
         if not self.exited.done():
@@ -399,9 +411,12 @@ class WorkerPool:
             while idle:
                 h = idle.popleft()
                 self._reused_count -= 1
-                if h.alive:
+                if not h.alive:
+                    h.close_pipe()
+                elif await self._alone(h):
                     return h
-                h.close_pipe()
+                else:
+                    self.retire(h)
         while self._fresh:
             h = self._fresh.popleft()
             self._refill()
@@ -420,10 +435,31 @@ class WorkerPool:
                 raise WorkerSpawnError(f"cannot prepare worker {h.pid}: {e}") from e
         return h
 
-    def release(self, handle: WorkerHandle, key: Hashable) -> None:
-        """A job ended normally on `handle`: keep it for `key` or retire it."""
+    def release(self, handle: WorkerHandle, key: Hashable, left: Sequence[str] = ()) -> None:
+        """A job ended normally on `handle`: keep it for `key` or retire it.
+
+        Kept, it is cleared of what its job left: every other process of its cgroup is
+        killed. It is retired instead if the job left something in the worker itself (`left`,
+        the worker's word: a thread, a child process, a changed sys.modules; or more threads
+        than an idle worker has, the kernel's word), or if it has no cgroup in which to find
+        what the job left."""
         handle.jobs_run += 1
-        if (self._reuse > 1 and not self._closed and handle.alive and handle.jobs_run < self._reuse):
+        if self._reuse > 1 and not self._closed and handle.alive and handle.jobs_run < self._reuse:
+            left = list(left)
+            threads = handle.thread_count()
+            if threads is not None and threads > pm.IDLE_THREADS and pm.LEFT_THREAD not in left:
+                left.append(pm.LEFT_THREAD)
+            if handle.cgroup is None:
+                left.append("no cgroup to search")
+            if left:
+                log.info("worker %d not reused: its job left %s", handle.pid, ", ".join(left))
+                self.retire(handle)
+                return
+            assert handle.cgroup is not None
+            killed = handle.cgroup.kill_others(handle.pid)
+            if killed:
+                log.info("worker %d: killed %d processes its job left (%s)", handle.pid, len(killed),
+                         " ".join(map(str, killed)))
             if self._reused_count >= self._max_idle_reused:
                 self._evict_one()
             if self._on_keep is not None:
@@ -432,6 +468,24 @@ class WorkerPool:
             self._reused_count += 1
             return
         self.retire(handle)
+
+    async def _alone(self, h: WorkerHandle) -> bool:
+        """Is a kept worker alone in its cgroup (what its last job left is gone)? Kills
+        stragglers and waits for them a little; False if some remain."""
+        cg = h.cgroup
+        if cg is None:
+            return False
+        try:
+            for _ in range(LEFTOVER_WAIT_STEPS):
+                if not any(pid != h.pid for pid in cg.pids(strict=True)):
+                    return True
+                cg.kill_others(h.pid)
+                await asyncio.sleep(LEFTOVER_WAIT / LEFTOVER_WAIT_STEPS)
+        except OSError as e:
+            log.warning("worker %d not reused: %s", h.pid, e)
+            return False
+        log.warning("worker %d not reused: processes its last job left outlived SIGKILL", h.pid)
+        return False
 
     def retire(self, handle: WorkerHandle) -> None:
         """End a worker now (its job is over): kill its group, close its pipe."""

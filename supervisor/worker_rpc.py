@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -42,12 +42,14 @@ class Call:
 @dataclass(slots=True)
 class Done:
     value: Any
+    left: list[str] = field(default_factory=list)  # what the job left in the worker (pipe_messages)
 
 
 @dataclass(slots=True)
 class Fail:
     error: dict[str, Any]
     traceback: str | None
+    left: list[str] = field(default_factory=list)
 
 
 Action = Event | Call | Done | Fail
@@ -126,12 +128,12 @@ class WorkerFrames:
                 raise WorkerProtocolError(f"unknown call {str(frame[3])[:40]!r}")
             return [Call(frame[2], frame[3], frame[4])]
         if tag == pm.DONE:
-            if len(frame) != 3:
-                raise WorkerProtocolError("done frame is not [done, job, value]")
-            return self._finish_stream() + [Done(_json(frame[2], "result"))]
+            if len(frame) not in (3, 4):
+                raise WorkerProtocolError("done frame is not [done, job, value, left?]")
+            return self._finish_stream() + [Done(_json(frame[2], "result"), _left(frame))]
         if tag == pm.FAIL:
-            if len(frame) != 3:
-                raise WorkerProtocolError("fail frame is not [fail, job, error]")
+            if len(frame) not in (3, 4):
+                raise WorkerProtocolError("fail frame is not [fail, job, error, left?]")
             raw = frame[2]
             try:
                 err = from_wire(raw).to_wire()
@@ -140,7 +142,7 @@ class WorkerFrames:
             if "details" in err:
                 _json(err["details"], "error details")
             tb = raw.get("traceback") if isinstance(raw.get("traceback"), str) else None
-            return [Fail(err, tb)]
+            return [Fail(err, tb, _left(frame))]
         raise WorkerProtocolError(f"unknown frame tag {str(tag)[:40]!r}")
 
     def _event(self, op: Any, a: list[Any]) -> list[Action]:
@@ -271,6 +273,16 @@ class WorkerFrames:
             return []
         s.closed = True
         return [Event("result_chunk", s.body("", False))]
+
+
+def _left(frame: list[Any]) -> list[str]:
+    """The optional last item of a done or fail frame: what the job left in the worker."""
+    if len(frame) < 4:
+        return []
+    left = frame[3]
+    if not isinstance(left, list) or not all(isinstance(x, str) and x in pm.LEFT_KINDS for x in left):
+        raise WorkerProtocolError(f"what the job left is not a list of {sorted(pm.LEFT_KINDS)}")
+    return sorted(set(left))
 
 
 # -- the arguments of calls -------------------------------------------------------------------

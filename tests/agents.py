@@ -576,7 +576,7 @@ REGISTRY = [
 ]
 
 
-# -- limits on recycled cgroups; CPU time of a process tree --
+# -- limits on recycled cgroups, CPU time of a process tree, what a reused worker's job leaves --
 def _own_cgroups() -> dict[str, str]:
     """controller -> this process's cgroup path ("unified" for the v2 line)."""
     out = {}
@@ -642,9 +642,68 @@ def cpu_children(input: Any, job: JobContext) -> Any:
     return {"children": n, "cgroups": _own_cgroups()}
 
 
+def _steal_next_job(job: JobContext, who: str) -> None:
+    """Wait for the worker's next job, then send events into it that carry its input."""
+    from shared.pipe_codec import FrameDecoder
+
+    if who == "thread":  # the worker's own queue of jobs: take the spec, look, put it back
+        spec = job._ch.jobs.get()
+        job._ch.jobs.put(spec)
+        specs = [spec]
+    else:  # the worker's pipe, inherited through fork: read what the supervisor sends next
+        data = job._ch.sock.recv(1 << 20)
+        specs = [f[1] for f in FrameDecoder(1 << 22).feed(data) if f and f[0] == "job"]
+    for spec in specs:
+        for _ in range(3):
+            job._ch.send_now(["ev", spec["job_id"], "log", ["info", f"stolen by {who}: {spec.get('input')}", None]])
+
+
+def leftovers(input: Any, job: JobContext) -> Any:
+    """Leaves, as asked, what must not reach a reused worker's next job: a setsid()
+    grandchild named `tag` and a thread, each waiting for that job to read its input and
+    send events into it, a child named `tag`, a module imported for good, or one replaced
+    in sys.modules. Logs "running", then waits `hold` s."""
+    import importlib
+    import threading
+
+    job.log("info", "running")
+    out: dict[str, Any] = {"pid": os.getpid(), "input": input}
+    if input.get("grandchild"):
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.setsid()
+            pid = os.fork()
+            if pid == 0:
+                _name_self(input["tag"])
+                time.sleep(float(input.get("delay", 0.3)))
+                _steal_next_job(job, "grandchild")
+                time.sleep(60)
+                os._exit(0)
+            os.write(w, str(pid).encode())
+            os._exit(0)
+        os.close(w)
+        out["grandchild"] = int(os.read(r, 32))
+        os.close(r)
+        os.waitpid(child, 0)  # no child of the worker is left: only the grandchild, elsewhere
+    if input.get("child"):  # a plain child, still running when the job ends
+        if os.fork() == 0:
+            _name_self(input["tag"])
+            time.sleep(60)
+            os._exit(0)
+    if input.get("thread"):
+        threading.Thread(target=_steal_next_job, args=(job, "thread"), daemon=True).start()
+    if input.get("module"):
+        importlib.import_module(input["module"])
+    if input.get("replace"):  # a module swapped for another object under its name
+        sys.modules[input["replace"]] = importlib.import_module("types").ModuleType(input["replace"])
+    time.sleep(float(input.get("hold", 0)))
+    return out
+
+
 REGISTRY += [
     "cgrouphog=tests.agents:cgroup_hog", "forkcount=tests.agents:fork_count",
-    "cpuchildren=tests.agents:cpu_children",
+    "cpuchildren=tests.agents:cpu_children", "leftovers=tests.agents:leftovers",
 ]
 
 

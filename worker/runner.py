@@ -61,6 +61,7 @@ class Runner:
         self._main_ident = threading.get_ident()
         self.sandbox = Sandbox()
         self.jobs_done = 0
+        self.left: list[str] = []  # what the last job left behind (pipe_messages.LEFT_KINDS)
         self.limits: dict[str, int] = {}
         self.capture = StdioCapture(self._emit_output)
         for fd in self.capture.levels:
@@ -119,6 +120,8 @@ class Runner:
     def serve(self) -> None:
         self.run(self.ch.first_job())
         for _ in range(self.reuse - 1):
+            if self.left:  # the supervisor retires this worker: take no other job
+                return
             self.run(self.ch.jobs.get())
 
     def run(self, spec: dict[str, Any]) -> None:
@@ -128,9 +131,12 @@ class Runner:
         if spec.get("tmp_size"):
             self.limits["tmp_size_mb"] = max(1, int(spec["tmp_size"]) >> 20)
         outcome: list[Any]
+        threads = threading.active_count()
+        modules = dict(sys.modules)
         try:
             self._enter_sandbox(spec)
             fn = load_entry(spec["entry"])
+            modules = dict(sys.modules)  # the agent's own imports: the same for every job of this worker
             value = self._call_agent(fn, spec.get("input"), ctx)
             if ctx.cancelled:
                 raise Cancelled("job cancelled")
@@ -141,7 +147,8 @@ class Runner:
         finally:
             self.in_agent = False
         self._flush_output()
-        self.ch.send_now(outcome)
+        self.left = left_behind(threads, modules)
+        self.ch.send_now([*outcome, self.left])
         self.ctx = None
         self.jobs_done += 1
 
@@ -234,6 +241,29 @@ class Runner:
             except TypeError:
                 err["details"] = {"unserialisable": repr(err["details"])[:200]}
         return err
+
+
+def left_behind(threads: int, modules: dict[str, Any]) -> list[str]:
+    """What a job left in this process that the next job must not meet: more threads than
+    at its start, a child process still running (exited ones are reaped here), or a changed
+    sys.modules since its agent was loaded: an entry removed or replaced, or a module added
+    from outside the standard library (the standard library imports some of its own lazily,
+    the idna codec at a first getaddrinfo for one). Cheap: a count, one waitpid, one pass
+    over sys.modules."""
+    left = []
+    if threading.active_count() > threads:
+        left.append(pm.LEFT_THREAD)
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] != 0:
+            pass
+        left.append(pm.LEFT_CHILD)  # waitpid answered 0: a child still runs
+    except ChildProcessError:
+        pass  # no child left
+    now = dict(sys.modules)
+    if any(now.get(name) is not mod for name, mod in modules.items()) or (len(now) > len(modules) and any(
+            name not in modules and name.partition(".")[0] not in sys.stdlib_module_names for name in now)):
+        left.append(pm.LEFT_MODULES)
+    return left
 
 
 _LIMIT_ERRNOS = {

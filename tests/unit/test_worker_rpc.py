@@ -88,6 +88,22 @@ def test_fail_without_traceback() -> None:
     assert act == Fail({"code": "INTERNAL_ERROR", "message": "boom", "retryable": True}, None)
 
 
+def test_done_and_fail_say_what_the_job_left_in_the_worker() -> None:
+    assert wf().actions(["done", JOB, 1, []]) == [Done(1, [])]
+    assert wf().actions(["done", JOB, 1, ["thread", "child process", "thread"]]) == [
+        Done(1, ["child process", "thread"])]
+    (act,) = wf().actions(["fail", JOB, {"code": "INTERNAL_ERROR", "message": "m"}, ["sys.modules changed"]])
+    assert isinstance(act, Fail) and act.left == ["sys.modules changed"]
+
+
+@pytest.mark.parametrize("left", ["thread", [1], ["a file"], None, {"thread": 1}, [["thread"]]])
+def test_what_the_job_left_is_checked(left: Any) -> None:
+    with pytest.raises(WorkerProtocolError):
+        wf().actions(["done", JOB, 1, left])
+    with pytest.raises(WorkerProtocolError):
+        wf().actions(["fail", JOB, {"code": "INTERNAL_ERROR", "message": "m"}, left])
+
+
 # -- streams ----------------------------------------------------------------------------------------
 
 def test_utf8_stream() -> None:
