@@ -443,10 +443,14 @@ class JobRunner:
         symlinks resolved in the job's view, with its credentials), then the lease. Refusals
         name the target as the job sent it, never what it resolved to."""
         auth = self.job.authority
+        if self.job.done:  # queued behind others until after the job's end: nothing to resolve for
+            raise Cancelled("job has ended")
         if auth.expired(time.time()):
             raise LeaseExpired("the job's lease has expired")
         if not target.startswith("/"):
             raise PermissionDenied(f"{cap} target {shown(target)} is not an absolute path")
+        if not auth.lease.get(cap):  # nothing granted: the same verdict, without resolving anything
+            auth.validate_op(cap, target, time.time(), asked=target)
         if self._path_stuck is not None and not self._path_stuck.done():
             raise Timeout(f"{cap} target {shown(target)}: an earlier path check of this job is still "
                           "running", retryable=True)
