@@ -73,6 +73,10 @@ def run(
     session_log_bytes: Annotated[Optional[str], typer.Option(
         "--session-log-bytes", help="Bytes of frames kept per session for resume and subscribe history; "
                                     "older frames drop out (default 64M).")] = None,
+    allow_shared_uid: Annotated[Optional[bool], typer.Option(
+        "--allow-shared-uid", help="Start even though jobs would run under the supervisor's own uid "
+                                   "(a supervisor that is not root); `doctor` names what is then not "
+                                   "enforced.")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     try:
@@ -93,6 +97,9 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines.")] = False,
     config: Annotated[Optional[str], typer.Option(
         "--config", help="TOML config file whose [sandbox] job_uids to check.")] = None,
+    allow_shared_uid: Annotated[bool, typer.Option(
+        "--allow-shared-uid", help="Accept that jobs share the supervisor's uid (not root): exit 0 if "
+                                   "that is all that is missing.")] = False,
 ) -> None:
     """Print the isolation layers this host offers and whether `run` uses them.
 
@@ -104,11 +111,13 @@ def doctor(
     job_uids = None
     if config is not None:
         try:
-            job_uids = load_file(config).get("job_uids")
+            loaded = load_file(config)
         except ConfigError as e:
             typer.echo(f"arcp-supervisor: {e}", err=True)
             raise typer.Exit(2) from None
-    text, status = report(as_json, job_uids)
+        job_uids = loaded.get("job_uids")
+        allow_shared_uid = allow_shared_uid or bool(loaded.get("allow_shared_uid"))
+    text, status = report(as_json, job_uids, allow_shared_uid)
     print(text)
     raise typer.Exit(status)
 
@@ -139,7 +148,7 @@ def build_config(flags: dict[str, Any]) -> Config:
         tokens[tok] = principal
     for key in ("host", "port", "path", "stdio", "state_dir", "grace", "reuse_workers", "heartbeat_interval",
                 "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
-                "back_pressure_threshold", "egress_header_timeout"):
+                "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid"):
         if flags.get(key) is not None:
             base[key] = flags[key]
     for key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes"):

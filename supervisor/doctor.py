@@ -78,24 +78,103 @@ def _in_container() -> bool:
 def _job_uids_layer(root: bool, job_uids: tuple[int, int] | None) -> Layer:
     """Whether jobs get uids of their own, and whether those can read Python, the venv and the agents."""
     if not root:
-        return Layer("job-uids", False, False, "jobs run as the supervisor's uid (job uids need root)")
-    if job_uids is None:
-        return Layer("job-uids", True, False, "not configured ([sandbox] job_uids): jobs run as uid 0 with no "
-                                             "capability, no_new_privs and Landlock's scopes "
-                                             "(listed as uid0-no-capabilities)")
+        return Layer("job-uids", False, False, "jobs would run under the supervisor's uid (job uids need root)")
+    from supervisor.config import DEFAULT_JOB_UIDS, ConfigError, check_uid_range
+
+    where = "[sandbox] job_uids" if job_uids is not None else "the default range"
+    job_uids = job_uids or DEFAULT_JOB_UIDS
+    detail = f"uids {job_uids[0]}-{job_uids[1]} ({where}); "
+    try:
+        check_uid_range(job_uids, "job uids")
+    except ConfigError as e:
+        return Layer("job-uids", True, False, detail + f"REFUSED: {e}: `run` will not start")
     needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)), os.getcwd()]
     files = [os.path.realpath(sys.executable), os.path.join(os.path.dirname(os.__file__), "os.py")]
     closed = sorted(blocked_dirs(needed))
     bad = unreadable_files(files)
-    detail = f"uids {job_uids[0]}-{job_uids[1]}; "
     if bad:
-        return Layer("job-uids", True, False, detail + f"NOT readable by them: {', '.join(bad)}: jobs run as uid 0")
+        return Layer("job-uids", True, False, detail + f"NOT readable by them: {', '.join(bad)}: `run` will "
+                                                       f"not start")
     detail += (f"Python and the venv readable through a private mount view that opens {', '.join(closed)}"
                if closed else "Python and the venv readable as they are")
     return Layer("job-uids", True, True, detail)
 
 
-def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[Guarantee]]:
+def _idmap_probe(paths: list[str]) -> dict[str, str]:
+    """For each path: "" if an idmapped mount of it can be made here, else why not. Probed in
+    a child with a mount namespace of its own, so nothing is mounted anywhere."""
+    import json
+
+    from worker import idmap
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out: dict[str, str] = {}
+        try:
+            os.close(r)
+            if _libc().unshare(0x00020000) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+            ns = idmap.userns_fd(0, 0, 65534)
+            open_tree, _move, mount_setattr = idmap._syscalls()
+            for p in paths:
+                tree = _libc().syscall(open_tree, idmap.AT_FDCWD, p.encode(),
+                                       idmap.OPEN_TREE_CLONE | idmap.OPEN_TREE_CLOEXEC)
+                if tree < 0:
+                    out[p] = os.strerror(ctypes.get_errno())
+                    continue
+                attr = idmap._MountAttr(idmap.MOUNT_ATTR_IDMAP, 0, 0, ns)
+                ok = _libc().syscall(mount_setattr, tree, b"", idmap.AT_EMPTY_PATH, ctypes.byref(attr),
+                                     ctypes.sizeof(attr)) == 0
+                out[p] = "" if ok else f"{idmap._fs_type(p)}: {os.strerror(ctypes.get_errno())}"
+                os.close(tree)
+        except OSError as e:
+            out = {p: str(e) for p in paths}
+        finally:
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        result: dict[str, str] = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        result = {}
+    return {p: result.get(p, "probe failed") for p in paths}
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _idmap_layer(root: bool) -> Layer:
+    if not root:
+        return Layer("idmapped-mounts", False, False, "needs root (job uids)")
+    import tempfile
+
+    paths = sorted({tempfile.gettempdir(), os.getcwd(), tmp_base(), os.path.expanduser("~")})
+    paths = [p for p in paths if os.path.isdir(p)]
+    probe = _idmap_probe(paths)
+    bad = {p: why for p, why in probe.items() if why}
+    ok = [p for p in paths if p not in bad]
+    detail = "leased paths mounted for the job's uid (fs.read read-only), host files untouched"
+    if ok:
+        detail += f"; works on {', '.join(ok)}"
+    if bad:
+        detail += ("; NOT on " + ", ".join(f"{p} ({why})" for p, why in bad.items())
+                   + ": a leased path there is usable only where its mode opens it to every uid, else the "
+                     "job does not start")
+    return Layer("idmapped-mounts", bool(ok), bool(ok), detail)
+
+
+def examine(job_uids: tuple[int, int] | None = None,
+            allow_shared_uid: bool = False) -> tuple[list[Layer], list[Guarantee]]:
     abi = landlock_abi()
     mode, controllers = _cgroups()
     ns = _namespaces()
@@ -112,7 +191,7 @@ def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[
         Layer(f"cgroup-{mode}", mode != "none", _cgroups_usable(mode, controllers),
               f"writable controllers: {', '.join(controllers) or 'none'}; a group per worker (memory, pids)"),
         Layer("netns-empty", root and "net" in ns, root and "net" in ns,
-              "one network namespace with only loopback, no route out, shared by all workers"),
+              "only a loopback, no route out: one per worker (root), else one shared by all workers"),
         Layer("egress-proxy", egress, egress,
               "net.fetch through the supervisor: plain HTTP checked by full URL; HTTPS CONNECT by scheme, "
               "host and port only (the path is encrypted)" if egress else
@@ -120,8 +199,17 @@ def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[
         Layer("tmp-size-cap", tmp_cap, tmp_cap,
               "each job's HOME/TMPDIR a tmpfs of its own (--tmp-size, at most half its memory)" if tmp_cap
               else f"{tmp_why}: job temp dirs are bounded only by the memory cgroup"),
-        Layer("namespaces", bool(ns), False, f"kernel has {', '.join(ns)}; net: one empty namespace for all workers; mnt: a private view "
-              "when job uids are on; pid, user: not used (the cgroup finds every task)"),
+        Layer("namespaces", bool(ns), bool(ns) and root, f"kernel has {', '.join(ns)}; per worker: mnt, ipc and "
+              "net (root only); pid, user: not used (the cgroup finds every task)"),
+        Layer("mntns-per-worker", root and "mnt" in ns, root and "mnt" in ns,
+              "each worker's own mount namespace (its leased paths' idmapped mounts)"),
+        Layer("ipcns-per-worker", root, root, "each worker's own SysV/POSIX IPC, gone with it"),
+        Layer("netns-per-worker", root and "net" in ns, root and "net" in ns,
+              "each worker's own network namespace: its loopback holds only its egress port"),
+        Layer("seccomp-self-only", seccomp_available(), seccomp_available(),
+              "prlimit64, sched_set*, setpriority, ioprio_set, migrate_pages, move_pages act on the caller "
+              "only; process_madvise, pidfd_getfd, kcmp, inotify, fanotify refused"),
+        _idmap_layer(root),
         Layer("rlimits", True, True, "cpu, open files, file size, processes (processes: ignored for root)"),
         Layer("memory-watchdog", True, True, "resident size of each job's process tree, every 100 ms"),
         Layer("no-new-privs", True, True, "set before Landlock"),
@@ -132,6 +220,9 @@ def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[
         _job_uids_layer(root, job_uids),
         Layer("container", _in_container(), False, "inside a container" if _in_container() else "not a container"),
     ]
+    by_name = {layer.name: layer for layer in layers}
+    uids_ok = by_name["job-uids"].used
+    idmap_ok = by_name["idmapped-mounts"].used
     g = [
         Guarantee("files", ["landlock"] if abi else [], "" if abi else "no Landlock: the filesystem is open"),
         Guarantee("network", (["netns-empty"] if root and "net" in ns else []) + (["landlock-net"] if abi >= 4 else []),
@@ -141,16 +232,36 @@ def examine(job_uids: tuple[int, int] | None = None) -> tuple[list[Layer], list[
                   + (["seccomp"] if seccomp_available() else []),
                   "" if seccomp_available() else "no seccomp filter"),
         Guarantee("other-jobs", (["landlock-scopes"] if abi >= 6 else [])
-                  + ([f"cgroup-{mode}"] if _cgroups_usable(mode, controllers) else []),
-                  "" if abi >= 6 and _cgroups_usable(mode, controllers) else
-                  "no Landlock scopes or no cgroup: a job's processes cannot all be found and contained"),
+                  + ([f"cgroup-{mode}"] if _cgroups_usable(mode, controllers) else [])
+                  + (["job-uids", "ipcns-per-worker", "netns-per-worker"] if uids_ok else [])
+                  + (["seccomp-self-only"] if seccomp_available() else []),
+                  "" if abi >= 6 and _cgroups_usable(mode, controllers) and uids_ok and seccomp_available() else
+                  "no Landlock scopes, no cgroup, no seccomp or no job uids: another job's (or the "
+                  "supervisor's) processes, limits, scheduling or IPC can be reached"),
+        Guarantee("own-uid", ["job-uids"] if uids_ok else [],
+                  "" if uids_ok else ("jobs run under the supervisor's uid: they can prlimit, renice and signal "
+                                      "nothing only where seccomp and Landlock refuse it, and can chmod, chown, "
+                                      "utime and setxattr its files outside their lease"
+                                      + (" (accepted: --allow-shared-uid)" if allow_shared_uid else ""))),
+        Guarantee("host-files", (["job-uids", "idmapped-mounts"] if uids_ok and idmap_ok else []),
+                  "" if uids_ok and idmap_ok else "jobs share a uid that owns host files, or leased paths cannot "
+                                                  "be given to their uids: modes, owners, times and extended "
+                                                  "attributes outside the lease are not protected"
+                                                  + (" (accepted: --allow-shared-uid)" if allow_shared_uid and
+                                                     not uids_ok else "")),
     ]
     return layers, g
 
 
-def report(as_json: bool, job_uids: tuple[int, int] | None = None) -> tuple[str, int]:
-    layers, guarantees = examine(job_uids)
-    ok = all(g.ok for g in guarantees)
+# What --allow-shared-uid accepts: the guarantees that only a uid of the job's own gives.
+SHARED_UID_ACCEPTS = ("own-uid", "host-files", "other-jobs")
+
+
+def report(as_json: bool, job_uids: tuple[int, int] | None = None,
+           allow_shared_uid: bool = False) -> tuple[str, int]:
+    layers, guarantees = examine(job_uids, allow_shared_uid)
+    shared_uid = os.geteuid() != 0
+    ok = all(g.ok or (allow_shared_uid and shared_uid and g.name in SHARED_UID_ACCEPTS) for g in guarantees)
     if as_json:
         import json
 

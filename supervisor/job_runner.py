@@ -206,7 +206,7 @@ class JobRunner:
         why = self.rt.egress_unavailable
         if why is None and worker.egress is None:
             try:
-                sock, port = await self.rt.fork_server.listen()
+                sock, port = await self.rt.fork_server.listen(worker.pid)
                 listener = EgressListener(sock, port)
                 await listener.start()
                 worker.egress = listener

@@ -23,7 +23,7 @@ from shared.messages import FEATURES
 from shared.ids import format_ts, new_id, new_resume_token, new_ulid, now_ts, parse_ts
 from supervisor.authority import Authority
 from supervisor.cgroups import Cgroups
-from supervisor.config import Config, ConfigError
+from supervisor.config import DEFAULT_JOB_UIDS, Config, ConfigError, check_uid_range
 from supervisor.credentials import Provisioner, ProvisionerError, load_provisioner
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_dirs import JobDirs
@@ -58,10 +58,29 @@ def sandbox_layers() -> list[str]:
     else:
         log.warning("Landlock is not available on this kernel: jobs run without filesystem isolation")
     if seccomp_available():
-        layers.append("seccomp")
+        layers += ["seccomp", "seccomp-self-only"]
     else:
         log.warning("libseccomp is not available: jobs run without a seccomp filter")
     return layers
+
+
+def job_uid_range(config: Config) -> tuple[int, int] | None:
+    """The uids jobs run as: the configured range, or the default one, when the supervisor is
+    root; None (jobs under the supervisor's uid) only for a supervisor that is not root and
+    was told `--allow-shared-uid`. ConfigError otherwise, before anything starts."""
+    if os.geteuid() != 0:
+        if not config.allow_shared_uid:
+            raise ConfigError("the supervisor is not root, so jobs would run under its own uid and could "
+                              "change its resource limits and its files outside their lease; run it as "
+                              "root, or pass --allow-shared-uid ([sandbox] allow_shared_uid) to accept that "
+                              "(`arcp-supervisor doctor` lists what is then not enforced)")
+        if config.job_uids is not None:
+            log.warning("[sandbox] job_uids needs a supervisor running as root: ignored")
+        return None
+    if config.job_uids is not None:
+        return config.job_uids
+    check_uid_range(DEFAULT_JOB_UIDS, "the default job uid range (set [sandbox] job_uids)")
+    return DEFAULT_JOB_UIDS
 
 
 def worker_env() -> dict[str, str]:
@@ -82,9 +101,8 @@ class Runtime:
         self.sessions: dict[str, Session] = {}
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.cgroups = Cgroups()
-        want_uids = config.job_uids is not None and os.geteuid() == 0
-        if config.job_uids is not None and not want_uids:
-            log.warning("[sandbox] job_uids needs a supervisor running as root: jobs run as uid %d", os.geteuid())
+        self.job_uid_range = job_uid_range(config)
+        want_uids = self.job_uid_range is not None
         self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
         self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
@@ -112,18 +130,24 @@ class Runtime:
                 self._revoke(cred_id, attempt=0)
         self.fork_server.start()
         await self.fork_server.wait_ready()
-        if self.fork_server.job_uids and self.config.job_uids is not None:
-            self.uids = UidPool(*self.config.job_uids)
-            self.sandbox_layers.append("job-uids")
-            log.info("jobs run as uids %d-%d%s", *self.config.job_uids,
+        if self.job_uid_range is not None:
+            if not self.fork_server.job_uids:  # never a fallback to the supervisor's uid
+                self.fork_server.close()
+                raise ConfigError(f"jobs cannot be given uids of their own: "
+                                  f"{self.fork_server.job_uids_error or 'the fork server could not set them up'}")
+            self.uids = UidPool(*self.job_uid_range)
+            self.sandbox_layers += ["job-uids", "idmapped-mounts"]
+            log.info("jobs run as uids %d-%d%s", *self.job_uid_range,
                      f" (a private mount view opens {', '.join(self.fork_server.opened)})"
                      if self.fork_server.opened else "")
-        elif os.geteuid() == 0:  # say so in every job's list
-            self.sandbox_layers.append("uid0-no-capabilities")
-            if self.config.job_uids is not None:
-                log.warning("job uids are off (%s): jobs run as uid 0 with no capability",
-                            self.fork_server.job_uids_error or "the fork server could not set them up")
-        if self.fork_server.netns:
+        else:
+            self.sandbox_layers.append("shared-uid")
+            log.warning("jobs run under the supervisor's own uid %d (--allow-shared-uid): they can change "
+                        "its resource limits and scheduling only where seccomp refuses it, and the "
+                        "files it owns outside their lease keep only Landlock's protection", os.geteuid())
+        for ns in self.fork_server.worker_namespaces:
+            self.sandbox_layers.append(f"{ns}ns-per-worker")
+        if self.fork_server.netns and "net" not in self.fork_server.worker_namespaces:
             self.sandbox_layers.append("netns-empty")
         else:
             log.warning("jobs share the host's network namespace (TCP is still refused by Landlock)")

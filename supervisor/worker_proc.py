@@ -135,6 +135,7 @@ class ForkServer:
         self.job_uids = False  # the fork server kept what workers need to take their job's uid
         self.job_uids_error = ""
         self.opened: list[str] = []  # directories its private mount view opened up for job uids
+        self.worker_namespaces: list[str] = []  # namespaces each worker makes of its own ("mnt", "ipc", "net")
         self._cgroups = cgroups
         self.cgroups_to_remove: list[WorkerCgroup] = []
         self._cwd = cwd
@@ -215,6 +216,8 @@ class ForkServer:
             self.job_uids_error = str(facts.get("job_uids_error") or "")
             opened = facts.get("opened")
             self.opened = [str(d) for d in opened] if isinstance(opened, list) else []
+            spaces = facts.get("worker_namespaces")
+            self.worker_namespaces = [str(n) for n in spaces] if isinstance(spaces, list) else []
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif op == "spawned":
@@ -246,8 +249,9 @@ class ForkServer:
         sock.setblocking(False)
         waiter.set_result((sock, int(msg[2])))
 
-    async def listen(self) -> tuple[socket.socket, int]:
-        """A listening socket on the workers' loopback, and its port."""
+    async def listen(self, pid: int = 0) -> tuple[socket.socket, int]:
+        """A listening socket on the loopback of worker `pid`'s network namespace (of the
+        fork server's, shared by the workers, where they have none of their own), and its port."""
         if self._ctl is None or not self.loopback:
             raise OSError("the workers' network namespace has no loopback")
         assert self._loop is not None
@@ -256,7 +260,7 @@ class ForkServer:
         fut: asyncio.Future[tuple[socket.socket, int]] = self._loop.create_future()
         self._listening[req] = fut
         try:
-            await self._send_request(msgpack.packb(["listen", req]), [])
+            await self._send_request(msgpack.packb(["listen", req, pid]), [])
             return await asyncio.wait_for(fut, SPAWN_TIMEOUT)
         except (OSError, TimeoutError, WorkerSpawnError) as e:
             self._listening.pop(req, None)

@@ -8,10 +8,11 @@ socket pair. Each request is one packet:
 and is answered with ``["spawned", req_id, pid]`` (or ``["spawn_failed",
 req_id, message]``).
 
-    ["listen", req_id]
+    ["listen", req_id, worker_pid]
 
-opens a listening TCP socket on the workers' loopback (the egress proxy's port
-for one job) and answers ``["listening", req_id, port]`` with the descriptor
+opens a listening TCP socket on the loopback of that worker's network namespace
+(the egress proxy's port for one job; without a pid, or where workers share the
+fork server's namespace, on that one's loopback) and answers ``["listening", req_id, port]`` with the descriptor
 attached, or ``["listen_failed", req_id, message]``. Whenever a worker exits, the fork server reaps it and
 sends ``["exited", pid, wait_status]``. Forking a process that has already
 imported the runtime costs about a millisecond; starting an interpreter costs
@@ -65,6 +66,8 @@ from worker.sandbox import set_parent_death_signal
 
 CLONE_NEWNET = 0x40000000
 MAX_PACKET = 64 * 1024
+WORKER_NAMESPACES = False  # each worker makes its own mount, IPC and network namespace
+OWN_NETNS = -1  # a descriptor of the fork server's network namespace, to return to
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -108,6 +111,26 @@ def open_listener() -> socket.socket:
     return s
 
 
+def open_listener_of(pid: int) -> socket.socket:
+    """A listening socket on the loopback of worker `pid`'s network namespace (brought up
+    first): the fork server steps into it, opens the socket, and steps back. The socket
+    stays in that namespace, so only that worker can connect to it."""
+    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into worker {pid}'s network namespace failed")
+        try:
+            if not bring_up_loopback():
+                raise OSError(0, "the worker's loopback did not come up")
+            return open_listener()
+        finally:
+            if _libc.setns(OWN_NETNS, CLONE_NEWNET) != 0:  # cannot go back: never fork from there
+                print("arcp fork server: cannot return to its own network namespace", file=sys.stderr)
+                os._exit(BOOT_ERROR)
+    finally:
+        os.close(target)
+
+
 def _send(ctl: socket.socket, msg: list[Any]) -> None:
     ctl.send(msgpack.packb(msg))
 
@@ -119,6 +142,8 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: in
         for path in cgroup_procs:  # "0": this process (uid 0 may write these root-owned 0644 files)
             with open(path, "w") as f:
                 f.write("0")
+        if WORKER_NAMESPACES:
+            worker.sandbox.enter_worker_namespaces()
         os.setsid()
         set_parent_death_signal(zygote)
         worker.sandbox.PARENT = zygote
@@ -172,7 +197,12 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     netns = enter_empty_netns()
     loopback = netns and bring_up_loopback()
-    uid_facts = open_up_for_job_uids(modules) if job_uids else {"job_uids": False}
+    uid_facts: dict[str, Any] = open_up_for_job_uids(modules) if job_uids else {"job_uids": False}
+    global WORKER_NAMESPACES, OWN_NETNS
+    if uid_facts["job_uids"] and netns:
+        WORKER_NAMESPACES = True
+        OWN_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        uid_facts["worker_namespaces"] = ["mnt", "ipc", "net"]
     # After the namespaces (which need CAP_SYS_ADMIN): what every job's sandbox shares. The fork
     # server then holds no capability (but CAP_SETUID/SETGID for job uids), so no worker inherits one.
     worker.sandbox.prepare(modules, worker.runner.agent_dirs, keep_setid=bool(uid_facts["job_uids"]))
@@ -202,7 +232,7 @@ def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w
     try:
         msg = msgpack.unpackb(data)
         if msg[0] == "listen" and not fds:
-            _listen(ctl, msg[1])
+            _listen(ctl, msg[1], int(msg[2]) if len(msg) > 2 and msg[2] else 0)
             return
         op, req_id, reuse = msg[0], msg[1], int(msg[2])
         cgroup_procs = [str(p) for p in msg[3]] if len(msg) > 3 else []
@@ -227,11 +257,11 @@ def _handle(ctl: socket.socket, data: bytes, fds: list[int], wake_r: int, wake_w
     _send(ctl, ["spawned", req_id, pid])
 
 
-def _listen(ctl: socket.socket, req_id: Any) -> None:
+def _listen(ctl: socket.socket, req_id: Any, pid: int) -> None:
     try:
-        listener = open_listener()
+        listener = open_listener_of(pid) if WORKER_NAMESPACES and pid else open_listener()
     except OSError as e:
-        _send(ctl, ["listen_failed", req_id, f"cannot listen on the workers' loopback: {e}"])
+        _send(ctl, ["listen_failed", req_id, f"cannot listen on the worker's loopback: {e}"])
         return
     with listener:
         socket.send_fds(ctl, [msgpack.packb(["listening", req_id, listener.getsockname()[1]])],

@@ -26,7 +26,7 @@ from typing import Any
 
 from shared.exit_codes import BOOT_ERROR
 from shared.landlock import SYS_LANDLOCK_CREATE_RULESET, landlock_abi
-from worker import seccomp_filter
+from worker import idmap, seccomp_filter, seccomp_self
 
 SYS_LANDLOCK_ADD_RULE = 445
 SYS_LANDLOCK_RESTRICT_SELF = 446
@@ -99,38 +99,72 @@ LANDLOCK_ABI = landlock_abi()
 _READ_DIRS: dict[str, list[str]] = {}  # agent module -> what its jobs may read besides the lease
 
 
-SETID_KEPT = False  # the fork server kept CAP_SETUID/CAP_SETGID so each worker can take its job's uid
+SETID_KEPT = False  # the fork server kept what each worker needs to take its job's uid (see `prepare`)
+SELF_FILTER: tuple[int, dict[str, int]] | None = None  # arch and numbers for seccomp_self
 PARENT = 0  # the fork server's pid, which each worker must die with
-CAP_SETGID, CAP_SETUID = 6, 7
+CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_SYS_ADMIN = 6, 7, 12, 21
+KEPT_FOR_JOB_UIDS = (1 << CAP_SETUID) | (1 << CAP_SETGID) | (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)
 PR_SET_PDEATHSIG = 1
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
+MS_REC, MS_SLAVE = 0x4000, 1 << 19
 
 
 def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False) -> None:
     """In the fork server: everything about the sandbox that is the same for every job.
 
-    With `keep_setid`, CAP_SETUID and CAP_SETGID stay in the effective and permitted sets
-    (nothing else, and the bounding set is emptied) until each worker trades them for its
-    job's uid, which clears them."""
-    global SECCOMP_BPF, PRIVILEGES_DROPPED, SETID_KEPT
+    With `keep_setid` (job uids), CAP_SETUID, CAP_SETGID, CAP_SYS_ADMIN and CAP_NET_ADMIN
+    stay in the effective and permitted sets (nothing else; the bounding set is emptied):
+    the fork server needs them to reach into a worker's network namespace for its egress
+    port, and each worker to make its namespaces and its leased paths' idmapped mounts,
+    before it trades them all for its job's uid, which clears them."""
+    global SECCOMP_BPF, PRIVILEGES_DROPPED, SETID_KEPT, SELF_FILTER
     from worker.seccomp_filter import build_bpf
 
     SECCOMP_BPF = build_bpf()
+    SELF_FILTER = seccomp_self.resolve() if SECCOMP_BPF is not None else None
     for module in agent_modules:
         _READ_DIRS[module] = python_read_dirs(agent_dirs(module))
-    drop_capabilities(keep=(1 << CAP_SETUID) | (1 << CAP_SETGID) if keep_setid else 0)
+    drop_capabilities(keep=KEPT_FOR_JOB_UIDS if keep_setid else 0)
     _no_new_privs()
     PRIVILEGES_DROPPED = True
     SETID_KEPT = keep_setid
 
 
+def enter_worker_namespaces() -> None:
+    """In a new worker, before any job: a mount, IPC and network namespace of its own.
+
+    The mount namespace holds its leased paths' idmapped mounts (every mount a slave, so
+    the supervisor's later mounts still arrive and none of the worker's leaves); the IPC
+    namespace keeps SysV and POSIX message queues (and shared memory charged to the
+    worker's cgroup) to this worker and gone with it; the network namespace has not even
+    a loopback until the fork server opens the job's egress port in it."""
+    if _libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(mount, IPC, network) failed")
+    if _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None) != 0:
+        raise OSError(ctypes.get_errno(), "making the worker's mounts slaves failed")
+
+
 def become(uid: int) -> None:
     """Take the job's uid (and the same gid, no supplementary groups). Changing every uid
-    away from 0 clears all capabilities; it also clears the parent-death signal, so that is
-    set again, and the parent checked once more in case it died in between."""
+    away from 0 clears all capabilities (checked: the worker exits if one is left); it also
+    clears the parent-death signal, so that is set again, and the parent checked once more
+    in case it died in between."""
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
+    left = capabilities_held()
+    if left:
+        raise OSError(0, f"capabilities {left:#x} still held after taking uid {uid}")
     set_parent_death_signal(PARENT)
+
+
+def capabilities_held() -> int:
+    """The permitted set of this process (0: none)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                return int(line.split()[1], 16)
+    return 0
 
 
 def set_parent_death_signal(expected_parent: int) -> None:
@@ -155,6 +189,7 @@ class Sandbox:
         self.abi = LANDLOCK_ABI
         self.landlocked = False
         self.layers: list[str] = []
+        self.idmapped: list[str] = []  # leased paths mounted for the job's uid
 
     def apply(self, spec: dict[str, Any], read_dirs: list[str], jobs_left: int = 1) -> None:
         limits = spec.get("limits") or {}
@@ -164,20 +199,25 @@ class Sandbox:
         if not PRIVILEGES_DROPPED:
             drop_capabilities()
             _no_new_privs()
+        lease = spec.get("lease") or {}
+        read_roots = lease_roots(lease.get("fs.read", []))
+        write_roots = lease_roots(lease.get("fs.write", []))
         uid = spec.get("uid")
         if uid is not None:
+            self.idmapped = idmap.mount_for_uid(idmap.plan(read_roots, write_roots), int(uid))
             become(int(uid))
         elif SETID_KEPT:
-            drop_capabilities()  # no uid for this job: give up the two kept ones
-        lease = spec.get("lease") or {}
+            drop_capabilities()  # no uid for this job: give up the kept ones
         tmp = spec.get("tmp_dir")
         if self.abi:
-            read = list(read_dirs) + lease_roots(lease.get("fs.read", []))
-            write = lease_roots(lease.get("fs.write", [])) + ([tmp] if tmp else []) + list(DEV_WRITE)
+            read = list(read_dirs) + read_roots
+            write = write_roots + ([tmp] if tmp else []) + list(DEV_WRITE)
             port = spec.get("egress_port")
             self._landlock(read, write, [int(port)] if port else [])
         if SECCOMP_BPF is not None:
-            seccomp_filter.load(SECCOMP_BPF)  # last: nothing after it needs what it refuses
+            seccomp_filter.load(SECCOMP_BPF)
+            if SELF_FILTER is not None:  # last: nothing after it needs what they refuse
+                seccomp_filter.load(seccomp_self.build(*SELF_FILTER, os.getpid()))
         self.landlocked = True
 
     def _rlimits(self, limits: dict[str, int], jobs_left: int) -> None:

@@ -5,7 +5,8 @@ BPF, and loaded in each worker with one prctl() after Landlock. What libraries
 probe gets an error they handle (clone3 -> ENOSYS, so libc falls back to clone);
 what a job must never do gets EPERM: tracing, mounts and the new mount API,
 namespace changes, io_uring, bpf, perf, keyrings, userfaultfd, kexec, kernel
-modules, personality changes, new AF_UNIX sockets (socketpair() is fine), AF_VSOCK
+modules, personality changes, process_madvise/pidfd_getfd/kcmp, inotify and fanotify,
+new AF_UNIX sockets (socketpair() is fine), AF_VSOCK
 sockets, terminal injection, and every IP socket but plain TCP: Landlock's port rules
 cover TCP only, so a datagram, raw, SCTP or MPTCP socket, or a TCP Fast Open send
 (which connects without connect()), could otherwise reach another job's port.
@@ -34,6 +35,11 @@ DENIED = (
     "request_key", "userfaultfd", "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl", "lookup_dcookie",
     "open_by_handle_at", "name_to_handle_at",
+    # act on another process through a pidfd (no compare can tie one to the caller)
+    "process_madvise", "pidfd_getfd", "kcmp",
+    # inotify and fanotify report file names in any directory the caller may read, which
+    # Landlock does not cover: other jobs' temp files, the host's world-readable trees
+    "inotify_init", "inotify_init1", "fanotify_init",
 )
 
 

@@ -1,4 +1,5 @@
-"""Job uids (`[sandbox] job_uids`): each worker runs as an unprivileged uid of its own.
+"""Job uids (`[sandbox] job_uids`, else a default range): each worker runs as an
+unprivileged uid of its own.
 
 The interpreter on this host lives under /root (mode 0700): the fork server's
 private mount view must make it reachable without changing the host's files.
@@ -58,7 +59,7 @@ def test_each_job_runs_as_its_own_uid_with_nothing_else(uid_server: Server) -> N
             results = [(await asyncio.wait_for(h.done, 30)).result for h in handles]
             acc = next(f for f in rec.frames if f["type"] == "job.accepted")
             assert "job-uids" in acc["payload"]["x-vendor.arcp-supervisor.sandbox"]
-            assert "uid0-no-capabilities" not in acc["payload"]["x-vendor.arcp-supervisor.sandbox"]
+            assert "shared-uid" not in acc["payload"]["x-vendor.arcp-supervisor.sandbox"]
         uids = set()
         for r in results:
             uid = r["uid"][0]
@@ -72,7 +73,9 @@ def test_each_job_runs_as_its_own_uid_with_nothing_else(uid_server: Server) -> N
 
 
 @needs_root
-def test_file_modes_hold_even_for_leased_paths(uid_server: Server, tmp_path: Path) -> None:
+def test_leased_paths_are_usable_whatever_their_mode(uid_server: Server, tmp_path: Path) -> None:
+    """A 0600 file and a root-owned 0755 directory under the lease are the job's to read and
+    write (an idmapped mount in its worker), and the host's modes and owners are unchanged."""
     d = Path(tempfile.mkdtemp(prefix="arcp-uid-"))
     try:
         d.chmod(0o755)
@@ -86,11 +89,12 @@ def test_file_modes_hold_even_for_leased_paths(uid_server: Server, tmp_path: Pat
             t = await _run(uid_server.url, "readpath", {"path": str(d / "public.txt")}, lease_request=lease)
             assert t["payload"]["result"] == {"ok": True, "data": "for all"}
             t = await _run(uid_server.url, "readpath", {"path": str(d / "private.txt")}, lease_request=lease)
-            assert "Permission denied" in t["payload"]["result"]["error"], t
+            assert t["payload"]["result"] == {"ok": True, "data": "root only"}, t
             t = await _run(uid_server.url, "writepath", {"path": str(d / "new.bin")}, lease_request=lease)
-            assert "Permission denied" in t["payload"]["result"]["error"], t  # the directory is root's 0755
+            assert "error" not in t["payload"]["result"], t
         asyncio.run(go())
-        assert not (d / "new.bin").exists()
+        assert (d / "new.bin").exists() and (d / "new.bin").stat().st_uid == 0
+        assert stat.S_IMODE((d / "private.txt").stat().st_mode) == 0o600 and stat.S_IMODE(d.stat().st_mode) == 0o755
     finally:
         for p in d.iterdir():
             p.unlink()
