@@ -113,7 +113,7 @@ def tcp_table(input: Any, job: JobContext) -> Any:
                     ports.append(int(line.split()[1].split(":")[1], 16))
         except OSError as e:
             ports.append(-(e.errno or 1))
-    held = []
+    held: list[socket.socket] = []
     for _ in range(int(input.get("autobind", 0))):
         s = socket.socket()
         try:
