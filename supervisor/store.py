@@ -9,10 +9,11 @@ a crash finds them; frames are written in batches, once per event-loop turn.
 
 Each session's frame log is bounded in bytes (`--session-log-bytes`): when a
 batch takes it past the bound, its oldest frames are deleted in the same
-transaction, down to 7/8 of the bound, so a trim happens once per bound/8 bytes
-logged. Deleted pages are reused by later frames, and the WAL is cut back to
-WAL_LIMIT after checkpoints, so the file holds about the bound per session plus
-the job records, whatever the jobs emit.
+transaction, down to TRIM_STEP below the bound, so a trim happens once per
+TRIM_STEP bytes logged and deletes about that much. Deleted pages are reused by
+later frames, and the WAL is cut back to WAL_LIMIT after checkpoints, so the
+file holds about the bound per session plus the job records, whatever the jobs
+emit.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import orjson
 log = logging.getLogger("arcp.store")
 DB_NAME = "arcp-supervisor.sqlite3"
 DEFAULT_LOG_BYTES = 64 * 1024 * 1024  # bytes of frames one session's resume/history log keeps
-TRIM_SLACK = 8  # a trim takes a log down to (1 - 1/TRIM_SLACK) of its bound
+TRIM_STEP = 1024 * 1024  # a trim frees this much below the bound (an eighth of a smaller bound):
+# trims stay rare, and short enough (a few thousand rows at most) not to stall the event loop
 WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
 
 SCHEMA = """
@@ -224,7 +226,7 @@ class Store:
     def _trim(self, session_id: str, size: int, newest: int) -> int:
         """Delete a session's oldest frames until its log is below the trim target (never its
         newest frame, which fits the bound alone); return the bytes left."""
-        target = self.log_bytes - self.log_bytes // TRIM_SLACK
+        target = self.log_bytes - min(self.log_bytes // 8, TRIM_STEP)
         cut = None
         cur = self.db.execute("SELECT seq, length(frame) FROM frames WHERE session_id = ? AND seq < ? ORDER BY seq",
                               (session_id, newest))
