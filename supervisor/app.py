@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import resource
 import signal
 import sys
 
-from supervisor.config import Config
+from supervisor.agent_check import check_agents
+from supervisor.config import Config, ConfigError
 from supervisor.runtime import STDIO_FRAME_CAP, WS_FRAME_CAP, Runtime
 
 log = logging.getLogger("arcp")
@@ -42,6 +44,9 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
+        problems = await check_agents(rt)
+        if problems:
+            raise ConfigError("; ".join(problems))
         if config.stdio:
             from supervisor.transport_stdio import serve_stdio
 
@@ -55,7 +60,11 @@ async def serve(config: Config) -> None:
         else:
             from supervisor.transport_ws import start_ws
 
-            server = await start_ws(rt)
+            try:
+                server = await start_ws(rt)
+            except OSError as e:
+                why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+                raise ConfigError(f"cannot listen on {_url_host(config.host)}:{config.port}: {why}") from None
             port = next(iter(server.sockets)).getsockname()[1]
             print(f"arcp-supervisor listening on ws://{_url_host(config.host)}:{port}{config.path}", flush=True)
             await stop.wait()

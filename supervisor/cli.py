@@ -96,30 +96,49 @@ def run(
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of lines.")] = False,
     config: Annotated[Optional[str], typer.Option(
-        "--config", help="TOML config file whose [sandbox] job_uids to check.")] = None,
+        "--config", help="TOML config file: its [sandbox] job uids and its agents are checked.")] = None,
+    agent: Annotated[Optional[list[str]], typer.Option(
+        "--agent", help="NAME[@VERSION]=MODULE:FUNCTION to import in a sandboxed worker (repeatable)")] = None,
     allow_shared_uid: Annotated[bool, typer.Option(
         "--allow-shared-uid", help="Accept that jobs share the supervisor's uid (not root): exit 0 if "
                                    "that is all that is missing.")] = False,
 ) -> None:
     """Print the isolation layers this host offers and whether `run` uses them.
 
-    Exits 0 when every guarantee of a job's sandbox is enforced here, 1 otherwise.
+    Exits 0 when every guarantee of a job's sandbox is enforced here (and every agent given
+    imports in a sandboxed worker), 1 otherwise.
     """
     from supervisor.config import ConfigError, load_file
-    from supervisor.doctor import report
+    from supervisor.doctor import agents_report, report
 
     job_uids = None
+    try:
+        cfg = build_config({"config": config, "agent": agent or [], "allow_shared_uid": allow_shared_uid or None})
+    except ConfigError as e:
+        typer.echo(f"arcp-supervisor: {e}", err=True)
+        raise typer.Exit(2) from None
     if config is not None:
-        try:
-            loaded = load_file(config)
-        except ConfigError as e:
-            typer.echo(f"arcp-supervisor: {e}", err=True)
-            raise typer.Exit(2) from None
+        loaded = load_file(config)
         job_uids = loaded.get("job_uids")
         allow_shared_uid = allow_shared_uid or bool(loaded.get("allow_shared_uid"))
     text, status = report(as_json, job_uids, allow_shared_uid)
+    if cfg.agents:
+        lines, agents_ok = agents_report(cfg, as_json)
+        text = _merge(text, lines, as_json)
+        status = status or (0 if agents_ok else 1)
     print(text)
     raise typer.Exit(status)
+
+
+def _merge(text: str, agent_lines: list[str], as_json: bool) -> str:
+    if not as_json:
+        return "\n".join([text, ""] + agent_lines)
+    import json
+
+    data = json.loads(text)
+    data["agents"] = agent_lines
+    data["ok"] = data["ok"] and not any(" FAILED: " in line for line in agent_lines)
+    return json.dumps(data, indent=2)
 
 
 def build_config(flags: dict[str, Any]) -> Config:

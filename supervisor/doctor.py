@@ -282,3 +282,34 @@ def report(as_json: bool, job_uids: tuple[int, int] | None = None,
         lines.append(f"guarantee {g.name:28} {'OK ' if g.ok else 'NOT'} enforced by {by}"
                      + (f"; missing: {g.missing}" if g.missing else ""))
     return "\n".join(lines), 0 if ok else 1
+
+
+def agents_report(config: Any, as_json: bool = False) -> tuple[list[str], bool]:
+    """Import every agent of `config` in a sandboxed worker, as `run` does at start: one line
+    per agent entry, and whether all of them import."""
+    import asyncio
+
+    from supervisor.agent_check import check_agents
+    from supervisor.config import ConfigError
+    from supervisor.runtime import Runtime
+
+    async def go() -> list[str]:
+        rt = Runtime(config)
+        try:
+            await rt.start()
+            return await check_agents(rt)
+        finally:
+            await rt.close()
+
+    try:
+        problems = asyncio.run(go())
+    except ConfigError as e:
+        return [f"agents NOT checked: {e}"], False
+    failed = {p.split(" (", 1)[0] for p in problems}
+    lines = []
+    for a in config.agents:
+        name = f"agent {a.name}@{a.version}"
+        if not any(name in f for f in failed):
+            lines.append(f"{name} ({a.entry}): imports in a sandboxed worker")
+    lines += [p.replace("): ", "): FAILED: ", 1) for p in problems]
+    return lines, not problems

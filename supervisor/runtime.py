@@ -147,8 +147,9 @@ class Runtime:
                         "files it owns outside their lease keep only Landlock's protection", os.geteuid())
         for ns in self.fork_server.worker_namespaces:
             self.sandbox_layers.append(f"{ns}ns-per-worker")
-        if self.fork_server.netns and "net" not in self.fork_server.worker_namespaces:
-            self.sandbox_layers.append("netns-empty")
+        if self.fork_server.netns:
+            if "net" not in self.fork_server.worker_namespaces:
+                self.sandbox_layers.append("netns-empty")  # one, shared by the workers
         else:
             log.warning("jobs share the host's network namespace (TCP is still refused by Landlock)")
         if not self.fork_server.netns:

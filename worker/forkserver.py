@@ -132,7 +132,10 @@ def open_listener_of(pid: int) -> socket.socket:
 
 
 def _send(ctl: socket.socket, msg: list[Any]) -> None:
-    ctl.send(msgpack.packb(msg))
+    try:
+        ctl.send(msgpack.packb(msg))
+    except ConnectionError:
+        os._exit(0)  # the supervisor is gone: so are we (and our workers, by parent-death signal)
 
 
 def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: int, zygote: int,
@@ -223,6 +226,8 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
                 data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_PACKET, 4)
             except InterruptedError:
                 continue
+            except ConnectionError:
+                os._exit(0)  # the supervisor closed the control socket with requests unread
             if not data:
                 os._exit(0)  # supervisor closed the control socket
             _handle(ctl, data, fds, wake_r, wake_w, zygote)

@@ -47,6 +47,10 @@ def load_entry(entry: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+class _Checked(Exception):
+    """The agent's module imported in the sandbox and its function exists."""
+
+
 class Runner:
     """One worker's job loop."""
 
@@ -137,11 +141,15 @@ class Runner:
             self._enter_sandbox(spec)
             fn = load_entry(spec["entry"])
             modules = dict(sys.modules)  # the agent's own imports: the same for every job of this worker
+            if spec.get("check"):  # the start-up check: the import and the function, not a call
+                raise _Checked()
             value = self._call_agent(fn, spec.get("input"), ctx)
             if ctx.cancelled:
                 raise Cancelled("job cancelled")
             ctx._close_stream()
             outcome = [pm.DONE, ctx.job_id, self._result_value(value, ctx)]
+        except _Checked:
+            outcome = [pm.DONE, ctx.job_id, None]
         except BaseException as e:  # everything the agent raises ends its job
             outcome = [pm.FAIL, ctx.job_id, self._error_of(e, ctx)]
         finally:
