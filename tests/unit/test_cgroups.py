@@ -17,8 +17,8 @@ from supervisor.cgroups import MiB, Cgroups, LimitNotApplied, WorkerCgroup
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 
-def v1(tmp_path: Path, **kw: bool) -> tuple[Cgroups, FakeCgroupFS]:
-    fs = FakeCgroupFS(str(tmp_path), **kw)
+def v1(tmp_path: Path, swap: bool = True) -> tuple[Cgroups, FakeCgroupFS]:
+    fs = FakeCgroupFS(str(tmp_path), swap=swap)
     return Cgroups(str(tmp_path), fs), fs
 
 
