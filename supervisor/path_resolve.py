@@ -23,10 +23,11 @@ lend the job its own sight while doing it:
 - one directory at a time, through O_PATH descriptors opened with O_NOFOLLOW:
   a link swapped in mid-walk is read as a link, never followed by the kernel.
 
-Each resolution runs in a short-lived thread of its own (the credentials are
-per thread, and die with it); at most MAX_THREADS run at once, and the caller
-waits at most its timeout. A thread stuck in a slow filesystem keeps its slot
-until it returns. Errors never name what a path resolved to.
+Each resolution runs on a resolver thread (the credentials are per thread, and
+are restored after each resolution; a thread that cannot restore them ends); at
+most MAX_THREADS run at once, and the caller waits at most its timeout. A
+thread stuck in a slow filesystem keeps its slot until it returns. Errors never
+name what a path resolved to.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import ctypes
 import errno
 import os
 import platform
+import queue
 import stat
 import threading
 import weakref
@@ -60,7 +62,9 @@ _SYSCALLS = {
 _CAP_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_raw_syscall = _libc.syscall
+_raw_syscall.restype = ctypes.c_long
+_raw_syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 
 
 class PathRefused(Exception):
@@ -90,9 +94,17 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _syscall(number: int, *args: object) -> int:
-    conv = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    return int(_libc.syscall(ctypes.c_long(number), *conv))
+def _syscall(number: int, a: object = 0, b: object = 0) -> int:
+    """syscall(2) with up to two arguments: integers, or ctypes objects passed by address."""
+    return int(_raw_syscall(number, _arg(a), _arg(b)))
+
+
+def _arg(v: object) -> int:
+    if v is None:
+        return 0
+    if isinstance(v, int):
+        return v & 0xFFFFFFFFFFFFFFFF
+    return ctypes.addressof(v)  # type: ignore[arg-type]
 
 
 def _numbers() -> tuple[int, int, int, int, int]:
@@ -102,27 +114,39 @@ def _numbers() -> tuple[int, int, int, int, int]:
     return nums
 
 
+class _ThreadState(threading.local):
+    tainted = False  # its credentials could not be restored: the thread must not serve again
+
+
+_thread = _ThreadState()
+
+
 @contextlib.contextmanager
 def _as_job(uid: int | None) -> Iterator[None]:
-    """Take the job's filesystem credentials on this thread only, for the block."""
+    """Take the job's filesystem credentials on this thread only, for the block; restore
+    them after (a thread whose restore fails is marked tainted, and ends)."""
     setfsuid, setfsgid, setgroups, capget, capset = _numbers()
     if uid is None:
         # The job runs as the supervisor's uid: without the supervisor's capabilities.
         hdr = _CapHeader(_CAP_VERSION_3, 0)
         saved = (_CapData * 2)()
-        if _syscall(capget, ctypes.byref(hdr), ctypes.byref(saved)) != 0:
+        if _syscall(capget, hdr, saved) != 0:
             raise PathRefused(f"capget failed: {os.strerror(ctypes.get_errno())}")
         if saved[0].effective or saved[1].effective:
             dropped = (_CapData * 2)()
             for i in range(2):
                 dropped[i].permitted = saved[i].permitted
                 dropped[i].inheritable = saved[i].inheritable
-            if _syscall(capset, ctypes.byref(hdr), ctypes.byref(dropped)) != 0:
+            if _syscall(capset, hdr, dropped) != 0:
                 raise PathRefused(f"capset failed: {os.strerror(ctypes.get_errno())}")
             try:
                 yield
             finally:
-                _syscall(capset, ctypes.byref(_CapHeader(_CAP_VERSION_3, 0)), ctypes.byref(saved))
+                _syscall(capset, _CapHeader(_CAP_VERSION_3, 0), saved)
+                now = (_CapData * 2)()
+                if _syscall(capget, _CapHeader(_CAP_VERSION_3, 0), now) != 0 or \
+                        any(now[i].effective != saved[i].effective for i in range(2)):
+                    _thread.tainted = True
         else:
             yield
         return
@@ -142,6 +166,9 @@ def _as_job(uid: int | None) -> Iterator[None]:
         _syscall(setfsgid, old_gid)
         arr = (ctypes.c_uint32 * max(1, len(old_groups)))(*old_groups)
         _syscall(setgroups, len(old_groups), arr)
+        if _syscall(setfsuid, -1) != old_uid or _syscall(setfsgid, -1) != old_gid or \
+                os.getgroups() != old_groups:
+            _thread.tainted = True
 
 
 # -- the walk --------------------------------------------------------------------------
@@ -282,9 +309,51 @@ def _slot_semaphore(loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
     return sem
 
 
+class _Threads:
+    """Resolver threads, kept for reuse while they have work: a thread that has waited
+    IDLE_EXIT seconds for a task ends. At most MAX_THREADS tasks run at once (the callers'
+    semaphore), so at most MAX_THREADS threads exist. A thread whose credentials could
+    not be restored ends at once."""
+
+    IDLE_EXIT = 30.0
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            self._tasks.put(task)
+            if self._idle:
+                self._idle -= 1  # one waiting thread will take it
+                return
+        threading.Thread(target=self._serve, name="arcp-resolve", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                task = self._tasks.get(timeout=self.IDLE_EXIT)
+            except queue.Empty:
+                with self._lock:
+                    try:
+                        task = self._tasks.get_nowait()  # put for this thread just now
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+            task()
+            if _thread.tainted:
+                return
+            with self._lock:
+                self._idle += 1
+
+
+_threads = _Threads()
+
+
 def start(fn: Callable[[], str], loop: asyncio.AbstractEventLoop,
           on_done: Callable[[], None]) -> asyncio.Future[str]:
-    """Run `fn` in a thread of its own; its outcome lands in the returned future, and
+    """Run `fn` on a resolver thread; its outcome lands in the returned future, and
     `on_done` runs on the loop when it has returned (however late)."""
     fut: asyncio.Future[str] = loop.create_future()
 
@@ -306,7 +375,7 @@ def start(fn: Callable[[], str], loop: asyncio.AbstractEventLoop,
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(settle, *outcome)
 
-    threading.Thread(target=run, name="arcp-resolve", daemon=True).start()
+    _threads.submit(run)
     return fut
 
 
@@ -320,16 +389,41 @@ async def resolve(path: str, *, uid: int | None, root_pid: int | None,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     sem = _slot_semaphore(loop)
-    try:
-        await asyncio.wait_for(sem.acquire(), timeout)
-    except TimeoutError:
-        raise ResolverBusy(f"no path resolution slot came free within {timeout:g} s") from None
+    if sem.locked():
+        try:
+            await asyncio.wait_for(sem.acquire(), timeout)
+        except TimeoutError:
+            raise ResolverBusy(f"no path resolution slot came free within {timeout:g} s") from None
+    else:
+        await sem.acquire()  # free: no wait
     fut = start(lambda: resolve_as(path, uid, root_pid), loop, sem.release)
+    # Wait for the thread's word or the deadline, whichever comes first, without cancelling it.
+    waiter: asyncio.Future[str] = loop.create_future()
+
+    def relay(f: asyncio.Future[str]) -> None:
+        if waiter.done():
+            return
+        if f.exception() is not None:
+            waiter.set_exception(f.exception())  # type: ignore[arg-type]
+        else:
+            waiter.set_result(f.result())
+
+    def expire() -> None:
+        if not waiter.done():
+            waiter.set_exception(ResolveTimeout(timeout, fut))
+
+    fut.add_done_callback(relay)
+    timer = loop.call_at(deadline, expire)
     try:
-        return await asyncio.wait_for(asyncio.shield(fut), max(0.0, deadline - loop.time()))
-    except TimeoutError:
+        return await waiter
+    except ResolveTimeout:
         fut.add_done_callback(_consume)
-        raise ResolveTimeout(timeout, fut) from None
+        raise
+    finally:
+        timer.cancel()
+        if not waiter.done():  # we were cancelled: the thread's word is nobody's news
+            waiter.cancel()
+            fut.add_done_callback(_consume)
 
 
 def _consume(fut: asyncio.Future[str]) -> None:

@@ -212,3 +212,49 @@ def test_resolution_errors_reach_the_caller() -> None:
         with pytest.raises(PathRefused, match="/proc"):
             await resolve("/proc/self/environ", uid=None, root_pid=None)
     asyncio.run(go())
+
+
+def test_resolver_threads_are_reused_and_a_tainted_one_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    def names() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "arcp-resolve"]
+
+    async def go() -> None:
+        for _ in range(50):
+            await resolve("/tmp", uid=None, root_pid=None)
+        assert 1 <= len(names()) <= 2  # one at a time: one thread (or two, one of them ending)
+
+        def taint(path: str, uid: int | None, root_pid: int | None) -> str:
+            path_resolve._thread.tainted = True  # as when its credentials could not be restored
+            return path
+
+        before = set(names())
+        monkeypatch.setattr(path_resolve, "resolve_as", taint)
+        assert await resolve("/x", uid=None, root_pid=None) == "/x"
+        await asyncio.sleep(0.2)
+        assert len(before - set(names())) == 1  # the thread that served it is gone
+        monkeypatch.undo()
+        assert await resolve("/tmp", uid=None, root_pid=None) == "/tmp"
+    asyncio.run(go())
+
+
+@needs_root
+def test_credentials_are_restored_after_each_resolution(tree: Path) -> None:
+    """A reused thread goes back to the supervisor's credentials between jobs."""
+    seen: list[tuple[str, str, str]] = []
+
+    def creds_after(path: str, uid: int | None, root_pid: int | None) -> str:
+        out = resolve_as(path, uid, root_pid)
+        status = dict(line.split(":", 1) for line in open("/proc/thread-self/status"))
+        seen.append((status["Uid"].split()[3], status["Gid"].split()[3], status["CapEff"].strip()))
+        return out
+
+    async def go() -> None:
+        path_resolve.resolve_as, real = creds_after, path_resolve.resolve_as  # type: ignore[assignment]
+        try:
+            await resolve(f"{tree}/granted/out", uid=JOB_UID, root_pid=None)
+            await resolve(f"{tree}/granted/out", uid=None, root_pid=None)
+        finally:
+            path_resolve.resolve_as = real  # type: ignore[assignment]
+    asyncio.run(go())
+    caps = open("/proc/self/status").read().split("CapEff:")[1].split()[0]
+    assert seen == [("0", "0", caps), ("0", "0", caps)], seen
