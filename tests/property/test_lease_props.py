@@ -218,3 +218,54 @@ def test_a_pathological_delegation_costs_a_bounded_number_of_steps() -> None:
     else:
         raise AssertionError("the check should have run out of budget")
     assert time.perf_counter() - start < 1.0
+
+
+def glob_prefix_ref(pattern: str, target: str) -> bool:
+    """Reference: could `pattern` match `target` followed by more segments (or none)?"""
+    pat = pattern.split("/") if pattern else []
+    tgt = target.split("/") if target else []
+
+    @lru_cache(maxsize=None)
+    def go(i: int, j: int) -> bool:
+        if j == len(tgt):
+            return True
+        if i == len(pat):
+            return False
+        if pat[i] == "**":
+            return go(i + 1, j) or go(i, j + 1)
+        if pat[i] == "*":
+            return go(i + 1, j + 1)
+        return _seg_ref(pat[i], tgt[j]) and go(i + 1, j + 1)
+    return go(0, 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab*/", max_size=12), st.text(alphabet="ab*/", max_size=12))
+def test_glob_prefix_matches_reference(pattern: str, target: str) -> None:
+    from shared.lease import glob_match_prefix
+
+    assert glob_match_prefix(pattern, target) is glob_prefix_ref(pattern, target)
+
+
+def covers_ref(parent: str, child: str) -> bool:
+    """Reference of protocol.md §8.5 `Covers`, by memoised recursion."""
+    pat = parent.split("/") if parent else []
+    tgt = child.split("/") if child else []
+
+    @lru_cache(maxsize=None)
+    def go(i: int, j: int) -> bool:
+        if i == len(pat):
+            return j == len(tgt)
+        if pat[i] == "**":
+            return go(i + 1, j) or (j < len(tgt) and go(i, j + 1))
+        if j == len(tgt) or tgt[j] == "**":
+            return False
+        seg, s = pat[i], tgt[j]
+        return (seg == "*" or seg == s or ("*" not in s and _seg_ref(seg, s))) and go(i + 1, j + 1)
+    return go(0, 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab*/", max_size=14), st.text(alphabet="ab*/", max_size=14))
+def test_covers_matches_reference(parent: str, child: str) -> None:
+    assert covers(parent, child) is covers_ref(parent, child)
