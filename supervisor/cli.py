@@ -112,17 +112,21 @@ def doctor(
     from supervisor.doctor import agents_report, report
 
     job_uids = None
+    cfg = None
     try:
-        cfg = build_config({"config": config, "agent": agent or [], "allow_shared_uid": allow_shared_uid or None})
+        if config is not None:
+            loaded = load_file(config)
+            job_uids = loaded.get("job_uids")
+            allow_shared_uid = allow_shared_uid or bool(loaded.get("allow_shared_uid"))
+            if loaded.get("agents"):
+                agent = agent or []
+        if agent is not None:  # agents to check: a whole run config, checked as `run` would
+            cfg = build_config({"config": config, "agent": agent, "allow_shared_uid": allow_shared_uid or None})
     except ConfigError as e:
         typer.echo(f"arcp-supervisor: {e}", err=True)
         raise typer.Exit(2) from None
-    if config is not None:
-        loaded = load_file(config)
-        job_uids = loaded.get("job_uids")
-        allow_shared_uid = allow_shared_uid or bool(loaded.get("allow_shared_uid"))
     text, status = report(as_json, job_uids, allow_shared_uid)
-    if cfg.agents:
+    if cfg is not None and cfg.agents:
         lines, agents_ok = agents_report(cfg, as_json)
         text = _merge(text, lines, as_json)
         status = status or (0 if agents_ok else 1)
