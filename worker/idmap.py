@@ -76,12 +76,15 @@ def plan(read_roots: Iterable[str], write_roots: Iterable[str]) -> list[Mount]:
             if not os.path.exists(root):
                 continue
             want[root] = want.get(root, False) or writable
+    writable_roots = [r for r, w in want.items() if w]
     for root in list(want):
         parts = [p for p in root.split("/") if p]
         for i in range(len(parts)):
             d = "/" + "/".join(parts[:i])
             if d != "/" and not _searchable_by_others(d):
-                want.setdefault(d, False)
+                # read-only, unless a writable root holds it (its lease grants writes there)
+                inside_writable = any(d == w or d.startswith(w.rstrip("/") + "/") for w in writable_roots)
+                want[d] = want.get(d, False) or inside_writable
                 break  # the outermost one: a mount there opens what lies below it
     return [Mount(p, w) for p, w in sorted(want.items(), key=lambda kv: (kv[0].count("/"), kv[0]))
             if p != "/" or w]
