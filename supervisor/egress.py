@@ -9,9 +9,13 @@ off its loopback arrives here, in the supervisor, which parses the request
 (bounded in size and time), judges it by the lease (`egress_policy`), resolves
 names itself, connects, and relays, counting bytes both ways.
 
-Heads are read and answered on the event loop; once a request is allowed, the
-bytes that follow (a tunnel both ways, a response body) are spliced by relay
-threads (egress_relay), never copied through the loop. Refusals answer HTTP 403
+Heads are read on the event loop and parsed by h11, a sans-I/O HTTP/1.1 parser
+(egress_policy); a request body is framed by h11 and framed afresh by us on its
+way upstream, and the origin's response head is parsed by h11 and written
+afresh. Once the response head is through, its body (and a tunnel both ways) is
+spliced by relay threads (egress_relay), never copied through the loop. Open
+connections are capped per job and in all (ConnectionCaps), from the
+supervisor's descriptor limit; beyond a cap the answer is 429. Refusals answer HTTP 403
 with a body naming the lease and the URL, and give the job a `warn` log event;
 the job goes on. Every connection of a job is closed when the job ends, before
 its terminal frame.
@@ -23,9 +27,11 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from supervisor.authority import Authority
@@ -37,14 +43,14 @@ from supervisor.egress_policy import (
     IPAddress,
     Refusal,
     RequestHead,
-    body_framing,
+    RequestParser,
+    ResponseParser,
     check_host_header,
     check_lease,
+    chunk,
     destination_of,
     error_response,
-    parse_header_line,
-    parse_request_line,
-    response_head,
+    last_chunk,
     upstream_head,
     usable_addresses,
 )
@@ -57,11 +63,60 @@ RESOLVE_TIMEOUT = 10.0
 METRIC_INTERVAL = 0.5  # seconds between byte-count metrics while data flows
 READ_CHUNK = 64 * 1024
 LOOP_COPY = 256 * 1024  # bytes a stream is copied on the loop before a relay thread takes over
-MAX_CHUNK_LINE = 4096
-MAX_CONNECTIONS = 128  # open proxy connections per job
 LINGER = 1.0  # seconds an error response waits for the job to stop sending
+MAX_PER_JOB = 128  # open proxy connections per job, whatever the descriptor limit
+FDS_PER_CONNECTION = 6  # the job's socket, the origin's, and a splice pipe (2) per relay thread (2 for a tunnel)
+EGRESS_SHARE = 2  # the proxy may hold 1/EGRESS_SHARE of the supervisor's descriptors
+JOB_SHARE = 8  # and one job at most 1/JOB_SHARE of the proxy's connections
+CAP_WARN_INTERVAL = 10.0  # seconds between supervisor log lines about the global cap
 
 Emit = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class ConnectionCaps:
+    """How many proxy connections may be open at once, in all and per job, from the
+    supervisor's RLIMIT_NOFILE soft limit (read once, when the first job with `net.fetch`
+    starts: after `raise_open_files_limit`).
+
+    Each connection may hold FDS_PER_CONNECTION descriptors at its peak (a tunnel: two
+    sockets and two relay threads with a pipe each). Sessions, worker pipes and pidfds,
+    cgroup files, the store and every worker's egress listener need the rest, so the proxy
+    gets half the limit: total = limit // 12. A job gets at most an eighth of that (so at
+    least eight jobs at their cap fit at once) and never more than 128: per_job =
+    min(128, total // 8), at least 1. At the usual hard limit (2^20) that is 87381 and
+    128; at 1024, 85 and 10. Beyond either cap a connection is answered 429 at once, so the
+    supervisor never runs out of descriptors because of the proxy."""
+
+    nofile: int
+    total: int
+    per_job: int
+    open: int = 0  # proxy connections open now, across all jobs
+
+    @classmethod
+    def for_limit(cls, nofile: int) -> ConnectionCaps:
+        total = max(1, nofile // (EGRESS_SHARE * FDS_PER_CONNECTION))
+        return cls(nofile, total, max(1, min(MAX_PER_JOB, total // JOB_SHARE)))
+
+    @classmethod
+    def from_rlimit(cls) -> ConnectionCaps:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft > 1 << 30:
+            soft = 1 << 30
+        return cls.for_limit(soft)
+
+
+_caps: ConnectionCaps | None = None
+_cap_warned = 0.0
+
+
+def connection_caps() -> ConnectionCaps:
+    global _caps
+    if _caps is None:
+        _caps = ConnectionCaps.from_rlimit()
+        log.info("egress proxy: at most %d connections at once, %d per job (RLIMIT_NOFILE %d)",
+                 _caps.total, _caps.per_job, _caps.nofile)
+    return _caps
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
@@ -140,7 +195,7 @@ class EgressJob:
         self._flush: asyncio.TimerHandle | None = None
         self.exchanges: set[Exchange] = set()
         self.closed = False
-        self.overflow_logged = False
+        self.overflow_logged: set[str] = set()  # which caps this job has been told about
         self.requests = self.refused = 0
 
     def count(self, inbound: int, outbound: int) -> None:
@@ -170,6 +225,12 @@ class EgressJob:
         self.refused += 1
         self.emit("log", {"level": "warn", "message": f"egress refused: {url}: {reason}"})
 
+    def over_cap(self, which: str, message: str) -> None:
+        """A connection was refused with 429: one `warn` event per job and cap."""
+        if which not in self.overflow_logged:
+            self.overflow_logged.add(which)
+            self.emit("log", {"level": "warn", "message": message})
+
     def close(self) -> None:
         """The job is ending: report the last bytes, then cut every connection it has."""
         if self.closed:
@@ -193,6 +254,7 @@ class EgressListener:
         self._accepting: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        connection_caps()
         self.sock.setblocking(False)
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
 
@@ -221,19 +283,36 @@ class EgressListener:
                 conn.close()
                 continue
             conn.setblocking(False)
-            if len(job.exchanges) >= MAX_CONNECTIONS:  # each holds two of our descriptors
-                with contextlib.suppress(OSError):
-                    conn.send(error_response(429, f"arcp-supervisor egress proxy: more than {MAX_CONNECTIONS} "
-                                                  "open connections for this job"))
+            if self._over_cap(job, conn):
                 conn.close()
-                if not job.overflow_logged:
-                    job.overflow_logged = True
-                    job.emit("log", {"level": "warn", "message": f"egress: connections over {MAX_CONNECTIONS} "
-                                                                 "at once are refused (429)"})
                 continue
             ex = Exchange(job, conn)
             job.exchanges.add(ex)
             ex.task = loop.create_task(ex.serve())
+            ex.task.add_done_callback(ex.released)
+
+    @staticmethod
+    def _over_cap(job: EgressJob, conn: socket.socket) -> bool:
+        """Answer 429 when the job or the whole proxy is at its cap (ConnectionCaps)."""
+        global _cap_warned
+        caps = connection_caps()
+        if len(job.exchanges) >= caps.per_job:
+            text = f"more than {caps.per_job} open connections for this job"
+            job.over_cap("job", f"egress: connections over {caps.per_job} at once are refused (429)")
+        elif caps.open >= caps.total:
+            text = f"all {caps.total} connections of the supervisor's egress proxy are in use"
+            job.over_cap("total", f"egress: refused (429): {text}")
+            now = time.monotonic()
+            if now - _cap_warned > CAP_WARN_INTERVAL:
+                _cap_warned = now
+                log.warning("egress proxy: %s (RLIMIT_NOFILE %d); refusing with 429", text, caps.nofile)
+        else:
+            return False
+        with contextlib.suppress(OSError):
+            conn.send(error_response(429, f"arcp-supervisor egress proxy: {text}"))
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(MAX_HEAD)  # what the job sent already: closing on unread bytes would reset the answer
+        return True
 
 
 class Exchange:
@@ -247,6 +326,21 @@ class Exchange:
         self.upstream: socket.socket | None = None
         self.relays: list[Relay] = []
         self.task: asyncio.Task[None] | None = None
+        self.parser = RequestParser()
+        self.caps = connection_caps()
+        self.caps.open += 1
+        self.counted = True  # in caps.open until its descriptors are closed
+
+    def released(self, _task: asyncio.Task[None]) -> None:
+        """The task is over; if it was cancelled before it ran, nothing closed the job's socket
+        or left the count: do it here."""
+        self.job.exchanges.discard(self)
+        if self.counted and not self.relays:
+            self.counted = False
+            self.caps.open -= 1
+            self.client.close()
+            if self.upstream is not None:
+                self.upstream.close()
 
     def abort(self) -> None:
         """Cut the connection now: wakes the relays (their splices end) and the task."""
@@ -262,6 +356,8 @@ class Exchange:
         try:
             await self.run()
         except HeadError as e:  # a bad body or response after the checks: say so if we still can
+            what = "bad request from the job: " if e.status < 500 else ""
+            job.emit("log", {"level": "warn", "message": f"egress: {what}{e.message}"})
             await self._answer(error_response(e.status, f"arcp-supervisor egress proxy: {e.message}"))
         except (OSError, IncompleteRead, asyncio.CancelledError):
             pass
@@ -279,6 +375,9 @@ class Exchange:
                 self.client.close()
                 if self.upstream is not None:
                     self.upstream.close()
+                if self.counted:
+                    self.counted = False
+                    self.caps.open -= 1
             else:
                 log.error("job %s: an egress relay did not stop; its sockets are left open", job.job_id)
             job.exchanges.discard(self)
@@ -295,7 +394,6 @@ class Exchange:
                 raise HeadError(408, f"request head not received within {job.header_timeout:g} s") from None
             dest = destination_of(head)
             check_host_header(head, dest)
-            framing = ("none", 0) if dest.tunnel else body_framing(head)
             named = check_lease(job.authority, dest, time.time())
             addresses = [dest.ip] if dest.ip is not None else await self._resolve(dest)
             addresses = usable_addresses(dest, addresses, named)
@@ -325,21 +423,20 @@ class Exchange:
             await asyncio.gather(self._pump(self.client, self.upstream, job.count_out, half_close=True),
                                  self._pump(self.upstream, self.client, job.count_in, half_close=True))
         else:
-            await self._forward(head, dest, framing)
+            await self._forward(head, dest)
 
     async def _read_head(self) -> RequestHead:
+        """Read up to the empty line (bounded: 414, 431), then let h11 parse it."""
         r = self.reader
         line = await r.readuntil(b"\n", MAX_REQUEST_LINE, 414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-        head = parse_request_line(line)
-        total = len(line)
+        raw = bytearray(line)
         while True:
             line = await r.readuntil(b"\n", MAX_HEAD, 431, f"request head longer than {MAX_HEAD} bytes")
-            total += len(line)
-            if total > MAX_HEAD:
+            raw += line
+            if len(raw) > MAX_HEAD:
                 raise HeadError(431, f"request head longer than {MAX_HEAD} bytes")
             if line in (b"\r\n", b"\n"):
-                return head
-            parse_header_line(head, line)
+                return self.parser.head(bytes(raw))
 
     async def _resolve(self, dest: Destination) -> list[IPAddress]:
         try:
@@ -394,68 +491,55 @@ class Exchange:
         relay.start()
         await relay.done
 
-    async def _forward(self, head: RequestHead, dest: Destination, framing: tuple[str, int]) -> None:
+    async def _forward(self, head: RequestHead, dest: Destination) -> None:
         job = self.job
         up = self.upstream
         assert up is not None
-        await self._send(up, upstream_head(head, dest), job.count_out)
-        kind, length = framing
-        if kind == "length":
-            await self._copy_exact(length)
-        elif kind == "chunked":
-            await self._copy_chunked()
-        up_reader = SocketReader(self.loop, up)
+        await self._send(up, upstream_head(head, dest, self.parser.framing), job.count_out)
+        if self.parser.framing[0] != "none":
+            await self._copy_body()
+        response = ResponseParser(head.method)
         while True:  # interim 1xx responses, then the final head
-            try:
-                raw = await up_reader.readuntil(b"\r\n\r\n", MAX_HEAD, 502, "the origin's response head is too long")
-            except IncompleteRead as e:
-                if not e.args[0]:
+            got = response.next_head()
+            if got is None:
+                data = await self.loop.sock_recv(up, READ_CHUNK)
+                if not data and not response.received:
                     await self._answer(error_response(502, "arcp-supervisor egress proxy: the origin closed "
                                                            "the connection without a response"))
                     return
-                raise
-            rewritten, interim = response_head(raw)
-            job.count_in(len(raw))
+                job.count_in(len(data))
+                response.feed(data)
+                continue
+            rewritten, interim = got
             await self._send(self.client, rewritten, None)
             if not interim:
                 break
-        rest = up_reader.take()
+        rest = response.rest()
         if rest:
-            await self._send(self.client, rest, job.count_in)
+            await self._send(self.client, rest, None)
         await self._pump(up, self.client, job.count_in, half_close=False)
 
-    async def _copy_exact(self, n: int) -> None:
+    async def _copy_body(self) -> None:
+        """The request body as h11 frames it, framed afresh by us (the same length, or our
+        own chunks), and nothing after it."""
         up = self.upstream
         assert up is not None
-        while n > 0:
-            data = await self.reader.read(min(n, READ_CHUNK))
-            n -= len(data)
-            await self._send(up, data, self.job.count_out)
-
-    async def _copy_chunked(self) -> None:
-        """Forward a chunked body exactly, and nothing after it."""
-        up = self.upstream
-        assert up is not None
-        r = self.reader
+        chunked = self.parser.framing[0] == "chunked"
+        self.parser.feed(self.reader.take())
         while True:
-            line = await r.readuntil(b"\n", MAX_CHUNK_LINE, 400, "chunk size line too long")
-            size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HeadError(400, f"malformed chunk size {size_text[:20]!r}") from None
-            if size < 0:
-                raise HeadError(400, "negative chunk size")
-            await self._send(up, line, self.job.count_out)
-            if size == 0:
-                while True:  # trailers, then the empty line
-                    t = await r.readuntil(b"\n", MAX_CHUNK_LINE, 400, "trailer line too long")
-                    await self._send(up, t, self.job.count_out)
-                    if t in (b"\r\n", b"\n"):
-                        return
-            await self._copy_exact(size)
-            end = await r.readuntil(b"\n", MAX_CHUNK_LINE, 400, "malformed chunk end")
-            await self._send(up, end, self.job.count_out)
+            piece = self.parser.next_body()
+            if piece is None:
+                data = await self.loop.sock_recv(self.client, READ_CHUNK)
+                if not data:
+                    raise IncompleteRead(b"")
+                self.parser.feed(data)
+            elif isinstance(piece, bytes):
+                if piece:
+                    await self._send(up, chunk(piece) if chunked else piece, self.job.count_out)
+            else:
+                if chunked:
+                    await self._send(up, last_chunk(piece), self.job.count_out)
+                return
 
     async def _answer(self, response: bytes) -> None:
         """Send an error response, then a lingering close: the job's unread bytes are drained

@@ -1,8 +1,9 @@
 """The egress proxy's decisions, free of I/O: parse what a job sends, judge it by the lease.
 
 A job whose lease holds `net.fetch` reaches the network only through the
-supervisor's proxy. For each request the proxy parses the head (bounded), finds
-the destination, and asks this module:
+supervisor's proxy. For each request the proxy reads the head (bounded), has h11
+parse it (`RequestParser`; h11 also frames the body, so a chunk size is hex or
+the request is refused), finds the destination, and asks this module:
 
   - plain HTTP (`GET http://host/path HTTP/1.1`): the full URL, canonicalised as
     protocol.md §8.3 says, must match a `net.fetch` pattern;
@@ -16,7 +17,11 @@ the destination, and asks this module:
     matching pattern names the host itself (no `*` in its host part);
   - then the lease's expiry and budget, as for `validate_lease_op`.
 
-Default ports are dropped before matching (`http://h:80/x` is `http://h/x`).
+Default ports are dropped before matching (`http://h:80/x` is `http://h/x`). A path
+that origins could read in different ways (`check_path`) is refused before any of
+this, and what goes upstream is written afresh (`upstream_head`, `chunk`): the
+request line from the canonical URL, the job's fields re-emitted, the body framed
+by the proxy. Nothing the job sent is forwarded as raw bytes but a body's data.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import string
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
+
+import h11
 
 from shared.lease import canonical_target, glob_match, glob_match_prefix
 from supervisor.authority import Authority
@@ -37,7 +45,12 @@ METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_addr
 DEFAULT_PORT = {"http": 80, "https": 443}
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization",
                         "proxy-authenticate", "te", "trailer", "upgrade"})
-TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+FRAMING = frozenset({"host", "content-length", "transfer-encoding"})  # written by the proxy itself
+CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+PCT_VALID_RE = re.compile(r"(?:[^%]|%[0-9A-Fa-f]{2})*")
+UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+PCHAR = UNRESERVED | frozenset("!$&'()*+,;=:@")
+MAX_DECODINGS = 4  # percent-decodings of a path after the first before it counts as ambiguous
 HOSTNAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
 REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 414: "URI Too Long",
            429: "Too Many Requests", 431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
@@ -88,55 +101,158 @@ class Destination:
     ip: IPAddress | None = None  # set when the host is an IP literal
 
 
-# -- the request head ------------------------------------------------------------------
-def parse_request_line(line: bytes) -> RequestHead:
-    if len(line) > MAX_REQUEST_LINE:
-        raise HeadError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
-    try:
-        text = line.decode("ascii").rstrip("\r\n")
-    except UnicodeDecodeError:
-        raise HeadError(400, "request line is not ASCII") from None
-    parts = text.split(" ")
-    if len(parts) != 3 or not all(parts):
-        raise HeadError(400, f"malformed request line {text[:200]!r}")
-    method, target, version = parts
-    if not TOKEN_RE.match(method):
-        raise HeadError(400, f"malformed method {method[:40]!r}")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if version.startswith("HTTP/"):
+# -- the request head (h11) --------------------------------------------------------------
+def _protocol_error(e: h11.ProtocolError, what: str) -> HeadError:
+    hint = e.error_status_hint
+    return HeadError(hint if hint in REASONS else 400, f"malformed {what}: {e}")
+
+
+def _text(b: bytes) -> str:
+    return b.decode("latin-1")
+
+
+class RequestParser:
+    """One request from a job, parsed by h11 (a sans-I/O HTTP/1.1 parser): its head, then
+    its body as the pieces h11 frames (Content-Length or chunked with hex sizes only).
+    Nothing after the end of the body is ever parsed: the proxy stops there.
+
+    On top of h11, rules for what a proxy must not pass on ambiguously: no obsolete line
+    folding, no control characters in field values, HTTP/1.0 or HTTP/1.1 only, and no
+    `Transfer-Encoding` together with `Content-Length` or in an HTTP/1.0 request."""
+
+    def __init__(self) -> None:
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.framing: tuple[str, int] = ("none", 0)
+
+    def head(self, data: bytes) -> RequestHead:
+        """`data` is the whole head: request line, header lines, empty line."""
+        lines = data.split(b"\n")
+        if len(lines[0]) > MAX_REQUEST_LINE:
+            raise HeadError(414, f"request line longer than {MAX_REQUEST_LINE} bytes")
+        if any(line[:1] in (b" ", b"\t") for line in lines[1:]):
+            raise HeadError(400, "folded header lines are not allowed")
+        self.conn.receive_data(data)
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise _protocol_error(e, "request") from None
+        if not isinstance(event, h11.Request):
+            raise HeadError(400, "incomplete request head")
+        version = "HTTP/" + _text(event.http_version)
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
             raise HeadError(505, f"{version[:20]} is not supported (HTTP/1.0 and HTTP/1.1 are)")
-        raise HeadError(400, f"malformed request line {text[:200]!r}")
-    return RequestHead(method, target, version)
+        raw = event.headers.raw_items()
+        if len(raw) > MAX_HEADERS:
+            raise HeadError(431, f"more than {MAX_HEADERS} header fields")
+        head = RequestHead(_text(event.method), _text(event.target), version)
+        for name, value in raw:
+            if CONTROL_RE.search(value):
+                raise HeadError(400, f"header {_text(name)[:60]!r} holds a control character")
+            head.headers.append((_text(name), _text(value)))
+        self.framing = body_framing(head)
+        return head
 
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
 
-def parse_header_line(head: RequestHead, line: bytes) -> None:
-    if len(head.headers) >= MAX_HEADERS:
-        raise HeadError(431, f"more than {MAX_HEADERS} header fields")
-    try:
-        text = line.decode("latin-1").rstrip("\r\n")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise HeadError(400, "header is not text") from None
-    if text[:1] in (" ", "\t"):
-        raise HeadError(400, "folded header lines are not allowed")
-    name, sep, value = text.partition(":")
-    if not sep or not TOKEN_RE.match(name):
-        raise HeadError(400, f"malformed header line {text[:100]!r}")
-    if any(c in value for c in "\r\n\0"):
-        raise HeadError(400, f"header {name!r} holds a control character")
-    head.headers.append((name, value.strip(" \t")))
+    def next_body(self) -> bytes | list[tuple[str, str]] | None:
+        """The next piece of the body; at its end, the trailer fields (a list, often empty);
+        None while h11 needs more bytes."""
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise _protocol_error(e, "request body") from None
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            return [(_text(k), _text(v)) for k, v in event.headers.raw_items()]
+        if event is h11.NEED_DATA:
+            return None
+        raise HeadError(400, f"unexpected {type(event).__name__} in the request body")
 
 
 def parse_head(data: bytes) -> RequestHead:
     """A whole head (request line, header lines, empty line), as the proxy reads it."""
     if len(data) > MAX_HEAD:
         raise HeadError(431, f"request head longer than {MAX_HEAD} bytes")
-    lines = data.split(b"\n")
-    head = parse_request_line(lines[0])
-    for line in lines[1:]:
-        if line in (b"", b"\r"):
-            break
-        parse_header_line(head, line)
-    return head
+    return RequestParser().head(data)
+
+
+# -- the request target: one meaning for every origin ---------------------------------------
+def _count_special(b: bytes) -> int:
+    return b.count(b".") + b.count(b"/") + b.count(b"\\")
+
+
+def check_path(path: str) -> None:
+    """HeadError(400) naming the reason when origins could disagree on what the path means
+    (the rule the README states): a backslash, raw or `%5c`; an encoded slash `%2f`; a `%`
+    not followed by two hex digits; `%c0`/`%c1` (overlong UTF-8, as in `%c0%ae` for `.`);
+    a segment holding both a `;` path parameter and `..` (once decoded: `..;/`, `.%2e;x`);
+    and a percent-escape left after one decoding (`%25...`) that decodes, once or more, to
+    `.`, `/` or `\\` (`%252e%252e`, `%25%32%65`)."""
+    if "\\" in path:
+        raise HeadError(400, "ambiguous path: a backslash (origins differ on whether it is a '/')")
+    if not PCT_VALID_RE.fullmatch(path):
+        raise HeadError(400, "ambiguous path: a '%' not followed by two hex digits")
+    low = path.lower()
+    if "%5c" in low:
+        raise HeadError(400, "ambiguous path: an encoded backslash (%5c)")
+    if "%2f" in low:
+        raise HeadError(400, "ambiguous path: an encoded slash (%2f)")
+    if "%c0" in low or "%c1" in low:
+        raise HeadError(400, "ambiguous path: an overlong UTF-8 escape (%c0 or %c1)")
+    for seg in path.split("/"):
+        if ";" in seg or "%3b" in seg.lower():
+            decoded = unquote_to_bytes(seg)
+            if b";" in decoded and b".." in decoded:
+                raise HeadError(400, f"ambiguous path: a ';' path parameter in a '..' segment ({seg[:60]!r})")
+    once = unquote_to_bytes(path)
+    base = _count_special(once)
+    d = once
+    for depth in range(MAX_DECODINGS + 1):
+        nxt = unquote_to_bytes(d)
+        if nxt == d:
+            return
+        if _count_special(nxt) > base:
+            raise HeadError(400, "ambiguous path: a double-encoded '.', '/' or '\\' (%25...)")
+        if depth == MAX_DECODINGS:
+            raise HeadError(400, f"ambiguous path: still percent-encoded after {MAX_DECODINGS + 1} decodings")
+        d = nxt
+
+
+def _segment(seg: str) -> str:
+    """RFC 3986 §6.2.2 normalisation of one segment: unreserved characters decoded, other
+    escapes in upper case, characters outside `pchar` escaped."""
+    out: list[str] = []
+    i = 0
+    while i < len(seg):
+        c = seg[i]
+        if c == "%":
+            ch = chr(int(seg[i + 1:i + 3], 16))
+            out.append(ch if ch in UNRESERVED else "%" + seg[i + 1:i + 3].upper())
+            i += 3
+            continue
+        out.append(c if c in PCHAR else "".join(f"%{b:02X}" for b in c.encode("utf-8")))
+        i += 1
+    return "".join(out)
+
+
+def canonical_path(path: str) -> str:
+    """The path forwarded to the origin, after `check_path`: segments normalised, `.` and
+    `..` resolved (never above the root), empty segments dropped, a trailing `/` kept.
+    Fully decoded, it is the path `canonical_target` matches the lease against."""
+    out: list[str] = []
+    segs = path.split("/")[1:] if path.startswith("/") else path.split("/")
+    trailing = False
+    for seg in segs:
+        norm = _segment(seg)
+        trailing = norm in ("", ".", "..")
+        if norm == "..":
+            if out:
+                out.pop()
+        elif norm not in ("", "."):
+            out.append(norm)
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
 # -- where it goes ------------------------------------------------------------------------
@@ -202,8 +318,9 @@ def destination_of(head: RequestHead) -> Destination:
         if "@" in netloc:
             raise HeadError(400, "credentials in the URL are not carried through the proxy")
         host, port, ip = _host_and_port(netloc, scheme, "URL host")
-        tail = tail.partition("#")[0]
-        origin = tail if tail.startswith("/") else "/" + tail
+        path, qmark, query = tail.partition("#")[0].partition("?")
+        check_path(path)
+        origin = canonical_path(path or "/") + (qmark + query if query else "")
         auth = _authority(host, port, scheme)
         dest = Destination(False, scheme, host, port, auth, f"{scheme}://{auth}{origin}", origin, ip)
     return dest
@@ -300,62 +417,118 @@ def _show(patterns: list[str], limit: int = 1024) -> str:
 
 # -- what goes upstream and back ----------------------------------------------------------
 def body_framing(head: RequestHead) -> tuple[str, int]:
-    """("length", n), ("chunked", 0) or ("none", 0); conflicting framing is refused."""
+    """("length", n), ("chunked", 0) or ("none", 0); ambiguous framing is refused (h11 has
+    already checked each field's syntax when the head came from RequestParser)."""
     te = head.values("transfer-encoding")
     cl = head.values("content-length")
     if te:
         if cl:
             raise HeadError(400, "both Transfer-Encoding and Content-Length")
+        if head.version == "HTTP/1.0":
+            raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
         if len(te) != 1 or te[0].strip().lower() != "chunked":
             raise HeadError(501, f"Transfer-Encoding {', '.join(te)[:100]!r} is not supported (chunked is)")
         return "chunked", 0
     if cl:
         if len(set(cl)) != 1 or not cl[0].isdigit() or len(cl[0]) > 18:
             raise HeadError(400, f"malformed Content-Length {', '.join(cl)[:60]!r}")
-        n = int(cl[0])
-        return ("length", n) if n else ("none", 0)
+        return "length", int(cl[0])
     return "none", 0
 
 
-def upstream_head(head: RequestHead, dest: Destination) -> bytes:
-    """The request as the origin server sees it: origin-form target, no hop-by-hop
-    fields, one request per connection."""
+def upstream_head(head: RequestHead, dest: Destination, framing: tuple[str, int] | None = None) -> bytes:
+    """The request head as the origin server sees it, written afresh: the request line from
+    the canonical URL (origin form), `Host` from the destination, the job's other fields
+    but hop-by-hop ones and the framing, then our framing of the body and `Connection:
+    close` (one request per connection)."""
+    kind, length = framing if framing is not None else body_framing(head)
     listed = {t.strip().lower() for v in head.values("connection") for t in v.split(",")}
-    lines = [f"{head.method} {dest.origin_form} {head.version}"]
-    has_host = False
+    lines = [f"{head.method} {dest.origin_form} {head.version}", f"Host: {dest.authority}"]
     for name, value in head.headers:
         low = name.lower()
-        if low in HOP_BY_HOP or low in listed:
+        if low in HOP_BY_HOP or low in listed or low in FRAMING:
             continue
-        has_host = has_host or low == "host"
         lines.append(f"{name}: {value}")
-    if not has_host:
-        lines.append(f"Host: {dest.authority}")
+    if kind == "length":
+        lines.append(f"Content-Length: {length}")
+    elif kind == "chunked":
+        lines.append("Transfer-Encoding: chunked")
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def response_head(data: bytes) -> tuple[bytes, bool]:
-    """The origin's response head with `Connection: close` (the proxy carries one request
-    per connection); and whether it is an interim (1xx) response that another follows."""
-    lines = data.decode("latin-1").split("\r\n") if b"\r\n" in data else data.decode("latin-1").split("\n")
-    status = lines[0]
-    parts = status.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise HeadError(502, f"the origin sent a malformed status line {status[:100]!r}")
-    interim = parts[1].startswith("1") and parts[1] != "101"
-    if interim:
-        return data, True
-    kept = [status]
-    for line in lines[1:]:
-        if not line:
-            continue
-        name = line.partition(":")[0].strip().lower()
-        if name in ("connection", "keep-alive", "proxy-connection"):
-            continue
-        kept.append(line)
-    kept.append("Connection: close")
-    return ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1"), False
+def chunk(data: bytes) -> bytes:
+    """One chunk of a body the proxy frames as chunked (never empty: that ends the body)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def last_chunk(trailers: list[tuple[str, str]]) -> bytes:
+    kept = [f"{k}: {v}\r\n" for k, v in trailers if k.lower() not in HOP_BY_HOP and k.lower() not in FRAMING]
+    return ("0\r\n" + "".join(kept) + "\r\n").encode("latin-1")
+
+
+_PRIMER_HOST = [("Host", "origin")]
+_PRIMERS = {m: h11.Request(method=m, target="/", headers=_PRIMER_HOST)  # h11 events are immutable
+            for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+_END = h11.EndOfMessage()
+
+
+class ResponseParser:
+    """The origin's response heads, parsed by h11: interim (1xx) ones, then the final one;
+    its body is not parsed here (the proxy relays it as it comes, after `rest()`)."""
+
+    def __init__(self, method: str) -> None:
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        # h11 reads a response in the light of its request (a HEAD's has no body): tell it
+        # the method; the request itself was written by `upstream_head`.
+        request = _PRIMERS.get(method) or h11.Request(method=method, target="/", headers=_PRIMER_HOST)
+        self.conn.send(request)
+        self.conn.send(_END)
+        self.received = 0
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        self.conn.receive_data(data)
+
+    def next_head(self) -> tuple[bytes, bool] | None:
+        """(the head as the job gets it, whether it is interim), or None: h11 needs more bytes."""
+        try:
+            event = self.conn.next_event()
+        except h11.RemoteProtocolError as e:
+            if e.error_status_hint == 431:
+                raise HeadError(502, "the origin's response head is too long") from None
+            raise HeadError(502, f"the origin sent a malformed response: {e}") from None
+        if event is h11.NEED_DATA:
+            return None
+        if isinstance(event, h11.InformationalResponse | h11.Response):
+            return response_head(event), isinstance(event, h11.InformationalResponse)
+        raise HeadError(502, f"the origin sent {type(event).__name__} instead of a response head")
+
+    def rest(self) -> bytes:
+        """What the origin sent after the final head: the start of the body."""
+        return bytes(self.conn.trailing_data[0])
+
+
+def response_head(event: h11.InformationalResponse | h11.Response) -> bytes:
+    """A response head written afresh from what h11 parsed. A final one carries
+    `Connection: close` (the proxy carries one request per connection) and no
+    `Content-Length` beside `Transfer-Encoding` (RFC 9112 §6.3)."""
+    raw = [(_text(k), _text(v)) for k, v in event.headers.raw_items()]
+    lines = [f"HTTP/{_text(event.http_version)} {event.status_code} {_text(event.reason)}".rstrip(" ")]
+    if isinstance(event, h11.InformationalResponse):
+        lines += [f"{k}: {v}" for k, v in raw]
+    else:
+        listed = {t.strip().lower() for k, v in raw if k.lower() == "connection" for t in v.split(",")}
+        chunked = any(k.lower() == "transfer-encoding" for k, _ in raw)
+        for name, value in raw:
+            low = name.lower()
+            if low in ("connection", "keep-alive", "proxy-connection") or low in listed:
+                continue
+            if chunked and low == "content-length":
+                continue
+            lines.append(f"{name}: {value}")
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def error_response(status: int, body: str, code: str | None = None) -> bytes:

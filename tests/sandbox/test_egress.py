@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -243,7 +245,8 @@ def test_connect_tunnels_and_the_host_header_must_agree(server: Server) -> None:
             answer = _result(term)["answer"]
             assert answer.startswith("HTTP/1.1 403") and "does not agree" in answer, answer
             assert any("Host header" in w for w in _warns(events)), events
-            wrong_port = f"CONNECT 127.0.0.1:{echo.port + 1 if echo.port < 65535 else 1} HTTP/1.1\r\n\r\n"
+            other = f"127.0.0.1:{echo.port + 1 if echo.port < 65535 else 1}"
+            wrong_port = f"CONNECT {other} HTTP/1.1\r\nHost: {other}\r\n\r\n"
             term, _, _ = await _run(server.url, "rawproxy", {"send": wrong_port}, lease)
             assert _result(term)["answer"].startswith("HTTP/1.1 403")
         asyncio.run(go())
@@ -281,8 +284,9 @@ def test_malformed_and_oversized_requests_get_clear_errors(server: Server, origi
         ({"send": "GET http://127.0.0.1:1/" + "a" * 10000 + " HTTP/1.1\r\n\r\n"}, "414"),
         ({"send": f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n" + "X-Pad: " + "b" * 70000 + "\r\n\r\n"},
          "431"),
-        ({"send": f"POST http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nContent-Length: 3\r\n"
-                  "Transfer-Encoding: chunked\r\n\r\nabc"}, "400"),
+        ({"send": f"POST http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                  "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc"}, "400"),
+        ({"send": f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n"}, "400"),  # no Host
     ]
 
     async def go() -> None:
@@ -311,7 +315,7 @@ def test_a_connection_left_open_is_closed_at_the_terminal(net_server: Server) ->
     echo = Echo()
     try:
         lease = {"net.fetch": [f"https://127.0.0.1:{echo.port}/**"]}
-        send = f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\n\r\n"
+        send = f"CONNECT 127.0.0.1:{echo.port} HTTP/1.1\r\nHost: 127.0.0.1:{echo.port}\r\n\r\n"
         term, _, _ = asyncio.run(_run(net_server.url, "rawproxy", {"send": send, "hold": True,
                                                                    "then_send": "still here"}, lease))
         done = time.monotonic()
@@ -323,3 +327,184 @@ def test_a_connection_left_open_is_closed_at_the_terminal(net_server: Server) ->
         assert echo.closed_at[0] - done < 1.0
     finally:
         echo.close()
+
+
+def test_ambiguous_paths_and_non_hex_chunk_sizes_never_reach_the_origin(server: Server) -> None:
+    """A raw origin (the echo listener: it records every byte) is what a lenient server would
+    parse; nothing it receives may hold a path outside the lease."""
+    echo = Echo()
+    try:
+        p = echo.port
+        lease = {"net.fetch": [f"http://127.0.0.1:{p}/public/**"]}
+        host = f"Host: 127.0.0.1:{p}\r\n"
+        inner = "GET /private HTTP/1.1\r\nHost: h\r\nX: "
+        inner += "y" * (0x2e - len(inner) - 4) + "\r\n\r\n"  # 0x2e bytes: a lenient reader's chunk
+        cases = [(f"GET http://127.0.0.1:{p}{path} HTTP/1.1\r\n{host}\r\n", "ambiguous path")
+                 for path in ("/public/..;/private", "/public/..\\private", "/public/..%5cprivate",
+                              "/public/%252e%252e/private", "/public/..%2fprivate")]
+        cases.append((f"POST http://127.0.0.1:{p}/public/a HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n"
+                      f"0x2e\r\n{inner}\r\n0\r\n\r\n", "chunk"))
+
+        async def go() -> None:
+            for send, reason in cases:
+                term, events, _ = await _run(server.url, "rawproxy", {"send": send}, lease)
+                answer = _result(term)["answer"]
+                assert answer.startswith("HTTP/1.1 400") and reason in answer, (send[:60], answer[:300])
+                assert any(reason in w for w in _warns(events)), events
+        asyncio.run(go())
+        time.sleep(0.2)
+        assert b"/private" not in echo.received and b"0\r\n\r\n" not in echo.received, bytes(echo.received)
+    finally:
+        echo.close()
+
+
+def hold_connections(input: Any, job: Any) -> Any:
+    """An agent (served by the low-descriptor server below): open `n` tunnels through the job's
+    proxy to 127.0.0.1:`port`, keep those that open until the far end closes one (at most
+    `hold` seconds), and say how each attempt went."""
+    import os
+    import socket as so
+
+    proxy = int(os.environ["HTTP_PROXY"].rsplit(":", 1)[1])
+    target = f"127.0.0.1:{input['port']}"
+    statuses: list[int] = []
+    refusals: list[str] = []
+    held: list[so.socket] = []
+    for _ in range(int(input["n"])):
+        s = so.create_connection(("127.0.0.1", proxy), timeout=20)
+        answer = b""
+        try:
+            s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            while b"\r\n\r\n" not in answer and (b := s.recv(4096)):
+                answer += b
+        except OSError as e:
+            answer += f"[{type(e).__name__}]".encode()
+        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+        statuses.append(status)
+        if status == 200:
+            held.append(s)
+            continue
+        try:
+            while b := s.recv(4096):
+                answer += b
+        except OSError:
+            pass
+        refusals.append(answer.decode("latin-1"))
+        s.close()
+    job.log("info", f"holding {len(held)}")
+    if held:
+        held[0].settimeout(float(input.get("hold", 60)))
+        try:
+            held[0].recv(1)
+        except OSError:
+            pass
+    for s in held:
+        s.close()
+    return {"statuses": statuses, "refusals": refusals}
+
+
+class Hold:
+    """A listener on 127.0.0.1 that keeps every connection open until `release()`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+
+    def release(self) -> None:
+        for c in list(self.conns):
+            c.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.release()
+        self.sock.close()
+
+
+NOFILE = 512  # the low-limit server's RLIMIT_NOFILE
+TOTAL, PER_JOB = 512 // 12, min(128, 512 // 12 // 8)  # its proxy's caps (egress.ConnectionCaps): 42 and 5
+
+
+def test_the_proxy_caps_connections_before_the_supervisor_runs_out_of_descriptors(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any, origin: Origin) -> None:
+    import resource
+
+    import tests.conftest
+
+    real = tests.conftest.EXE
+    wrapper = tmp_path / "arcp-supervisor-low-nofile"
+    wrapper.write_text(f"#!{sys.executable}\nimport os, resource, sys\n"
+                       f"resource.setrlimit(resource.RLIMIT_NOFILE, ({NOFILE}, {NOFILE}))\n"
+                       f"os.execv({str(real)!r}, [{str(real)!r}] + sys.argv[1:])\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(tests.conftest, "EXE", wrapper)
+    jobs, per_job = 9, PER_JOB + 1  # 9 * 5 > 42: the total runs out, and each job asks past its own cap
+    hold = Hold()
+    srv = Server("--agent", "holdconns=tests.sandbox.test_egress:hold_connections")
+    try:
+        with open(f"/proc/{srv.pid}/limits") as f:
+            assert any(line.startswith("Max open files") and f"{NOFILE}" in line for line in f)
+        lease = {"net.fetch": [f"https://127.0.0.1:{hold.port}/**", f"http://127.0.0.1:{origin.port}/**"]}
+
+        async def go() -> tuple[list[dict[str, Any]], list[list[str]], int]:
+            async with sdk_session(srv.url) as (client, rec):
+                handles = [await client.submit(agent="holdconns", lease_request=lease,
+                                               input={"port": hold.port, "n": per_job, "hold": 60})
+                           for _ in range(jobs)]
+                ids = {h.job_id for h in handles}
+
+                def holding() -> int:
+                    return sum(1 for f in rec.frames if f.get("type") == "job.event" and f.get("job_id") in ids
+                               and f["payload"]["kind"] == "log"
+                               and f["payload"]["body"]["message"].startswith("holding"))
+                deadline = time.monotonic() + 90
+                while holding() < jobs and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert holding() == jobs, "not every job got its answers"
+                fds = len(os.listdir(f"/proc/{srv.pid}/fd"))  # at the peak: every slot taken
+                hold.release()
+                results, warns = [], []
+                for h in handles:
+                    results.append(_result(await rec.terminal(h.job_id, timeout=60)))
+                    warns.append(_warns([f["payload"] for f in rec.frames
+                                         if f.get("type") == "job.event" and f.get("job_id") == h.job_id]))
+                return results, warns, fds
+
+        results, warns, fds = asyncio.run(go())
+        opened = [r["statuses"].count(200) for r in results]
+        assert sum(opened) == TOTAL and max(opened) == PER_JOB, results
+        assert all(s in (200, 429) for r in results for s in r["statuses"]), results
+        refusals = [text for r in results for text in r["refusals"]]
+        assert sum(f"all {TOTAL} connections" in t for t in refusals) == jobs * per_job - TOTAL - \
+            sum(f"more than {PER_JOB} open connections" in t for t in refusals)
+        assert any(f"all {TOTAL} connections" in t for t in refusals), refusals
+        assert any(f"more than {PER_JOB} open connections" in t for t in refusals), refusals
+        for r, w in zip(results, warns, strict=True):
+            if r["refusals"]:
+                assert any("429" in x for x in w), (r, w)
+        assert fds < NOFILE - 100, fds
+
+        async def after() -> None:  # a new session and job are served as before
+            term, _, _ = await _run(srv.url, "fetch", {"url": f"http://127.0.0.1:{origin.port}/after-cap"}, lease)
+            assert _result(term)["body"] == "hello from /after-cap"
+        asyncio.run(after())
+        assert not any("Too many open files" in line for line in srv.stderr_lines), srv.stderr_lines[-20:]
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > NOFILE  # this process was not limited
+    finally:
+        srv.stop()
+        hold.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -126,6 +126,12 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 30))
 
 
+async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
 def test_a_name_resolving_to_the_metadata_address_is_refused_before_any_connection() -> None:
     async def go() -> None:
         table = {"metadata.test": ["169.254.169.254"], "intranet.test": ["10.0.0.7", "fd00::7"]}
@@ -163,19 +169,20 @@ def test_nothing_after_the_declared_body_reaches_the_origin() -> None:
         await origin.start()
         try:
             async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/public/**"]}) as p:
-                smuggled = f"GET /private HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
-                raw = (f"POST http://127.0.0.1:{origin.port}/public/a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+                host = f"Host: 127.0.0.1:{origin.port}\r\n"
+                smuggled = f"GET /private HTTP/1.1\r\n{host}\r\n"
+                raw = (f"POST http://127.0.0.1:{origin.port}/public/a HTTP/1.1\r\n{host}Content-Length: 5\r\n\r\n"
                        f"hello{smuggled}").encode()
                 out = await p.request(raw)
                 assert out.startswith(b"HTTP/1.1 200")
                 assert origin.received[0].endswith(b"\r\n\r\nhello") and b"/private" not in origin.received[0]
-                chunked = (f"POST http://127.0.0.1:{origin.port}/public/b HTTP/1.1\r\n"
+                chunked = (f"POST http://127.0.0.1:{origin.port}/public/b HTTP/1.1\r\n{host}"
                            f"Transfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n"
                            f"{smuggled}").encode()
                 out = await p.request(chunked)
                 assert out.startswith(b"HTTP/1.1 200")
                 body = origin.received[1].split(b"\r\n\r\n", 1)[1]
-                assert body == b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n", body
+                assert body == b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n", body  # framed afresh
                 assert origin.connections == 2
         finally:
             origin.close()
@@ -188,7 +195,8 @@ def test_an_origin_that_closes_without_answering_gives_502() -> None:
         await origin.start()
         try:
             async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/**"]}) as p:
-                out = await p.request(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n\r\n".encode())
+                out = await p.request(f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n"
+                                      f"Host: 127.0.0.1:{origin.port}\r\n\r\n".encode())
                 assert out.startswith(b"HTTP/1.1 502") and b"without a response" in out
         finally:
             origin.close()
@@ -198,7 +206,7 @@ def test_an_origin_that_closes_without_answering_gives_502() -> None:
 def test_an_unresolvable_name_gives_502_naming_it() -> None:
     async def go() -> None:
         async with proxy({"net.fetch": ["http://nowhere.test/**"]}) as p:
-            out = await p.request(b"GET http://nowhere.test/ HTTP/1.1\r\n\r\n")
+            out = await p.request(b"GET http://nowhere.test/ HTTP/1.1\r\nHost: nowhere.test\r\n\r\n")
             assert out.startswith(b"HTTP/1.1 502") and b"cannot resolve nowhere.test" in out
     run(go())
 
@@ -210,7 +218,8 @@ def test_closing_the_job_cuts_tunnels_and_half_sent_heads() -> None:
         try:
             async with proxy({"net.fetch": [f"https://127.0.0.1:{origin.port}/**"]}) as p:
                 r1, w1 = await asyncio.open_connection("127.0.0.1", p.listener.port)
-                w1.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+                w1.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\nHost: 127.0.0.1:{origin.port}\r\n\r\n"
+                         .encode())
                 assert (await r1.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
                 w1.write(b"tunnel bytes\r\n\r\n")
                 r2, w2 = await asyncio.open_connection("127.0.0.1", p.listener.port)
@@ -244,7 +253,7 @@ def test_a_slow_head_gets_408() -> None:
 
 
 def test_connections_over_the_cap_get_429(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(egress, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(egress, "_caps", egress.ConnectionCaps(nofile=0, total=100, per_job=2))
 
     async def go() -> None:
         async with proxy({"net.fetch": ["http://h/**"]}, header_timeout=5) as p:
@@ -255,4 +264,112 @@ def test_connections_over_the_cap_get_429(monkeypatch: pytest.MonkeyPatch) -> No
             assert sum("429" in w for w in p.warns()) == 1
             for _, w in held:
                 w.close()
+    run(go())
+
+
+def test_the_caps_follow_the_descriptor_limit() -> None:
+    caps = egress.ConnectionCaps.for_limit
+    assert (caps(1024).total, caps(1024).per_job) == (85, 10)
+    assert (caps(1 << 20).total, caps(1 << 20).per_job) == (87381, 128)
+    assert (caps(64).total, caps(64).per_job) == (5, 1)
+    for limit in (64, 256, 1024, 4096, 65536, 1 << 20):  # the proxy at its cap holds at most half the limit
+        c = caps(limit)
+        assert c.total * egress.FDS_PER_CONNECTION <= limit // 2 and 1 <= c.per_job <= min(128, c.total)
+
+
+def test_the_global_cap_holds_across_jobs_and_frees_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    caps = egress.ConnectionCaps(nofile=0, total=3, per_job=2)
+    monkeypatch.setattr(egress, "_caps", caps)
+
+    async def go() -> None:
+        async with proxy({"net.fetch": ["http://h/**"]}) as a, proxy({"net.fetch": ["http://h/**"]}) as b:
+            held = [await asyncio.open_connection("127.0.0.1", a.listener.port) for _ in range(2)]
+            held.append(await asyncio.open_connection("127.0.0.1", b.listener.port))
+            await asyncio.sleep(0.1)
+            assert caps.open == 3
+            out = await b.request(b"")  # b holds one, under its own cap: the total is full
+            assert out.startswith(b"HTTP/1.1 429") and b"all 3 connections" in out, out
+            assert b.warns() == ["egress: refused (429): all 3 connections of the supervisor's egress proxy are "
+                                 "in use"] and not a.warns()
+            for _, w in held:
+                w.close()
+            await until(lambda: caps.open == 0)  # the proxy notices the closes and frees the slots
+            out = await b.request(b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 502") and b"cannot resolve h" in out  # served again
+            await until(lambda: caps.open == 0)
+    run(go())
+
+
+def test_closing_a_job_before_its_connections_are_served_frees_their_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    caps = egress.ConnectionCaps(nofile=0, total=10, per_job=10)
+    monkeypatch.setattr(egress, "_caps", caps)
+
+    async def go() -> None:
+        async with proxy({"net.fetch": ["http://h/**"]}) as p:
+            held = [await asyncio.open_connection("127.0.0.1", p.listener.port) for _ in range(3)]
+            await until(lambda: caps.open == 3)
+            p.job.close()
+            await until(lambda: caps.open == 0 and not p.job.exchanges)
+            for _, w in held:
+                w.close()
+    run(go())
+
+
+# -- what reaches the origin: one meaning, written afresh -------------------------------------
+@pytest.mark.parametrize("path", ["/public/..;/private", "/public/..\\private", "/public/..%5cprivate",
+                                  "/public/%252e%252e/private", "/public/..%2fprivate"])
+def test_an_ambiguous_path_is_refused_before_any_connection(path: str) -> None:
+    async def go() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/public/**"]}) as p:
+                out = await p.request(f"GET http://127.0.0.1:{origin.port}{path} HTTP/1.1\r\n"
+                                      f"Host: 127.0.0.1:{origin.port}\r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 400") and b"ambiguous path" in out, out
+                assert origin.connections == 0
+                assert p.warns() and "ambiguous path" in p.warns()[0]
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_a_chunk_size_that_is_not_hex_ends_the_request() -> None:
+    async def go() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/public/**"]}) as p:
+                host = f"Host: 127.0.0.1:{origin.port}\r\n"
+                # int("0x2e", 16) == 46: a lenient reader takes the next 46 bytes as the chunk's data;
+                # one that reads the size as 0 (the last chunk) sees them as a request for /private
+                inner = "GET /private HTTP/1.1\r\nHost: h\r\nX: "
+                inner += "y" * (0x2e - len(inner) - 4) + "\r\n\r\n"
+                assert len(inner) == 0x2e
+                raw = (f"POST http://127.0.0.1:{origin.port}/public/a HTTP/1.1\r\n{host}"
+                       f"Transfer-Encoding: chunked\r\n\r\n0x2e\r\n{inner}\r\n0\r\n\r\n").encode()
+                out = await p.request(raw)
+                await until(lambda: len(origin.received) == origin.connections)
+                assert out.startswith(b"HTTP/1.1 400") and b"chunk" in out, out
+                assert all(b"/private" not in r for r in origin.received), origin.received
+                assert all(not r.endswith(b"0\r\n\r\n") for r in origin.received)  # never a complete body
+        finally:
+            origin.close()
+    run(go())
+
+
+def test_the_origin_gets_the_canonical_request_line_and_fields_written_afresh() -> None:
+    async def go() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            async with proxy({"net.fetch": [f"http://127.0.0.1:{origin.port}/public/**"]}) as p:
+                out = await p.request(f"GET http://127.0.0.1:{origin.port}/public/./a/../b/%7e%2E%41?x=%2f HTTP/1.0\r\n"
+                                      f"Host: 127.0.0.1:{origin.port}\r\nX-A:   v  \r\n\r\n".encode())
+                assert out.startswith(b"HTTP/1.1 200")
+                head = origin.received[0].decode()
+                assert head == (f"GET /public/b/~.A?x=%2f HTTP/1.0\r\nHost: 127.0.0.1:{origin.port}\r\n"
+                                "X-A: v\r\nConnection: close\r\n\r\n"), head
+        finally:
+            origin.close()
     run(go())
