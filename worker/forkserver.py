@@ -115,7 +115,7 @@ def open_listener_of(pid: int) -> socket.socket:
     """A listening socket on the loopback of worker `pid`'s network namespace (brought up
     first): the fork server steps into it, opens the socket, and steps back. The socket
     stays in that namespace, so only that worker can connect to it."""
-    target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    target = _own_netns_of(pid)
     try:
         if _libc.setns(target, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns into worker {pid}'s network namespace failed")
@@ -129,6 +129,20 @@ def open_listener_of(pid: int) -> socket.socket:
                 os._exit(BOOT_ERROR)
     finally:
         os.close(target)
+
+
+def _own_netns_of(pid: int) -> int:
+    """A descriptor of worker `pid`'s own network namespace. A worker makes it right after
+    fork, so a request can arrive first: wait for it (a few milliseconds at most), rather
+    than open the port in the fork server's namespace, where the job could not reach it."""
+    own = os.fstat(OWN_NETNS).st_ino
+    for _ in range(400):  # 2 s at most
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if os.fstat(fd).st_ino != own:
+            return fd
+        os.close(fd)
+        time.sleep(0.005)
+    raise OSError(0, f"worker {pid} has no network namespace of its own")
 
 
 def _send(ctl: socket.socket, msg: list[Any]) -> None:
