@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from shared import pipe_messages as pm
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.cgroups import LimitNotApplied
-from supervisor.config import Limits
+from supervisor.config import AgentSpec, Limits
 from supervisor.worker_proc import CGROUP_LINGER, WorkerSpawnError
 from supervisor.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError
 
@@ -26,15 +27,16 @@ if TYPE_CHECKING:
 CHECK_TIMEOUT = 30.0  # seconds one agent's import may take
 
 
-async def check_agents(rt: Runtime) -> list[str]:
+async def check_agents(rt: Runtime, agents: Sequence[AgentSpec] | None = None) -> list[str]:
     """One line per agent that cannot run ("NAME@VERSION (MODULE:FUNCTION): why"); [] if all can.
-    Agents that share an entry are checked once."""
+    `agents` defaults to the configured ones. Agents that share an entry are checked once."""
+    agents = rt.config.agents if agents is None else agents
     by_entry: dict[str, list[str]] = {}
-    for a in rt.config.agents:
+    for a in agents:
         by_entry.setdefault(a.entry, []).append(f"{a.name}@{a.version}")
     problems = []
     limits: dict[str, Limits] = {}
-    for a in rt.config.agents:
+    for a in agents:
         limits.setdefault(a.entry, a.limits)
     for entry, names in by_entry.items():
         why = await _check_one(rt, entry, names[0], limits[entry])

@@ -1,4 +1,11 @@
-"""Start the runtime and a transport; print the readiness line; shut down cleanly."""
+"""Start the runtime and a transport; print the readiness line; drain and shut down cleanly.
+
+SIGTERM or SIGINT drains: new sessions and submits are refused, running jobs get up to
+`drain_timeout` seconds to end, the rest are cancelled, every terminal frame goes out to
+the connected clients, then they are told the server is going and closed, and the process
+exits 0. A second SIGTERM or SIGINT cancels the running jobs at once. SIGHUP reloads
+`--config` (supervisor/reload.py).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +16,16 @@ import logging
 import resource
 import signal
 import sys
+from collections.abc import Callable
 
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
+from supervisor.connection import SHUTDOWN_DRAIN
+from supervisor.reload import Reloader
 from supervisor.runtime import STDIO_FRAME_CAP, WS_FRAME_CAP, Runtime
 
 log = logging.getLogger("arcp")
+STOP_SLACK = 3.0  # seconds beyond `grace` for cancelled jobs to end and send their terminals
 
 
 def _url_host(host: str) -> str:
@@ -29,7 +40,42 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(config: Config) -> None:
+class Stop:
+    """SIGTERM/SIGINT: the first asks for a drain, the second for the jobs' end now."""
+
+    def __init__(self) -> None:
+        self.drain = asyncio.Event()
+        self.now = asyncio.Event()
+
+    def signalled(self, sig: signal.Signals) -> None:
+        if not self.drain.is_set():
+            log.info("%s: draining (again to cancel the running jobs at once)", sig.name)
+            self.drain.set()
+        elif not self.now.is_set():
+            log.info("%s again: cancelling the running jobs now", sig.name)
+            self.now.set()
+
+
+async def drain(rt: Runtime, stop: Stop) -> None:
+    """Refuse new work, let running jobs end (bounded), cancel the rest, then close every
+    connected session once its terminal frames are queued."""
+    rt.begin_drain()
+    timeout = rt.config.drain_timeout
+    running = len(rt.unfinished_jobs())
+    if running and not stop.now.is_set():
+        log.info("waiting up to %g s for %d running jobs", timeout, running)
+        await rt.wait_jobs(timeout, hurry=stop.now)
+    left = len(rt.unfinished_jobs())
+    if left:
+        log.info("cancelling %d jobs", left)
+        rt.cancel_jobs("server shutting down")
+        if not await rt.wait_jobs(rt.config.grace + STOP_SLACK):
+            log.warning("%d jobs had not ended after their cancel", len(rt.unfinished_jobs()))
+    n = rt.close_sessions()
+    log.info("drained: closing %d connected sessions", n)
+
+
+async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     from supervisor.doctor import report
 
     raise_open_files_limit()
@@ -38,44 +84,74 @@ async def serve(config: Config) -> None:
         if line:
             log.info("isolation: %s", line)
     rt = Runtime(config, STDIO_FRAME_CAP if config.stdio else WS_FRAME_CAP)
-    await rt.start()
-    stop = asyncio.Event()
+    stop = Stop()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.signalled, sig)
+    reloader = Reloader(rt, reload) if reload is not None else None
+    loop.add_signal_handler(signal.SIGHUP, reloader.request if reloader is not None else
+                            lambda: log.info("SIGHUP: no --config to reload"))
     try:
+        await rt.start()
         problems = await check_agents(rt)
         if problems:
             raise ConfigError("; ".join(problems))
+        if reloader is not None:
+            reloader.start()
         if config.stdio:
-            from supervisor.transport_stdio import serve_stdio
-
-            session = asyncio.create_task(serve_stdio(rt))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            session.cancel()
-            with contextlib.suppress(BaseException):
-                await session
+            await _serve_stdio(rt, stop)
         else:
-            from supervisor.transport_ws import start_ws
-
-            try:
-                server = await start_ws(rt)
-            except OSError as e:
-                why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-                raise ConfigError(f"cannot listen on {_url_host(config.host)}:{config.port}: {why}") from None
-            port = next(iter(server.sockets)).getsockname()[1]
-            print(f"arcp-supervisor listening on ws://{_url_host(config.host)}:{port}{config.path}", flush=True)
-            await stop.wait()
-            server.close(close_connections=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), config.grace + 2)
+            await _serve_ws(rt, stop)
     finally:
+        if reloader is not None:
+            await reloader.close()
         await rt.close()
 
 
-def run(config: Config) -> None:
+async def _serve_stdio(rt: Runtime, stop: Stop) -> None:
+    """One session; it ends when its input has ended and its jobs have (or on a drain)."""
+    from supervisor.transport_stdio import serve_stdio
+
+    session = asyncio.create_task(serve_stdio(rt))
+    stopper = asyncio.create_task(stop.drain.wait())
+    try:
+        await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not session.done():
+            await drain(rt, stop)
+            await asyncio.wait({session}, timeout=SHUTDOWN_DRAIN + STOP_SLACK)
+    finally:
+        stopper.cancel()
+        session.cancel()
+        with contextlib.suppress(BaseException):
+            await session
+
+
+async def _serve_ws(rt: Runtime, stop: Stop) -> None:
+    from supervisor.transport_ws import start_ws
+
+    config = rt.config
+    try:
+        server = await start_ws(rt)
+    except OSError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise ConfigError(f"cannot listen on {_url_host(config.host)}:{config.port}: {why}") from None
+    port = next(iter(server.sockets)).getsockname()[1]
+    print(f"arcp-supervisor listening on ws://{_url_host(config.host)}:{port}{config.path}", flush=True)
+    try:
+        await stop.drain.wait()
+        await drain(rt, stop)  # the listener stays open meanwhile: new clients hear why they are refused
+    finally:
+        server.close(close_connections=False)  # no new connections; each handler writes its last frames
+        try:
+            await asyncio.wait_for(server.wait_closed(), SHUTDOWN_DRAIN + STOP_SLACK)
+        except TimeoutError:  # a client that neither reads nor closes, or never said hello
+            for conn in list(server.connections):
+                conn.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 2.0)
+
+
+def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, reload))

@@ -52,6 +52,9 @@ def run(
     max_open_files: Annotated[Optional[int], typer.Option("--max-open-files", help="Per-job open files (default 1024).")] = None,
     max_file_size: Annotated[Optional[str], typer.Option("--max-file-size", help="Per-job file size (default 1G).")] = None,
     grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds before a stopped job is killed (default 1.0).")] = None,
+    drain_timeout: Annotated[Optional[float], typer.Option(
+        "--drain-timeout", help="Seconds running jobs may go on after SIGTERM or SIGINT before they are "
+                                "cancelled (default 30).")] = None,
     reuse_workers: Annotated[Optional[int], typer.Option("--reuse-workers", help="Jobs per worker process (default 1).")] = None,
     heartbeat_interval: Annotated[Optional[int], typer.Option("--heartbeat-interval", help="Seconds (default 30).")] = None,
     resume_window: Annotated[Optional[int], typer.Option("--resume-window", help="Seconds (default 600).")] = None,
@@ -79,15 +82,17 @@ def run(
                                    "enforced.")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
+    flags = dict(locals())
     try:
-        cfg = build_config(locals())
+        cfg = build_config(flags)
     except ConfigError as e:
         _fail(str(e))
         return
     from supervisor.app import run as run_app
 
     try:
-        run_app(cfg)
+        # SIGHUP: the file read again, the same flags over it
+        run_app(cfg, reload=(lambda: build_config(flags)) if config else None)
     except ConfigError as e:  # found only when the runtime starts (e.g. a provisioner that will not load)
         _fail(str(e))
 
@@ -169,7 +174,8 @@ def build_config(flags: dict[str, Any]) -> Config:
         if not sep or not tok or not principal:
             raise ConfigError(f"--token {t!r}: expected TOKEN=PRINCIPAL")
         tokens[tok] = principal
-    for key in ("host", "port", "path", "stdio", "state_dir", "grace", "reuse_workers", "heartbeat_interval",
+    for key in ("host", "port", "path", "stdio", "state_dir", "grace", "drain_timeout", "reuse_workers",
+                "heartbeat_interval",
                 "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
                 "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid"):
         if flags.get(key) is not None:

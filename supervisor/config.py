@@ -81,6 +81,7 @@ class Config:
     stdio: bool = False
     state_dir: str | None = None
     grace: float = 1.0
+    drain_timeout: float = 30.0  # seconds running jobs may go on after SIGTERM/SIGINT before they are cancelled
     reuse_workers: int = 1
     heartbeat_interval: int = 30
     resume_window: int = 600
@@ -172,6 +173,7 @@ def check_uid_range(r: tuple[int, int], what: str) -> None:
 
 _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "path": str, "stdio": bool, "state_dir": str, "grace": (int, float),
+    "drain_timeout": (int, float),
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
     "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
@@ -301,6 +303,8 @@ def check(cfg: Config) -> Config:
         raise ConfigError(f"--path: {cfg.path!r} must start with '/'")
     if cfg.grace < 0:
         raise ConfigError("--grace: must be >= 0")
+    if not 0 <= cfg.drain_timeout <= 86400:
+        raise ConfigError("--drain-timeout: must be >= 0 and at most 86400 seconds")
     if cfg.reuse_workers < 1:
         raise ConfigError("--reuse-workers: must be >= 1")
     if cfg.heartbeat_interval < 1:

@@ -21,6 +21,7 @@ from supervisor.session import Session, authenticate, check_hello, detect_flavou
 log = logging.getLogger("arcp.connection")
 HANDSHAKE_TIMEOUT = 30.0
 CLOSE_DRAIN = 2.0
+SHUTDOWN_DRAIN = 10.0  # for the last frames (terminals, session.bye) when the server or a stdio session ends
 STALL_LIMIT = 60.0  # seconds a client may leave its queue at the high-water mark
 
 
@@ -30,7 +31,10 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
-async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) -> None:
+async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *, linger: bool = False) -> None:
+    """Serve one client until its transport ends. With `linger` (stdio, where the process
+    ends with its one session), the end of the client's input (or its bye) does not end
+    the session's jobs: they run to their terminals, which are written before the close."""
     try:
         first = await asyncio.wait_for(transport.recv(), HANDSHAKE_TIMEOUT)
     except TimeoutError:
@@ -49,6 +53,10 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         r = hello.payload.get("resume")
         resume_sid = r.get("session_id") if isinstance(r, dict) and isinstance(r.get("session_id"), str) else None
         principal = authenticate(rt.config.tokens, hello)
+        if rt.draining and (resume_sid is None or not rt.unfinished_jobs(resume_sid)):
+            # A resume is still taken while its session has jobs running: their terminals go to it.
+            raise InternalError("the server is shutting down and takes no new sessions", retryable=True,
+                                details={"reason": "draining"})
         resumed = rt.resume(hello, principal) if hello.payload.get("resume") is not None else None
     except ARCPError as e:
         await _refuse(transport, e, request_id_of(obj), resume_sid)
@@ -60,6 +68,8 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
 
     def close(code: int, reason: str) -> None:
         nonlocal close_as, closing
+        if closing:  # the first reason stands (a shutdown's 1001, not the bye a client answers it with)
+            return
         close_as = (code, reason)
         closing = True
         if reader is not None and reader is not asyncio.current_task():
@@ -78,7 +88,8 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         n = rt.replay(session, last)
         log.info("session %s resumed after seq %d; %d frames replayed", session.id, last, n)
 
-    writer = asyncio.create_task(_write_loop(session, transport))
+    sending = [False]  # the writer is in the middle of a batch
+    writer = asyncio.create_task(_write_loop(session, transport, sending))
     heart = asyncio.create_task(_heartbeat(rt, session))
     last_in = [time.monotonic()]
     session.last_inbound = last_in
@@ -98,8 +109,14 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int) ->
         except asyncio.CancelledError:
             if not closing:  # our own task is being cancelled (shutdown): let it through
                 raise
-        if closing:
-            await _drain(session)
+        if linger:
+            heart.cancel()  # no more input is coming: not a lost heartbeat
+            if rt.unfinished_jobs(session.id):
+                log.info("session %s: input ended; waiting for its jobs to end", session.id)
+                await rt.wait_jobs(None, owner_id=session.id)
+            await _drain(session, sending, SHUTDOWN_DRAIN)
+        elif closing:
+            await _drain(session, sending, SHUTDOWN_DRAIN if rt.draining else CLOSE_DRAIN)
     finally:
         heart.cancel()
         writer.cancel()
@@ -136,24 +153,34 @@ async def _heartbeat(rt: Runtime, session: Session) -> None:
                                session_id=session.id))
 
 
-async def _drain(session: Session) -> None:
-    """Give the writer a bounded moment to send what is queued (e.g. session.closed)."""
+async def _drain(session: Session, sending: list[bool], limit: float) -> None:
+    """Give the writer a bounded moment to send what is queued (e.g. session.closed),
+    including the batch it is writing."""
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(CLOSE_DRAIN):
-            while len(session.outbox):
+        async with asyncio.timeout(limit):
+            while len(session.outbox) or sending[0]:
                 await asyncio.sleep(0.005)
 
 
-async def _write_loop(session: Session, transport: Transport) -> None:
+async def _write_loop(session: Session, transport: Transport, sending: list[bool]) -> None:
     outbox = session.outbox
     while outbox.attached:
         batch = await outbox.get_batch()
         if batch:
-            await transport.send_many(batch)
+            sending[0] = True
+            try:
+                await transport.send_many(batch)
+            finally:
+                sending[0] = False
 
 
 async def _refuse(transport: Transport, err: ARCPError, request_id: str | None, session_id: str | None) -> None:
     data = orjson.dumps(session_error(err, session_id=session_id, request_id=request_id))
     with contextlib.suppress(Exception):
         await transport.send_many([data])
-    await transport.close(1008 if err.code == "UNAUTHENTICATED" else 1002, err.code.lower())
+    if err.code == "UNAUTHENTICATED":
+        await transport.close(1008, "unauthenticated")
+    elif (err.details or {}).get("reason") == "draining":
+        await transport.close(1001, "shutdown")
+    else:
+        await transport.close(1002, err.code.lower())

@@ -122,6 +122,8 @@ class Runtime:
         self.egress_unavailable: str | None = "not started"  # why net.fetch jobs get no proxy, or None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.draining = False  # SIGTERM/SIGINT: no new sessions or submits; running jobs may end
+        self._end_waiters: list[asyncio.Future[None]] = []  # woken at every job's terminal
         self._restore()
 
     async def start(self) -> None:
@@ -166,11 +168,12 @@ class Runtime:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
 
     async def close(self) -> None:
+        """The end: whatever a drain left running is cancelled (its terminal logged for its
+        session), then the workers, the fork server and the store go."""
+        self.begin_drain()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for job in list(self.jobs.jobs.values()):
-            if not job.done and job.runner is not None:
-                job.runner.request_stop("cancel", "server shutting down")
+        self.cancel_jobs("server shutting down")
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.config.grace + 1.0)
         self.pool.close()
@@ -179,6 +182,67 @@ class Runtime:
         self.cgroups.close()
         self.job_dirs.close()
         self.store.close()
+
+    # -- drain (SIGTERM, SIGINT) ------------------------------------------------
+    def begin_drain(self) -> None:
+        """Refuse new sessions and submits from now on; the fork server is not restarted."""
+        self.draining = True
+        self.fork_server.restart = False
+
+    def unfinished_jobs(self, owner_id: str | None = None) -> list[Job]:
+        """Jobs without a terminal yet (of one session, or all)."""
+        return [j for j in self.jobs.jobs.values()
+                if j.terminal is None and (owner_id is None or j.owner_id == owner_id)]
+
+    async def wait_jobs(self, timeout: float | None, *, owner_id: str | None = None,
+                        hurry: asyncio.Event | None = None) -> bool:
+        """Until every job (of `owner_id`) has its terminal: True; False once `timeout` has
+        passed or `hurry` is set first."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        hurried = loop.create_task(hurry.wait()) if hurry is not None else None
+        try:
+            while self.unfinished_jobs(owner_id):
+                if hurried is not None and hurried.done():
+                    return False
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    return False
+                ended: asyncio.Future[None] = loop.create_future()
+                self._end_waiters.append(ended)
+                try:
+                    await asyncio.wait({ended} | ({hurried} if hurried else set()), timeout=left,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if ended in self._end_waiters:
+                        self._end_waiters.remove(ended)
+            return True
+        finally:
+            if hurried is not None:
+                hurried.cancel()
+
+    def cancel_jobs(self, reason: str) -> None:
+        """Cancel every job still running: each ends with job.cancelled and its terminal."""
+        for job in list(self.jobs.jobs.values()):
+            if job.terminal is None and job.runner is not None:
+                job.runner.request_stop("cancel", reason)
+
+    def close_sessions(self, reason: str = "server shutting down") -> int:
+        """Tell each connected client the server is going (session.bye) and close its
+        transport (1001) once what is queued for it has been written; how many."""
+        n = 0
+        for s in list(self.sessions.values()):
+            if s.detached_at is None and not s.expired:
+                s.send(frame("session.bye", new_ulid(), {"reason": reason}, session_id=s.id))
+                s.close_transport(1001, "shutdown")
+                n += 1
+        return n
+
+    def _job_ended(self) -> None:
+        waiters, self._end_waiters = self._end_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -304,6 +368,9 @@ class Runtime:
         }
 
     def submit(self, session: Session, env: Envelope) -> None:
+        if self.draining:
+            raise InternalError("the server is shutting down and takes no new jobs", retryable=True,
+                                details={"reason": "draining"})
         req = parse_submit(env, self.registry, time.time())
         parent = self._delegating_parent(session.principal, req) if req.parent_job_id is not None else None
         existing = self.jobs.lookup_idempotent(session.principal, req)
@@ -523,6 +590,7 @@ class Runtime:
         job.request = None  # the input and the agent spec are no longer needed
         job.tmp_dir = None  # the worker's: emptied when it is kept for another job, removed with it
         self.store.delete_jobs(self.jobs.finished_job(job))
+        self._job_ended()
 
     def _terminal_of(self, job: Job) -> dict[str, Any]:
         t = job.terminal

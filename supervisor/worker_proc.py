@@ -152,6 +152,7 @@ class ForkServer:
         self._in_flight = asyncio.Semaphore(MAX_SPAWNS_IN_FLIGHT)
         self.netns = False
         self.loopback = False  # `lo` is up in the workers' namespace: the egress proxy can listen there
+        self.restart = True  # start a new fork server if this one exits (not once the supervisor stops)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -272,7 +273,11 @@ class ForkServer:
         self._ctl.close()
         self._ctl = None
         status = self._proc.wait() if self._proc else -1
-        log.error("the fork server exited (%s); starting a new one", status)
+        why = f"exited with status {status}" if status >= 0 else f"killed by signal {-status}"
+        if self.restart:
+            log.error("the fork server exited (%s); starting a new one", why)
+        else:
+            log.info("the fork server exited (%s) while the supervisor stops: not restarted", why)
         for fut, _ in self._spawning.values():
             if not fut.done():
                 fut.set_exception(WorkerSpawnError("the fork server exited"))
@@ -286,7 +291,8 @@ class ForkServer:
             if not fut.done():
                 fut.set_result(signal.SIGKILL)
         self._exits.clear()
-        self.start()
+        if self.restart:
+            self.start()
 
     async def spawn(self, reuse: int) -> WorkerHandle:
         async with self._in_flight:  # the fork server forks one at a time: don't flood its socket

@@ -64,11 +64,16 @@ class Server:
         return self.proc.pid
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+        """SIGTERM (a drain), again if jobs still run (they are cancelled at once), then SIGKILL."""
+        for wait in (1, 5):
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

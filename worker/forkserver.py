@@ -211,7 +211,8 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # the supervisor decides when we stop
+        signal.signal(sig, signal.SIG_IGN)
     netns = enter_empty_netns()
     loopback = netns and bring_up_loopback()
     uid_facts: dict[str, Any] = open_up_for_job_uids(modules) if job_uids else {"job_uids": False}
