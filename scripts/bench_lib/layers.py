@@ -2,15 +2,18 @@
 """The cost of the sandbox, layer by layer: each layer's per-job set-up time.
 
     python scripts/bench_lib/layers.py [--reps 5] [--n 300] [--quick] [--agent-module examples.agents]
-                                       [--only KEY,KEY] [--out FILE]
+                                       [--only KEY,KEY] [--uid UID] [--out FILE]
 
 One warm process plays the fork server: it imports what the fork server imports, precompiles
-the agent module, builds the seccomp BPF and the agent's read dirs once (as `sandbox.prepare`
-does), freezes the collector, and keeps its capabilities (it also plays the supervisor, which
-moves workers into cgroups). For each sample it forks a child that waits on a pipe, lets the
-parent do the parent's part (the cgroup join: writing the child's pid into cgroup.procs), then
-applies one layer with the project's own code, timed inside the child with perf_counter_ns and
-sent back through a pipe, and exits with os._exit(0). The parent also times fork -> reaped.
+the agent module, builds the seccomp BPF, resolves the second (self-only) filter's syscall
+numbers and the agent's read dirs once (as `sandbox.prepare` does), enters the private mount
+view in which job uids can reach Python and the agents (`forkserver.open_up_for_job_uids`, as
+the fork server does with job uids on), freezes the collector, and keeps its capabilities (it
+also plays the supervisor, which moves workers into cgroups). For each sample it forks a child
+that waits on a pipe, lets the parent do the parent's part (the cgroup join: writing the child's
+pid into cgroup.procs), then applies one layer with the project's own code, timed inside the
+child with perf_counter_ns and sent back through a pipe, and exits with os._exit(0). The parent
+also times fork -> reaped.
 
 Layers (per job in this design):
   baseline       fork -> reaped of a child that applies nothing (same pipe handshake)
@@ -21,10 +24,31 @@ Layers (per job in this design):
   caps-nnp       drop_capabilities + no_new_privs (once in the fork server in this design, not per job)
   landlock       Sandbox.apply's Landlock part: read dirs + lease roots + tmp dir, restrict_self
   seccomp        seccomp_filter.load of build_bpf()
+  seccomp-self   seccomp_filter.load(seccomp_self.build(arch, numbers, getpid())): the second filter,
+                 built per worker for its own pid (the numbers resolved once, as `prepare` does)
+  worker-ns      sandbox.enter_worker_namespaces(): unshare of mount + IPC + network namespaces and /
+                 made a recursive slave, as each worker does right after fork (once per worker, off
+                 the job's critical path with a warm pool; the kernel tears them down at its exit,
+                 which fork -> reaped includes where it is synchronous)
+  idmap          in a worker that entered its namespaces (untimed), idmap.mount_for_uid(idmap.plan(
+                 [root], []), uid) for one leased root (a 0700 root-owned directory under /tmp): what a
+                 job with an fs.read lease pays under job uids
+  userns         in the same state, idmap.userns_fd(0, 0, uid) alone (a short-lived child makes the
+                 user namespace whose maps the mount uses): the idmap's share that is a fork
   all            cgroup join (parent), then Sandbox.apply: rlimits, caps + no_new_privs, Landlock, seccomp
-  all-deployed   the same with capabilities and no_new_privs already dropped (as the fork server does)
+                 (both filters)
+  all-deployed   the same with capabilities and no_new_privs already dropped (as the fork server does
+                 without job uids)
+  all-deployed-uid, all-deployed-uid-nolease
+                 as deployed with job uids: the child holds only sandbox.KEPT_FOR_JOB_UIDS (with
+                 no_new_privs) and enters its worker namespaces untimed, as the fork server's child
+                 does; then the cgroup join and Sandbox.apply of a spec with "uid" (idmapped mounts of
+                 the lease roots, become(uid), Landlock, both filters), with an fs.read lease root and
+                 without one
 For reference (what the issue quotes for namespaces and mounts):
   netns          unshare(CLONE_NEWNET) in the child
+  ipcns          unshare(CLONE_NEWIPC) in the child
+  mntns          unshare(CLONE_NEWNS) and / made a recursive slave (mount_ns's and the workers' way)
   pidns          unshare(CLONE_NEWPID) + fork of an init (which exits at once, reaped untimed)
   clone, clone-newpid
                  a raw clone() of an init vs a raw clone() with CLONE_NEWPID: the namespace's own
@@ -37,14 +61,20 @@ included, as a fresh worker pays them (their count is reported). Where a layer c
 again, a twin variant applies it twice in one child: its second time is the warm cost (the layer
 without the faults; a second capability drop finds nothing left to drop, a second Landlock domain
 or seccomp filter stacks on the first). Children whose layer needs no_new_privs (landlock,
-seccomp, all-deployed) drop capabilities and set no_new_privs before the handshake, untimed, like
-a worker forked from the fork server; their fork -> reaped is compared with caps-nnp's, the
-others' with baseline's (clone-newpid's with clone's). Samples are interleaved
+seccomp, seccomp-self, all-deployed) drop capabilities and set no_new_privs before the handshake,
+untimed, like a worker forked from the fork server; so do worker-ns's (keeping KEPT_FOR_JOB_UIDS);
+their fork -> reaped is compared with caps-nnp's. idmap's, userns's and the all-deployed-uid
+variants' children also enter the worker namespaces untimed: theirs is compared with worker-ns's.
+The others' is compared with baseline's (clone-newpid's with clone's). The kernel frees a network
+or IPC namespace (and a user namespace) from a work queue after the last process leaves it: that
+part of their teardown is CPU spent outside fork -> reaped. Samples are interleaved
 (each round runs every layer once, in a shuffled order). Per layer: the median of each
 repetition's samples, then min/median/max over repetitions, in microseconds. Cgroups
-(arcp-layers-bench-PID*), the job dir and the mount points (/dev/shm/arcp-layers-bench-PID) are
-removed at the end, also on error. Needs root (or CAP_SYS_ADMIN) for cgroups, namespaces and
-mounts; a layer that cannot run here is reported as unavailable.
+(arcp-layers-bench-PID*), the job dirs and the mount points (/dev/shm/arcp-layers-bench-PID) and
+the leased root (/tmp/arcp-layers-bench-PID-lease-*) are removed at the end, also on error; the
+private mount view and every idmapped mount live in namespaces of this process and its children,
+and go with them. Needs root (or CAP_SYS_ADMIN) for cgroups, namespaces and mounts; a layer that
+cannot run here is reported as unavailable.
 """
 
 from __future__ import annotations
@@ -65,6 +95,7 @@ import signal
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,13 +109,16 @@ sys.path.insert(0, str(ROOT))  # as the fork server puts its working directory f
 import worker.forkserver  # noqa: F401
 from supervisor import cgroups
 from supervisor.config import Limits
-from worker import sandbox, seccomp_filter
+from worker import idmap, sandbox, seccomp_filter, seccomp_self
 from worker.agent_loader import precompile
+from worker.forkserver import open_up_for_job_uids
 from worker.runner import agent_dirs
 
 NAME = f"arcp-layers-bench-{os.getpid()}"
 SHM = "/dev/shm"
-CLONE_NEWNET, CLONE_NEWPID = 0x40000000, 0x20000000
+CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWIPC, CLONE_NEWNS = 0x40000000, 0x20000000, 0x08000000, 0x00020000
+MS_REC, MS_SLAVE = 0x4000, 1 << 19
+JOB_UID = 1900000000  # a job uid for the uid variants (as from the supervisor's pool)
 SIGCHLD = 17
 SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(platform.machine())
 MS_NOSUID, MS_NODEV, MNT_DETACH = 0x2, 0x4, 0x2
@@ -181,12 +215,28 @@ ROWS = [
         "landlock", ("child",), "child", "caps-nnp", "landlock-2x"),
     Row("seccomp", "seccomp (seccomp_filter.load of build_bpf())", "seccomp", ("child",), "child", "caps-nnp",
         "seccomp-2x"),
+    Row("seccomp-self", "seccomp, second filter (seccomp_self.build for the pid + seccomp_filter.load)",
+        "seccomp-self", ("child",), "child", "caps-nnp", "seccomp-self-2x"),
+    Row("worker-ns", "worker namespaces (enter_worker_namespaces: mount+IPC+net, / rslave; once per worker)",
+        "worker-ns", ("child",), "child", "caps-nnp", "worker-ns-2x"),
+    Row("idmap", "idmapped mount of one fs.read root (idmap.mount_for_uid; in a worker's namespaces)",
+        "idmap", ("child",), "child", "worker-ns"),
+    Row("userns", "of which: idmap.userns_fd (fork of a child that makes the user namespace)", "userns",
+        ("child",), "child", "worker-ns", "userns-2x"),
     Row("all", "all, worker order: cgroup join + Sandbox.apply (rlimits, caps+nnp, Landlock, seccomp)",
         "all", ("join", "child"), "parent+child", "baseline", "all-2x"),
-    Row("all-deployed", "all, caps+nnp already dropped by the fork server (per job as deployed)",
+    Row("all-deployed", "all, caps+nnp already dropped by the fork server (as deployed, no job uids)",
         "all-deployed", ("join", "child"), "parent+child", "caps-nnp", "all-deployed-2x"),
+    Row("all-deployed-uid", "all with a job uid, in worker namespaces: join + Sandbox.apply (rlimits, idmapped "
+        "fs.read root, become, Landlock, both filters)", "all-deployed-uid", ("join", "child"), "parent+child",
+        "worker-ns"),
+    Row("all-deployed-uid-nolease", "the same, no fs.read lease (no idmapped mount)", "all-deployed-uid-nolease",
+        ("join", "child"), "parent+child", "worker-ns"),
     Row("netns", "ref: unshare(CLONE_NEWNET)", "netns", ("child",), "child", "baseline",
         "netns-2x"),
+    Row("ipcns", "ref: unshare(CLONE_NEWIPC)", "ipcns", ("child",), "child", "baseline", "ipcns-2x"),
+    Row("mntns", "ref: unshare(CLONE_NEWNS) + / made a recursive slave", "mntns", ("child",), "child", "baseline",
+        "mntns-2x"),
     Row("pidns", "ref: unshare(CLONE_NEWPID) + fork of an init", "pidns", ("child",), "child", "baseline"),
     Row("clone", "ref: raw clone() of an init, no namespace", "clone", ("child",), "child", "baseline"),
     Row("clone-newpid", "ref: raw clone(CLONE_NEWPID) of an init", "clone-newpid", ("child",), "child",
@@ -200,8 +250,15 @@ ROWS = [
 class Bench:
     """Everything prepared once, as in the fork server, and the layers' steps."""
 
-    def __init__(self, agent_module: str, base: str) -> None:
-        self.base = base  # /dev/shm/arcp-layers-bench-PID: the job's tmp dir and the mount points
+    def __init__(self, agent_module: str, base: str, lease_root: str, uid: int) -> None:
+        """`base`: /dev/shm/arcp-layers-bench-PID, the jobs' tmp dirs and the mount points (made
+        by the caller, who removes it if this fails); `lease_root`: the uid variants' leased
+        directory (0700, root's). Cgroups are made last: nothing else here needs undoing."""
+        self.base = base
+        self.current: cgroups.WorkerCgroup | None = None
+        self.stuck: list[cgroups.WorkerCgroup] = []
+        self.mount_n = 0
+        os.chmod(base, 0o711)  # as the supervisor's job dirs' root: a job uid reaches its own dir only
         self.job_tmp = os.path.join(base, "job")
         os.makedirs(os.path.join(self.job_tmp, "out"), 0o700)
         self.limits = Limits()
@@ -211,17 +268,34 @@ class Bench:
             "tmp_dir": self.job_tmp,
         }
         self.spec_no_limits = {k: v for k, v in self.spec.items() if k != "limits"}
+        # A job under a uid of its own: its tmp dir is its (as JobRunner._job_uid makes it).
+        self.uid = uid
+        self.lease_root = lease_root
+        self.uid_tmp = os.path.join(base, "job-uid")
+        os.mkdir(self.uid_tmp, 0o700)
+        os.chown(self.uid_tmp, uid, uid)
+        self.spec_uid_nolease: dict[str, Any] = {"limits": self.limits.as_wire(), "lease": {},
+                                                 "tmp_dir": self.uid_tmp, "uid": uid}
+        self.spec_uid = {**self.spec_uid_nolease, "lease": {"fs.read": [f"{lease_root}/**"]}}
         precompile([agent_module])
         self.bpf = seccomp_filter.build_bpf()
-        sandbox.SECCOMP_BPF = self.bpf  # as `prepare` does; capabilities stay (we join cgroups, mount)
+        t0 = time.perf_counter_ns()
+        self.self_filter = seccomp_self.resolve() if self.bpf is not None else None
+        self.resolve_ns = time.perf_counter_ns() - t0
+        # As `prepare` does; capabilities stay (we join cgroups, mount).
+        sandbox.SECCOMP_BPF = self.bpf
+        sandbox.SELF_FILTER = self.self_filter
         self.read_dirs = sandbox.read_dirs_for(agent_module, agent_dirs)
         self.sandbox = sandbox.Sandbox()  # never applied here: each child applies its own copy
         self.landlock_abi = self.sandbox.abi
+        # The fork server's private view with job uids on (in this process's own mount namespace).
+        self.uid_facts = open_up_for_job_uids([agent_module])
         self.reused = BenchCgroups(NAME)
-        self.fresh = BenchCgroups(f"{NAME}-new")
-        self.current: cgroups.WorkerCgroup | None = None
-        self.stuck: list[cgroups.WorkerCgroup] = []
-        self.mount_n = 0
+        try:
+            self.fresh = BenchCgroups(f"{NAME}-new")
+        except BaseException:
+            self.reused.close()
+            raise
 
     # -- in the child -----------------------------------------------------------
     @staticmethod
@@ -230,6 +304,22 @@ class Bench:
         sandbox.drop_capabilities()
         sandbox._no_new_privs()
         sandbox.PRIVILEGES_DROPPED = True
+
+    @staticmethod
+    def prep_kept() -> None:
+        """The state a worker inherits from the fork server with job uids on: only the
+        capabilities it needs to take its job's uid, and no_new_privs."""
+        sandbox.drop_capabilities(keep=sandbox.KEPT_FOR_JOB_UIDS)
+        sandbox._no_new_privs()
+        sandbox.PRIVILEGES_DROPPED = True
+        sandbox.SETID_KEPT = True
+
+    def prep_worker(self) -> None:
+        """A worker forked with job uids on, before its first job: its own namespaces entered."""
+        if not self.uid_facts.get("job_uids"):
+            raise OSError(0, f"job uids unavailable: {self.uid_facts.get('job_uids_error', 'no private view')}")
+        self.prep_kept()
+        sandbox.enter_worker_namespaces()
 
     def step_rlimits(self) -> None:
         self.sandbox._rlimits(self.spec["limits"], 1)
@@ -253,6 +343,29 @@ class Bench:
             raise OSError(0, "libseccomp unavailable")
         seccomp_filter.load(self.bpf)
 
+    def step_seccomp_self(self) -> None:
+        if self.self_filter is None:
+            raise OSError(0, "libseccomp unavailable")
+        seccomp_filter.load(seccomp_self.build(*self.self_filter, os.getpid()))
+
+    @staticmethod
+    def step_worker_ns() -> None:
+        sandbox.enter_worker_namespaces()
+
+    def step_idmap(self) -> None:
+        done = idmap.mount_for_uid(idmap.plan([self.lease_root], []), self.uid)
+        if done != [self.lease_root]:
+            raise OSError(0, f"idmapped mounts made: {done}, expected [{self.lease_root}]")
+
+    def step_userns(self) -> None:
+        os.close(idmap.userns_fd(0, 0, self.uid))
+
+    def step_all_uid(self) -> None:
+        sandbox.Sandbox().apply(self.spec_uid, self.read_dirs, 1)
+
+    def step_all_uid_nolease(self) -> None:
+        sandbox.Sandbox().apply(self.spec_uid_nolease, self.read_dirs, 1)
+
     def prep_all(self) -> None:
         sandbox.PRIVILEGES_DROPPED = False
 
@@ -262,6 +375,15 @@ class Bench:
     @staticmethod
     def step_netns() -> None:
         _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+
+    @staticmethod
+    def step_ipcns() -> None:
+        _check(_libc.unshare(CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
+
+    @staticmethod
+    def step_mntns() -> None:
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "making / a recursive slave")
 
     @staticmethod
     def step_pidns() -> int:
@@ -368,7 +490,17 @@ class Bench:
                     parent_step=self.parent_join_or_none, after=self.after_reused),
             Variant("all-deployed", child_prep=self.prep_dropped, child_step=self.step_all,
                     parent_step=self.parent_join_or_none, after=self.after_reused),
+            Variant("seccomp-self", child_prep=self.prep_dropped, child_step=self.step_seccomp_self),
+            Variant("worker-ns", child_prep=self.prep_kept, child_step=self.step_worker_ns),
+            Variant("idmap", child_prep=self.prep_worker, child_step=self.step_idmap),
+            Variant("userns", child_prep=self.prep_worker, child_step=self.step_userns),
+            Variant("all-deployed-uid", child_prep=self.prep_worker, child_step=self.step_all_uid,
+                    parent_step=self.parent_join_or_none, after=self.after_reused),
+            Variant("all-deployed-uid-nolease", child_prep=self.prep_worker, child_step=self.step_all_uid_nolease,
+                    parent_step=self.parent_join_or_none, after=self.after_reused),
             Variant("netns", child_step=self.step_netns),
+            Variant("ipcns", child_step=self.step_ipcns),
+            Variant("mntns", child_step=self.step_mntns),
             Variant("pidns", child_step=self.step_pidns),
             Variant("clone", child_step=self.step_clone),
             Variant("clone-newpid", child_step=self.step_clone_newpid),
@@ -532,8 +664,11 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [(f"Sandbox layers, per-job set-up time: {env['samples_per_rep']} samples per layer per repetition, "
               f"{env['reps']} repetitions; min/median/max over repetitions of each repetition's median, in µs."),
              (f"Kernel {env['kernel']}, {env['cpus']} CPUs, Landlock ABI {env['landlock_abi']}, seccomp BPF "
-              f"{env['seccomp_bpf_instructions']} instructions, cgroups {env['cgroup_mode']}, agent module "
-              f"{env['agent_module']} ({env['read_dirs']} read dirs), Python {env['python']}."),
+              f"{env['seccomp_bpf_instructions']} + {env['seccomp_self_instructions']} instructions, cgroups "
+              f"{env['cgroup_mode']}, agent module {env['agent_module']} ({env['read_dirs']} read dirs), "
+              f"Python {env['python']}; job uid {env['job_uid']}, private view "
+              + (f"opening {len(env['private_view'].get('opened', []))} dir(s)"
+                 if env["private_view"].get("job_uids") else "unavailable") + "."),
              ("Set-up: the first application in a fresh fork (copy-on-write faults included, as a fresh worker "
               "pays them); warm: a second application in the same child; faults: minor page faults during the "
               "first; Δ: fork→reaped minus that of the variant named."
@@ -566,6 +701,7 @@ def main() -> None:
     ap.add_argument("--agent-module", default="examples.agents", help="whose read dirs Landlock gets")
     ap.add_argument("--only", help="comma-separated variants (baseline is always run): "
                     + ",".join(dict.fromkeys(r.variant for r in ROWS)))
+    ap.add_argument("--uid", type=int, default=JOB_UID, help=f"the job uid of the uid variants (default {JOB_UID})")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench-results" / "layers.json"))
     args = ap.parse_args()
@@ -578,8 +714,10 @@ def main() -> None:
     base = os.path.join(SHM if os.path.isdir(SHM) else "/tmp", NAME)
     os.mkdir(base, 0o700)
     bench: Bench | None = None
+    lease_root: str | None = None
     try:
-        bench = Bench(args.agent_module, base)
+        lease_root = tempfile.mkdtemp(prefix=f"{NAME}-lease-", dir="/tmp")  # 0700, root's
+        bench = Bench(args.agent_module, base, lease_root, args.uid)
         variants = {v.key: v for v in bench.variants()}
         if args.only:
             keep = {"baseline"} | set(args.only.split(","))
@@ -617,7 +755,11 @@ def main() -> None:
                "read_dirs": len(bench.read_dirs), "python": platform.python_version(),
                "cpus": os.cpu_count(), "samples_per_rep": n, "reps": reps, "seed": args.seed,
                "tmpfs_options": TMPFS_OPTS.decode(), "spec": bench.spec,
-               "recycled_cgroups_made": bench.reused._made}
+               "recycled_cgroups_made": bench.reused._made,
+               "seccomp_self_instructions": (len(seccomp_self.build(*bench.self_filter, os.getpid())) // 8
+                                             if bench.self_filter else None),
+               "seccomp_self_resolve_us": round(bench.resolve_ns / 1000, 1),
+               "job_uid": bench.uid, "spec_uid": bench.spec_uid, "private_view": bench.uid_facts}
         print(markdown(rows, env))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"benchmark": "layers", "environment": env, "rows": rows}, indent=2))
@@ -626,6 +768,11 @@ def main() -> None:
         left = bench.cleanup() if bench is not None else []
         if bench is None:
             shutil.rmtree(base, ignore_errors=True)
+        if lease_root is not None:  # never mounted on here: its idmapped mounts were the children's
+            with contextlib.suppress(OSError):
+                os.rmdir(lease_root)
+            if os.path.exists(lease_root):
+                left.append(lease_root)
         if left:
             print(f"[layers] could not remove: {', '.join(left)}", file=sys.stderr)
 
