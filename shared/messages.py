@@ -44,7 +44,8 @@ EVENT_KINDS = frozenset({
     "delegate", "progress", "result_chunk",
 })
 LOG_LEVELS = frozenset({"debug", "info", "warn", "error"})
-RESERVED_PHASES = frozenset({"credential_rotated", "back_pressure"})
+QUEUED = "queued"  # the status phase of a job waiting to start (the supervisor's own)
+RESERVED_PHASES = frozenset({"credential_rotated", "back_pressure", QUEUED})
 
 # Job statuses (protocol.md §6.4).
 PENDING, RUNNING = "pending", "running"

@@ -80,6 +80,17 @@ def run(
         "--allow-shared-uid", help="Start even though jobs would run under the supervisor's own uid "
                                    "(a supervisor that is not root); `doctor` names what is then not "
                                    "enforced.")] = None,
+    max_jobs: Annotated[Optional[int], typer.Option(
+        "--max-jobs", help="Jobs running at once, all principals; the others wait in order (default 256).")] = None,
+    max_queued: Annotated[Optional[int], typer.Option(
+        "--max-queued", help="Jobs waiting to start; beyond it a submit is refused as overloaded "
+                             "(default 10000).")] = None,
+    memory_budget: Annotated[Optional[str], typer.Option(
+        "--memory-budget", help="The sum of the memory limits of running jobs (default 80% of the memory "
+                                "available to the supervisor: its cgroup's limit, else the host's).")] = None,
+    max_runtime: Annotated[Optional[int], typer.Option(
+        "--max-runtime", help="Seconds a job may run, counted from its start (default 3600; a client's "
+                              "max_runtime_sec is clamped to it).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     flags = dict(locals())
@@ -159,7 +170,7 @@ def build_config(flags: dict[str, Any]) -> Config:
         lim["memory"] = parse_size(flags["memory"], "--memory")
     if flags.get("max_file_size") is not None:
         lim["max_file_size"] = parse_size(flags["max_file_size"], "--max-file-size")
-    for key in ("cpu_time", "max_procs", "max_open_files"):
+    for key in ("cpu_time", "max_procs", "max_open_files", "max_runtime"):
         v = flags.get(key)
         if v is not None:
             if v <= 0:
@@ -177,10 +188,11 @@ def build_config(flags: dict[str, Any]) -> Config:
     for key in ("host", "port", "path", "stdio", "state_dir", "grace", "drain_timeout", "reuse_workers",
                 "heartbeat_interval",
                 "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
-                "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid"):
+                "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid", "max_jobs",
+                "max_queued"):
         if flags.get(key) is not None:
             base[key] = flags[key]
-    for key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes"):
+    for key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes", "memory_budget"):
         if flags.get(key) is not None:
             base[key] = parse_size(flags[key], f"--{key.replace('_', '-')}")
     for key in ("retention_jobs", "retention_seconds", "resume_window"):

@@ -6,6 +6,7 @@ Every problem raises ConfigError with a message naming the flag or key.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,7 @@ class Limits:
     max_procs: int = 64
     max_open_files: int = 1024
     max_file_size: int = 1 * GiB
+    max_runtime: int = 3600  # wall-clock seconds from the job's start
 
     def as_wire(self) -> dict[str, int]:
         return {
@@ -57,6 +59,7 @@ class Limits:
             "max_procs": self.max_procs,
             "max_open_files": self.max_open_files,
             "max_file_size_mb": self.max_file_size // MiB,
+            "runtime_sec": self.max_runtime,
         }
 
 
@@ -103,6 +106,80 @@ class Config:
     warm_workers: int = 4
     credentials_provisioner: str | None = None  # [credentials] provisioner: "static" or MODULE:FACTORY
     credentials_options: dict[str, Any] = field(default_factory=dict)
+    # Admission (contract.md "Operating"): capacity, queue and quotas
+    max_jobs: int = 256  # jobs running at once, all principals
+    max_queued: int = 10000  # jobs waiting to start; beyond it submits are refused as overloaded
+    memory_budget: int | None = None  # the sum of running jobs' memory limits; None: default_memory_budget()
+    quota_max_jobs: int | None = None  # [quotas] max_jobs: running jobs of each principal
+    quota_principals: dict[str, int] = field(default_factory=dict)  # [quotas.principals] NAME = N
+    admins: tuple[str, ...] = ()  # [auth] admins: principals that see and may cancel every job
+
+
+def memory_available(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The memory the supervisor may use: its cgroup's memory limit (the tightest of its
+    group and the groups above it, v1 `memory.limit_in_bytes` or v2 `memory.max`) if one is
+    set and below the host's, else the host's MemTotal."""
+    total = _mem_total(f"{proc}/meminfo")
+    limit = _cgroup_memory_limit(f"{proc}/self/cgroup", cgroup_root)
+    return min(total, limit) if limit is not None else total
+
+
+def default_memory_budget(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """`--memory-budget`'s default: 80% of `memory_available()`."""
+    return memory_available(proc, cgroup_root) * 4 // 5
+
+
+def _mem_total(path: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cgroup_memory_limit(self_cgroup: str, root: str) -> int | None:
+    try:
+        with open(self_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if "memory" in parts[1].split(","):
+            v1 = parts[2]
+        elif parts[0] == "0" and parts[1] == "":
+            v2 = parts[2]
+    if v1 is not None:
+        return _tightest(f"{root}/memory", v1, "memory.limit_in_bytes")
+    if v2 is not None and Path(root, "cgroup.controllers").exists():
+        return _tightest(root, v2, "memory.max")
+    return None
+
+
+def _tightest(mount: str, group: str, name: str) -> int | None:
+    """The lowest limit set on `group` or any group above it (a limit applies to the subtree);
+    None if none is. A group outside this mount's view (another cgroup namespace) counts
+    from the mount's root."""
+    best: int | None = None
+    rel = Path(group.strip("/"))
+    if ".." in rel.parts:  # not below this mount's root
+        rel = Path()
+    while True:
+        try:
+            text = Path(mount, rel, name).read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit() and int(text) < 1 << 60:  # v1 says "unlimited" with a huge number, v2 with "max"
+            best = int(text) if best is None else min(best, int(text))
+        if rel == Path():
+            return best
+        rel = rel.parent
 
 
 def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
@@ -178,8 +255,9 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
     "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
     "tmp_size": (int, str), "session_log_bytes": (int, str),
+    "max_jobs": int, "max_queued": int, "memory_budget": (int, str),
 }
-_LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size")
+_LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size", "max_runtime")
 
 
 def _limits_from(table: Any, base: Limits, where: str) -> Limits:
@@ -216,7 +294,7 @@ def load_file(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config {path}: not UTF-8 text: {e}") from e
     out: dict[str, Any] = {}
-    known = {"server", "auth", "limits", "agents", "sandbox", "credentials"}
+    known = {"server", "auth", "limits", "agents", "sandbox", "credentials", "quotas"}
     for key in doc:
         if key not in known:
             raise ConfigError(f"config key [{key}]: unknown section (known: {', '.join(sorted(known))})")
@@ -231,8 +309,12 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
         if not isinstance(v, t):
             raise ConfigError(f"config key server.{key}: wrong type {type(v).__name__}")
-        if key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes"):
+        if key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes", "memory_budget"):
             v = parse_size(v, f"config key server.{key}")
+        elif key == "max_jobs":
+            v = _positive_int(v, f"config key server.{key}")
+        elif key == "max_queued" and isinstance(v, int) and v < 0:
+            raise ConfigError(f"config key server.{key}: must be an integer >= 0, got {v!r}")
         out[key] = v
     auth = doc.get("auth", {})
     if not isinstance(auth, dict):
@@ -243,6 +325,15 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError("config key auth.tokens: must map token strings to principal strings")
     if tokens:
         out["tokens"] = dict(tokens)
+    for key in auth:
+        if key not in ("tokens", "admins"):
+            raise ConfigError(f"config key auth.{key}: unknown key (known: tokens, admins)")
+    if "admins" in auth:
+        admins = auth["admins"]
+        if not isinstance(admins, list) or not all(isinstance(a, str) and a for a in admins):
+            raise ConfigError("config key auth.admins: must be a list of principal strings")
+        out["admins"] = tuple(dict.fromkeys(admins))
+    out.update(_quotas_from(doc.get("quotas", {})))
     limits = _limits_from(doc.get("limits", {}), Limits(), "config key limits")
     out["limits"] = limits
     agents = doc.get("agents", [])
@@ -295,6 +386,24 @@ def load_file(path: str) -> dict[str, Any]:
     return out
 
 
+def _quotas_from(table: Any) -> dict[str, Any]:
+    """`[quotas] max_jobs = N` and `[quotas.principals] NAME = N`."""
+    if not isinstance(table, dict):
+        raise ConfigError("config key [quotas]: must be a table")
+    out: dict[str, Any] = {}
+    for key, v in table.items():
+        if key == "max_jobs":
+            out["quota_max_jobs"] = _positive_int(v, "config key quotas.max_jobs")
+        elif key == "principals":
+            if not isinstance(v, dict):
+                raise ConfigError("config key quotas.principals: must be a table of NAME = N")
+            out["quota_principals"] = {name: _positive_int(n, f"config key quotas.principals.{name}")
+                                       for name, n in v.items()}
+        else:
+            raise ConfigError(f"config key quotas.{key}: unknown key (known: max_jobs, principals)")
+    return out
+
+
 def check(cfg: Config) -> Config:
     """Cross-field checks; ConfigError naming the flag."""
     if not 0 <= cfg.port <= 65535:
@@ -319,6 +428,12 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--chunk-size: must be at least 1K")
     if cfg.session_log_bytes < MiB:
         raise ConfigError("--session-log-bytes: must be at least 1M (a frame of the log fits in it)")
+    if cfg.max_jobs < 1:
+        raise ConfigError("--max-jobs: must be a positive integer")
+    if cfg.max_queued < 0:
+        raise ConfigError("--max-queued: must be an integer >= 0 (0: no job waits; a full server refuses)")
+    if cfg.memory_budget is not None and cfg.memory_budget < MiB:
+        raise ConfigError("--memory-budget: must be at least 1M")
     if not cfg.stdio and not cfg.tokens and not _is_loopback(cfg.host):
         raise ConfigError(
             f"--host: {cfg.host} is not a loopback address; without --token the server runs "

@@ -60,6 +60,8 @@ class JobRunner:
         self.owner = job.owner
         self.worker: WorkerHandle | None = None
         self.stop_kind: str | None = None
+        self.started = False  # admitted (see admission.py); until then the job waits in the queue
+        self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
         self._pump_done = asyncio.Event()
         self._memory_exceeded = False
         self._watchdog: asyncio.TimerHandle | None = None
@@ -77,18 +79,38 @@ class JobRunner:
 
     # -- control --------------------------------------------------------------
     def arm_timers(self) -> None:
+        """At acceptance: the lease's expiry, which ends a job still waiting to start too."""
         loop = asyncio.get_running_loop()
         req = self.request
-        if req.max_runtime_sec:
-            self._timers.append(loop.call_at(
-                loop.time() + req.max_runtime_sec - (time.monotonic() - self.job.created_mono),
-                self.request_stop, "timeout", f"job exceeded max_runtime_sec={req.max_runtime_sec}"))
         if req.expires_at is not None:
             self._timers.append(loop.call_at(loop.time() + max(0.0, req.expires_at - time.time()),
                                              self.request_stop, "expired", "lease expired during execution"))
 
-    def request_stop(self, kind: str, reason: str) -> None:
-        """Cancel, timeout or expiry: decide the terminal now, end the worker after grace."""
+    def start(self, order: int) -> None:
+        """Admitted: the runtime ceiling and the client's max_runtime_sec count from now (the
+        tighter wins). The caller then runs `run()`."""
+        self.started = True
+        self.order = order
+        ceiling = self.request.limits.max_runtime
+        asked = self.request.max_runtime_sec
+        err: ARCPError
+        if asked and asked < ceiling:
+            after, err = asked, Timeout(f"job exceeded max_runtime_sec={asked}")
+        else:
+            after, err = ceiling, Timeout(f"runtime limit {ceiling} s exceeded", retryable=False,
+                                          details={"limit": "runtime_sec", "value": ceiling})
+        self._timers.append(asyncio.get_running_loop().call_later(
+            after, self.request_stop, "timeout", err.message, err))
+
+    def refuse(self, error: ARCPError) -> None:
+        """End a job that has not started with `error` (its job.accepted could not be sent)."""
+        if not self.started and not self.job.done:
+            self.stop_kind = "refused"
+            self._finish(ERROR, error.to_wire())
+
+    def request_stop(self, kind: str, reason: str, error: ARCPError | None = None) -> None:
+        """Cancel, timeout or expiry: decide the terminal now, end the worker after grace. A job
+        still waiting to start ends at once. `error` replaces the terminal error `kind` implies."""
         job = self.job
         if job.done or self.stop_kind is not None:
             return
@@ -100,11 +122,13 @@ class JobRunner:
             status, err = TIMED_OUT, Timeout(reason)
         else:
             status, err = ERROR, LeaseExpired(reason)
-        self._final = (status, err.to_wire())
+        self._final = (status, (error or err).to_wire())
         if kind == "cancel":
             self.rt.emit_cancelled(job, reason)
         job.status = status  # nothing of the job is sent from here on but its terminal
-        if self.worker is not None:
+        if not self.started:  # nothing runs yet: the terminal now
+            self._finish(*self._final)
+        elif self.worker is not None:
             self._stopper = asyncio.get_running_loop().create_task(self._stopping(self.worker))
 
     # -- the job's life -------------------------------------------------------
@@ -191,7 +215,7 @@ class JobRunner:
         uids = self.rt.uids
         assert uids is not None
         if worker.uid is None:
-            uid = worker.uid = await uids.acquire()
+            uid = worker.uid = await uids.acquire(self.order)
             loop = asyncio.get_running_loop()
             sweep = worker.cgroup is None  # no cgroup: find what still runs as the uid by scanning
             worker.exited.add_done_callback(
@@ -509,6 +533,8 @@ class JobRunner:
     # -- the end ------------------------------------------------------------------
     def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
                 result_id: str | None = None, result_size: int | None = None) -> None:
+        for t in self._timers:
+            t.cancel()
         if self.egress is not None:  # its last byte counts, then its connections are cut
             self.egress.close()
             if self.worker is not None and self.worker.egress is not None and self.worker.egress.job is self.egress:

@@ -5,12 +5,16 @@ after (one reuse key: one principal, agent and lease); the uid comes back to
 the pool only once the worker is gone and every process left in its cgroup
 has been killed, so no process of one job ever shares a uid with the next.
 Returned uids go to the back of the queue: a uid is reused as late as possible.
+Jobs that wait for a uid are served in their start order (admission.py), not in
+the order they happened to get to ask.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import signal
 from collections import deque
@@ -24,18 +28,20 @@ class UidPool:
     def __init__(self, first: int, last: int) -> None:
         self.first, self.last = first, last
         self._free: deque[int] = deque(range(first, last + 1))
-        self._waiters: deque[asyncio.Future[int]] = deque()
+        self._waiters: list[tuple[int, int, asyncio.Future[int]]] = []  # a heap: (order, arrival, waiter)
+        self._arrivals = itertools.count()
 
     @property
     def free(self) -> int:
         return len(self._free)
 
-    async def acquire(self) -> int:
-        """A uid no live process of an earlier job has; waits while every uid is in use."""
+    async def acquire(self, order: int = 0) -> int:
+        """A uid no live process of an earlier job has; waits while every uid is in use.
+        Waiters are served lowest `order` first (the job's start order), then first come."""
         if self._free and not self._waiters:
             return self._free.popleft()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        heapq.heappush(self._waiters, (order, next(self._arrivals), fut))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -49,7 +55,7 @@ class UidPool:
         if sweep:
             kill_processes_of(uid)
         while self._waiters:
-            fut = self._waiters.popleft()
+            _, _, fut = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(uid)
                 return

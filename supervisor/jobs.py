@@ -182,6 +182,11 @@ class Job:
         p["request_id"] = request_id
         return p
 
+    def accepted_extensions(self) -> dict[str, Any]:
+        """The job.accepted envelope's extensions: the effective limits and the sandbox layers,
+        as in the payload."""
+        return {k: self.accepted[k] for k in (LIMITS_KEY, SANDBOX_KEY) if k in self.accepted}
+
     def record(self) -> dict[str, Any]:
         """What the store keeps to rebuild this job after a restart."""
         return {"accepted": self.accepted, "lease": self.lease, "lease_constraints": self.lease_constraints,

@@ -16,6 +16,7 @@ _FIELDS = {
     "max_procs": ("max_procs", 1),
     "max_open_files": ("max_open_files", 1),
     "max_file_size_mb": ("max_file_size", MiB),
+    "runtime_sec": ("max_runtime", 1),
 }
 
 

@@ -19,11 +19,12 @@ from shared.errors import (
 from shared.lease import LeaseError, check_subset, initial_budget, lease_allows
 from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
-from shared.messages import FEATURES
+from shared.messages import FEATURES, QUEUED
 from shared.ids import format_ts, new_id, new_resume_token, new_ulid, now_ts, parse_ts
+from supervisor.admission import Admission
 from supervisor.authority import Authority
 from supervisor.cgroups import Cgroups
-from supervisor.config import DEFAULT_JOB_UIDS, Config, ConfigError, check_uid_range
+from supervisor.config import DEFAULT_JOB_UIDS, Config, ConfigError, check_uid_range, default_memory_budget
 from supervisor.credentials import Provisioner, ProvisionerError, load_provisioner
 from supervisor.frames import GO, error_payload, result_payload
 from supervisor.job_dirs import JobDirs
@@ -106,8 +107,11 @@ class Runtime:
         self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
         self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
-        self.pool = WorkerPool(self.fork_server, config.warm_workers, config.reuse_workers,
+        # Warm workers are for jobs about to start: never more of them than jobs may run at once.
+        self.pool = WorkerPool(self.fork_server, min(config.warm_workers, config.max_jobs), config.reuse_workers,
                                on_spawn=self._give_tmp_dir, on_keep=self._empty_tmp_dir)
+        self.admission = admission_for(config)
+        self._starts = 0  # jobs started so far: each one's place in the start order
         self.sandbox_layers = sandbox_layers() + self.cgroups.layers
         self.back_pressure_threshold = config.back_pressure_threshold
         self.provisioner: Provisioner | None = None
@@ -373,24 +377,58 @@ class Runtime:
                                 details={"reason": "draining"})
         req = parse_submit(env, self.registry, time.time())
         parent = self._delegating_parent(session.principal, req) if req.parent_job_id is not None else None
+        self.admission.check_size(req.limits.memory)  # a job that could never start
         existing = self.jobs.lookup_idempotent(session.principal, req)
         if existing is not None:
             self._replay_accept(session, env.id, existing)
             return
+        self.admission.check(session.principal, req.limits.memory)  # overloaded
         if parent is not None:
             self._carve_budget(parent, req)
         job_id = new_id("job")
         credentials = self._issue_credentials(session, req, job_id)
-        job = self._start(session, req, credentials, job_id)
+        job = self._accept(session, req, credentials, job_id)
         if parent is not None:
             self._share_budget(parent, job)
-        session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
-                           session_id=session.id, job_id=job.id, trace_id=job.trace_id))
+        try:
+            session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
+                               session_id=session.id, job_id=job.id, trace_id=job.trace_id,
+                               extensions=job.accepted_extensions()))
+        except FrameTooLarge as e:  # the client never learns of the job: it does not run
+            job.runner.refuse(InternalError(f"job.accepted does not fit one frame: {e}", retryable=False))
+            raise
         if parent is not None:
             self._delegated(parent, job)
+        self._admit(job)
 
-    def _start(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
-               job_id: str | None = None) -> Job:
+    # -- admission (admission.py) ------------------------------------------------
+    def _admit(self, job: Job) -> None:
+        """After its job.accepted: start the job, or queue it with one `queued` status event."""
+        assert job.request is not None
+        starts = self.admission.submit(job.id, job.principal, job.request.limits.memory)
+        if job.id not in starts:
+            self.emit_event(job, "status", {"phase": QUEUED,
+                                            "message": f"position {self.admission.position(job.id)}"})
+        self._start_jobs(starts)
+
+    def _start_jobs(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            job = self.jobs.jobs.get(job_id)
+            if job is None or job.runner is None or job.done:  # cannot happen: ended jobs leave admission
+                log.error("admission started job %s, which is not waiting", job_id)
+                self._start_jobs(self.admission.finish(job_id))
+                continue
+            self._starts += 1
+            job.runner.start(self._starts)
+            self._spawn(job.runner.run())
+
+    def reconfigure_admission(self, config: Config) -> None:
+        """New capacity, queue and quota settings for the jobs that start from now on."""
+        self._start_jobs(self.admission.configure(*admission_settings(config)))
+
+    def _accept(self, session: Session, req: SubmitRequest, credentials: list[dict[str, Any]] | None = None,
+                job_id: str | None = None) -> Job:
+        """The job's record, its runner and its lease expiry; it starts when admitted."""
         layers = self.sandbox_layers
         if self.job_dirs.capped:
             layers = layers + ["tmp-size-cap"]
@@ -405,7 +443,6 @@ class Runtime:
         runner = JobRunner(self, job)
         job.runner = runner
         runner.arm_timers()
-        self._spawn(runner.run())
         return job
 
     # -- credentials (protocol.md §8.9) --------------------------------------------
@@ -507,15 +544,18 @@ class Runtime:
         env = Envelope(type="job.submit", id=new_ulid(), payload=payload, trace_id=parent.trace_id)
         req = parse_submit(env, self.registry, time.time())
         self._delegating_parent(parent.principal, req)
+        self.admission.check(parent.principal, req.limits.memory)  # children wait their turn too
         self._carve_budget(parent, req)
-        child = self._start(parent.owner, req)
+        child = self._accept(parent.owner, req)
         self._share_budget(parent, child)
         self._delegated(parent, child)
+        self._admit(child)
         return child.id
 
     def _replay_accept(self, session: Session, request_id: str, job: Job) -> None:
         session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, request_id),
-                           session_id=session.id, job_id=job.id, trace_id=job.trace_id))
+                           session_id=session.id, job_id=job.id, trace_id=job.trace_id,
+                           extensions=job.accepted_extensions()))
         if job.terminal is not None:
             self._send_terminal(session, job, log=session.id != job.owner_id)
         elif session.id != job.owner_id and not any(w.session is session for w in job.watchers):
@@ -590,6 +630,7 @@ class Runtime:
         job.request = None  # the input and the agent spec are no longer needed
         job.tmp_dir = None  # the worker's: emptied when it is kept for another job, removed with it
         self.store.delete_jobs(self.jobs.finished_job(job))
+        self._start_jobs(self.admission.finish(job.id))  # its place, running or waiting, is free
         self._job_ended()
 
     def _terminal_of(self, job: Job) -> dict[str, Any]:
@@ -661,7 +702,7 @@ class Runtime:
             start = int(cursor[2:])
         rows = []
         for job in self.jobs.jobs.values():
-            if job.principal != session.principal:
+            if job.principal != session.principal and not session.admin:
                 continue
             if statuses is not None and job.status not in statuses:
                 continue
@@ -682,6 +723,8 @@ class Runtime:
                      "last_event_seq": job.last_seq}
             if job.parent_job_id:
                 entry["parent_job_id"] = job.parent_job_id
+            if session.admin:
+                entry["principal"] = job.principal
             size += len(orjson.dumps(entry)) + 1
             if size > session.frame_cap and out:
                 break  # a page must fit one frame: the rest goes to the next page
@@ -696,7 +739,7 @@ class Runtime:
         job = self.jobs.jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id[:128]!r}")
-        if job.principal != session.principal:
+        if job.principal != session.principal and not session.admin:
             log.info("subscribe refused: %s (%s) to %s of %s", session.id, session.principal, job_id,
                      job.principal)
             raise PermissionDenied(f"job {job_id[:128]!r} belongs to another principal")
@@ -723,7 +766,8 @@ class Runtime:
             p["parent_job_id"] = job.parent_job_id
         session.send(frame("job.subscribed", new_ulid(), p, session_id=session.id, job_id=job.id,
                            trace_id=job.trace_id))
-        log.info("subscribe: %s (%s) follows %s", session.id, session.principal, job_id)
+        log.info("subscribe: %s (%s%s) follows %s of %s", session.id, session.principal,
+                 ", admin" if session.admin else "", job_id, job.principal)
         if session.id == job.owner_id and job.terminal is None:
             return  # the submitter already gets every frame
         watch = Watch(session, pending=[])
@@ -756,6 +800,24 @@ class Runtime:
         job = self.jobs.jobs.get(job_id)
         if job is not None:
             job.watchers = [w for w in job.watchers if w.session is not session]
+
+
+def admission_settings(config: Config) -> tuple[int, int, int, int | None, dict[str, int]]:
+    budget = config.memory_budget if config.memory_budget is not None else default_memory_budget()
+    return config.max_jobs, budget, config.max_queued, config.quota_max_jobs, config.quota_principals
+
+
+def admission_for(config: Config) -> Admission:
+    """The admission rules of `config`; warns of agents whose jobs the memory budget refuses."""
+    adm = Admission(*admission_settings(config))
+    for a in config.agents:
+        if a.limits.memory > adm.memory_budget:
+            log.warning("agent %s: its memory limit (%d MiB) is over the memory budget (%d MiB, "
+                        "--memory-budget): its jobs are refused unless they ask for less memory",
+                        a.ref, a.limits.memory >> 20, adm.memory_budget >> 20)
+    log.info("admission: %d jobs at once, memory budget %d MiB, %d may wait", adm.max_jobs,
+             adm.memory_budget >> 20, adm.max_queued)
+    return adm
 
 
 def _restored_job(sj: StoredJob) -> Job:

@@ -88,6 +88,9 @@ class Session:
         self.runtime = runtime
         self.id = new_id("sess")
         self.principal = principal
+        # An operator ([auth] admins, as configured when the session opened): sees, follows and
+        # may cancel every principal's jobs.
+        self.admin = principal in getattr(runtime.config, "admins", ())
         self.flavour = flavour
         self.features = features
         self.resume_token = new_resume_token()
@@ -260,6 +263,12 @@ class Session:
         job = self.runtime.jobs.jobs.get(job_id)
         if job is None:
             raise JobNotFound(f"no job {job_id[:MAX_ECHO]!r}")
+        if self.admin and (job.principal != self.principal or job.owner_id != self.id):
+            if not job.done:
+                log.info("session %s (admin %s) cancels job %s of %s", self.id, self.principal, job_id,
+                         job.principal)
+                job.runner.request_stop("cancel", reason)
+            return
         if job.principal != self.principal or job.owner_id != self.id:
             if self.flavour == GO:
                 raise PermissionDenied(f"only the submitting session may cancel job {job_id[:MAX_ECHO]!r}")

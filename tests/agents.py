@@ -751,3 +751,13 @@ async def lease_spam(input: Any, job: JobContext) -> Any:
 
 
 REGISTRY += ["leaseprobe=tests.agents:lease_probe", "leasespam=tests.agents:lease_spam"]
+
+
+async def span(input: Any, job: JobContext) -> Any:
+    """Sleeps `seconds`; returns when it started and ended (wall clock): which jobs overlapped."""
+    start = time.time()
+    await asyncio.sleep(float(input.get("seconds", 0.5)))
+    return {"start": start, "end": time.time()}
+
+
+REGISTRY += ["span=tests.agents:span"]

@@ -90,3 +90,12 @@ def egress_small(input: Any, job: Any) -> Any:
     return {"n": n, "body_bytes": size, "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99),
             "min_ms": times[0] * 1e3, "mean_ms": sum(times) / n * 1e3, "direct": direct,
             "proxy": "" if direct else _egress_proxy()}
+
+
+async def span(input: Any, job: Any) -> Any:
+    """Sleep `seconds`; when it started and ended (wall clock), for admission_wait.py."""
+    import asyncio
+
+    start = time.time()
+    await asyncio.sleep(float(input.get("seconds", 0.2)))
+    return {"start": start, "end": time.time()}

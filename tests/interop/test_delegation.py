@@ -120,7 +120,7 @@ def test_a_client_submitted_child_gets_its_parents_limits_and_budget(server: Ser
                                         lease_request={LIMITS: ["max_open_files:64", "cpu_sec:9"]})
             extra = child.accepted.model_extra or {}
             assert extra[LIMITS] == {"memory_mb": 64, "cpu_sec": 2, "max_procs": 4, "max_open_files": 64,
-                                     "max_file_size_mb": 1024}
+                                     "max_file_size_mb": 1024, "runtime_sec": 3600}
             assert sorted(child.accepted.lease[LIMITS]) == ["cpu_sec:2", "max_open_files:64"]
             assert child.accepted.budget == {"USD": "USD:1"}
             assert (await asyncio.wait_for(child.done, 15)).result == {"echo": 1}

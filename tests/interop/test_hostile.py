@@ -101,3 +101,24 @@ def test_bad_token_is_unauthenticated(make_server: type[Server]) -> None:
             h = await client.submit(agent="echo", input=2)
             assert (await asyncio.wait_for(h.done, 15)).result == {"echo": 2}
     asyncio.run(go())
+
+
+def test_a_submit_whose_accept_does_not_fit_a_frame_leaves_no_job_behind(make_server: type[Server]) -> None:
+    srv = make_server()  # its own: the job's lease is too large for a session.list_jobs page too
+
+    async def go() -> None:
+        ws, _ = await _raw_session(srv.url)
+        try:
+            lease = {"tool.call": [f"t{i}-" + "x" * 3000 for i in range(256)],
+                     "agent.delegate": [f"a{i}-" + "y" * 3000 for i in range(256)]}
+            await ws.send(json.dumps({"arcp": "1.1", "id": "01ARZ3NDEKTSV4RRFFQ69G5FAW", "type": "job.submit",
+                                      "payload": {"agent": "sleep", "input": {"seconds": 30},
+                                                  "lease_request": lease}}))
+            frames = [json.loads(await asyncio.wait_for(ws.recv(), 10)) for _ in range(2)]
+            err = next(f for f in frames if f["type"] == "session.error")
+            assert "does not fit one frame" in err["payload"]["message"], err
+            term = next(f for f in frames if f["type"] == "job.error")  # it never runs
+            assert term["payload"]["code"] == "INTERNAL_ERROR", term
+        finally:
+            await ws.close()
+    asyncio.run(go())

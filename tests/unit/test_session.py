@@ -30,6 +30,7 @@ class FakeConfig:
     resume_window: int = 600
     heartbeat_interval: int = 30
     tokens: dict[str, str] = field(default_factory=dict)
+    admins: tuple[str, ...] = ()
 
 
 class FakeRegistry:
@@ -91,8 +92,9 @@ class FakeRuntime:
 
 class Harness:
     def __init__(self, features: list[str] | None = None, flavour: str = PY, principal: str = "alice",
-                 frame_cap: int = MiB) -> None:
+                 frame_cap: int = MiB, admins: tuple[str, ...] = ()) -> None:
         self.rt = FakeRuntime()
+        self.rt.config.admins = admins
         self.closes: list[tuple[int, str]] = []
         self.session = Session(self.rt, principal, flavour, list(FEATURES if features is None else features),  # type: ignore[arg-type]
                                frame_cap, lambda code, reason: self.closes.append((code, reason)))
@@ -336,6 +338,30 @@ def test_cancel_foreign_job_py_flavour_silent() -> None:
     h.rt.jobs.jobs["job_1"] = job
     assert h.send(env("job.cancel", job_id="job_1")) == []
     assert job.runner.stops == []
+
+
+@pytest.mark.parametrize("flavour", [GO, PY])
+def test_an_admin_cancels_any_job(flavour: str) -> None:
+    h = Harness(flavour=flavour, principal="root", admins=("root",))
+    assert h.session.admin
+    job = FakeJob("bob", "sess_other")
+    h.rt.jobs.jobs["job_1"] = job
+    assert h.send(env("job.cancel", {"reason": "operator"}, job_id="job_1")) == []
+    assert job.runner.stops == [("cancel", "operator")]
+    done = FakeJob("bob", "sess_other", done=True)
+    h.rt.jobs.jobs["job_2"] = done
+    assert h.send(env("job.cancel", job_id="job_2")) == [] and done.runner.stops == []
+    (f,) = h.send(env("job.cancel", job_id="job_404"))
+    assert f["payload"]["code"] == "JOB_NOT_FOUND"
+
+
+def test_admins_of_the_config_only() -> None:
+    assert not Harness(principal="alice", admins=("root",)).session.admin
+    h = Harness(flavour=GO, principal="alice", admins=("root",))
+    job = FakeJob("bob", "sess_other")
+    h.rt.jobs.jobs["job_1"] = job
+    (f,) = h.send(env("job.cancel", job_id="job_1"))
+    assert f["payload"]["code"] == "PERMISSION_DENIED" and job.runner.stops == []
 
 
 # -- outbound stamping ---------------------------------------------------------------------------------

@@ -238,6 +238,7 @@ HOSTILE: list[Any] = [
     # status
     ev("status", "credential_rotated", None),
     ev("status", "back_pressure", "m"),
+    ev("status", "queued", "position 1"),  # only the supervisor says a job waits
     ev("status", "", None),
     ev("status", None, None),
     ev("status", "ok", 5),
