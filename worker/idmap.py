@@ -23,9 +23,12 @@ the path and its filesystem, and the job does not start.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import signal
 import stat
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -107,10 +110,50 @@ def _open_to_others(path: str, writable: bool) -> bool:
     return mode & need == need
 
 
+UNSHARE = next((p for p in ("/usr/bin/unshare", "/bin/unshare") if os.access(p, os.X_OK)), None)
+SLEEP = next((p for p in ("/usr/bin/sleep", "/bin/sleep") if os.access(p, os.X_OK)), None)
+
+
 def userns_fd(owner_uid: int, owner_gid: int, uid: int) -> int:
     """A user namespace that maps `owner_uid`/`owner_gid` to `uid` (and nothing else), as a
-    descriptor: made by a short-lived child that unshares it and waits while its maps are
-    written (which needs CAP_SETUID/CAP_SETGID here)."""
+    descriptor: made by a short-lived process that unshares it and waits while its maps are
+    written (which needs CAP_SETUID/CAP_SETGID here). util-linux's `unshare`, started with
+    posix_spawn, costs a third of a fork of this process; without it, a fork does."""
+    if UNSHARE is not None and SLEEP is not None:
+        return _userns_by_spawn(owner_uid, owner_gid, uid)
+    return _userns_by_fork(owner_uid, owner_gid, uid)
+
+
+def _write_maps(pid: int, owner_uid: int, owner_gid: int, uid: int) -> int:
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(f"{owner_uid} {uid} 1\n")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(f"{owner_gid} {uid} 1\n")
+    return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _userns_by_spawn(owner_uid: int, owner_gid: int, uid: int) -> int:
+    assert UNSHARE is not None and SLEEP is not None
+    own = os.stat("/proc/self/ns/user").st_ino
+    pid = os.posix_spawn(UNSHARE, ["unshare", "--user", SLEEP, "60"], {})
+    try:
+        for _ in range(5000):  # 1 s at most
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(f"/proc/{pid}/ns/user").st_ino != own:
+                    return _write_maps(pid, owner_uid, owner_gid, uid)
+            done, _status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pid = 0
+                break
+            time.sleep(0.0002)
+        raise OSError(0, "could not make a user namespace for an idmapped mount (unshare --user failed)")
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _userns_by_fork(owner_uid: int, owner_gid: int, uid: int) -> int:
     go_r, go_w = os.pipe()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -128,11 +171,7 @@ def userns_fd(owner_uid: int, owner_gid: int, uid: int) -> int:
     try:
         if os.read(ready_r, 1) != b"1":
             raise OSError(0, "could not make a user namespace for an idmapped mount")
-        with open(f"/proc/{pid}/uid_map", "w") as f:
-            f.write(f"{owner_uid} {uid} 1\n")
-        with open(f"/proc/{pid}/gid_map", "w") as f:
-            f.write(f"{owner_gid} {uid} 1\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        return _write_maps(pid, owner_uid, owner_gid, uid)
     finally:
         os.close(ready_r)
         os.close(go_w)  # the child reads EOF and exits
