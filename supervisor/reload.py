@@ -1,7 +1,7 @@
 """SIGHUP: read `--config` again and apply what may change while jobs run.
 
-Tokens, agents (and defaults) and limits take effect for the sessions and jobs
-that start afterwards: a running job keeps the agent and the
+Tokens, admins, agents (and defaults), limits, quotas and capacity take effect for
+the sessions and jobs that start afterwards: a running job keeps the agent and the
 limits it was accepted with, and an open session keeps its principal. Every other
 setting (addresses, state, the sandbox, workers) is bound when the server starts:
 a change to one is logged and waits for the next start. A file that does not
@@ -29,7 +29,8 @@ from supervisor.runtime import Runtime
 log = logging.getLogger("arcp.reload")
 
 # Config fields a reload applies; any other that changed waits for a restart.
-RELOADED = frozenset({"tokens", "agents", "defaults", "limits"})
+RELOADED = frozenset({"tokens", "admins", "agents", "defaults", "limits", "quota_max_jobs", "quota_principals",
+                      "max_jobs", "max_queued", "memory_budget"})
 
 
 def merge(running: Config, loaded: Config) -> tuple[Config, list[str]]:
@@ -44,6 +45,7 @@ def apply(rt: Runtime, cfg: Config) -> None:
     """From now on sessions authenticate, and submits resolve agents and limits, by `cfg`."""
     rt.config = cfg
     rt.registry = AgentRegistry(cfg.agents, cfg.defaults)
+    rt.reconfigure_admission(cfg)  # capacity and quotas; a job queued before may start now
 
 
 def describe(old: Config, new: Config) -> str:

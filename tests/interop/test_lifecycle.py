@@ -166,8 +166,9 @@ def test_a_resume_during_a_drain_is_taken_while_its_jobs_run(make_server: type[S
     assert _exit_status(srv) == 0, "".join(srv.stderr_lines[-30:])
 
 
-def _config(tmp_path: Path, tokens: dict[str, str], agents: dict[str, str]) -> Path:
-    lines = ["[auth.tokens]"] + [f'"{t}" = "{p}"' for t, p in tokens.items()]
+def _config(tmp_path: Path, tokens: dict[str, str], agents: dict[str, str], head: str = "") -> Path:
+    """A config file: `head` (TOML tables), the tokens, the agents."""
+    lines = [head, "[auth.tokens]"] + [f'"{t}" = "{p}"' for t, p in tokens.items()]
     for name, entry in agents.items():
         lines += ["[[agents]]", f'name = "{name}"', f'entry = "{entry}"']
     path = tmp_path / "server.toml"
@@ -205,6 +206,32 @@ def test_sighup_applies_new_tokens_and_agents_to_new_sessions_while_a_job_runs(
 
     asyncio.run(go())
     assert srv.proc.poll() is None  # SIGHUP does not end the server
+
+
+def test_sighup_applies_admins_and_quotas_to_new_sessions_and_jobs(
+        tmp_path: Path, make_server: type[Server]) -> None:
+    tokens = {"tok-alice": "alice", "tok-ops": "ops"}
+    cfg = _config(tmp_path, tokens, {})
+    srv = make_server("--config", str(cfg))
+
+    async def go() -> None:
+        async with sdk_session(srv.url, token="tok-alice") as (a, rec), \
+                sdk_session(srv.url, token="tok-ops") as (ops, _):
+            first = await a.submit(agent="sleep", input={"seconds": 3})
+            assert first.job_id not in {j.job_id for j in (await ops.list_jobs()).jobs}
+            _config(tmp_path, tokens, {}, head='[auth]\nadmins = ["ops"]\n[quotas]\nmax_jobs = 1\n')
+            os.kill(srv.pid, signal.SIGHUP)
+            await _wait_stderr_async(srv, "SIGHUP: configuration reloaded")
+            assert first.job_id not in {j.job_id for j in (await ops.list_jobs()).jobs}  # fixed at its open
+            async with sdk_session(srv.url, token="tok-ops") as (ops2, _):
+                assert first.job_id in {j.job_id for j in (await ops2.list_jobs()).jobs}
+            second = await a.submit(agent="echo", input=2)  # alice is at her new quota of 1
+            queued = await rec.wait_for(lambda f: f.get("job_id") == second.job_id and f.get("type") == "job.event")
+            assert queued["payload"]["body"]["phase"] == "queued", queued
+            assert (await asyncio.wait_for(second.done, 15)).result == {"echo": 2}
+            assert (await asyncio.wait_for(first.done, 15)).result == {"slept": True}
+
+    asyncio.run(go())
 
 
 def test_a_bad_config_or_agent_on_sighup_keeps_the_running_configuration(
