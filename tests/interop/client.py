@@ -40,9 +40,10 @@ class Recorder:
     def is_closed(self) -> bool:
         return bool(self.inner.is_closed)
 
-    async def wait_for(self, pred: Any, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_for(self, pred: Any, timeout: float = 10.0, start: int = 0) -> dict[str, Any]:
+        """The first frame from index `start` on that `pred` accepts (waiting for it)."""
         async with asyncio.timeout(timeout):
-            i = 0
+            i = start
             while True:
                 while i < len(self.frames):
                     if pred(self.frames[i]):
