@@ -128,7 +128,17 @@ def tcp_table(input: Any, job: JobContext) -> Any:
     return {"ports": ports, "held": n, "net_ns": os.readlink("/proc/self/ns/net")}
 
 
+def counts(input: Any, job: JobContext) -> Any:
+    """Progress events, then a log event."""
+    n = int(input.get("n", 3))
+    for i in range(n):
+        job.progress(i + 1, n, units="items")
+    job.log("info", "counted")
+    return {"done": n}
+
+
 REGISTRY = [
+    "counts=tests.host_agents:counts",
     "reachothers=tests.host_agents:reach_others", "hostfiles=tests.host_agents:host_files",
     "sysvshm=tests.host_agents:sysv_shm", "watchfiles=tests.host_agents:watch_files",
     "tcptable=tests.host_agents:tcp_table",
