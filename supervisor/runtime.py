@@ -565,7 +565,8 @@ class Runtime:
         payload = {"kind": kind, "ts": now_ts(), "body": body}
         owner = job.owner
         try:
-            if owner is not None:
+            # a feature a session did not negotiate is not used toward it (protocol §4.3)
+            if owner is not None and (kind != "progress" or "progress" in owner.features):
                 env = frame("job.event", new_ulid(), payload, session_id=owner.id, job_id=job.id,
                             trace_id=job.trace_id)
                 job.last_seq = owner.send_seq(env, job.id)
@@ -573,7 +574,8 @@ class Runtime:
                         and owner.seq - owner.last_ack >= self.back_pressure_threshold and "ack" in owner.features:
                     self._signal_back_pressure(owner, job)
             for w in job.watchers:
-                self._forward(w, job, "job.event", payload)
+                if kind != "progress" or "progress" in w.session.features:
+                    self._forward(w, job, "job.event", payload)
         except FrameTooLarge as e:
             raise WorkerProtocolError(f"event does not fit one frame: {e}") from e
 
