@@ -8,18 +8,10 @@ import errno
 import os
 from typing import Any
 
+from tests.agents import _errno_of
 from worker import JobContext
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _errno_of(fn: Any) -> str:
-    """"ok" if `fn()` worked, else the name of the errno it failed with."""
-    try:
-        fn()
-        return "ok"
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
 def _raw(result: int) -> None:
