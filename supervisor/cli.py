@@ -203,5 +203,118 @@ def build_config(flags: dict[str, Any]) -> Config:
     return check(cfg)
 
 
+# -- the shell client: subcommands that speak ARCP to a running server (supervisor.shell) --
+def _url_option() -> Any:
+    return typer.Option("--url", envvar="ARCP_URL", show_envvar=True,
+                        help="The server's WebSocket URL (default $ARCP_URL or ws://127.0.0.1:7777/arcp).")
+
+
+def _token_option() -> Any:
+    return typer.Option("--token", envvar="ARCP_TOKEN", show_envvar=True, show_default=False,
+                        help="Bearer token (default $ARCP_TOKEN).")
+
+
+def _default_url() -> str:
+    from supervisor.shell.connection import DEFAULT_URL
+
+    return DEFAULT_URL
+
+
+@app.command()
+def submit(
+    agent: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    input_: Annotated[Optional[str], typer.Option(
+        "--input", help="The job's input: JSON, @FILE (JSON read from FILE) or - (JSON read from stdin); "
+                        "default {}.")] = None,
+    lease: Annotated[Optional[str], typer.Option(
+        "--lease", help='The lease requested, a JSON object, e.g. \'{"fs.read": ["/data/**"]}\'.')] = None,
+    limit: Annotated[Optional[list[str]], typer.Option(
+        "--limit", help="KEY=VALUE, a tighter limit for this job (memory_mb, cpu_sec, max_procs, "
+                        "max_open_files, max_file_size_mb, runtime_sec); repeatable.")] = None,
+    max_runtime: Annotated[Optional[int], typer.Option(
+        "--max-runtime", min=1, max=86400, help="Seconds the job may run (max_runtime_sec).")] = None,
+    detach: Annotated[bool, typer.Option(
+        "--detach", help="Exit once the job is accepted, printing only its id on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Every frame of the job as one JSON line on stdout, instead of the result.")] = False,
+    url: Annotated[Optional[str], _url_option()] = None,
+    token: Annotated[Optional[str], _token_option()] = None,
+) -> None:
+    """Submit a job and follow it to its end; the result goes to stdout.
+
+    The job id and its log go to stderr, with a progress bar on a terminal. Exits 0 when the job succeeds, 1 when it ends in error (its code and message on
+    stderr), 2 on a usage error, 3 when the server cannot be reached or refuses the
+    session, 130 on Ctrl-C (the job is cancelled first).
+    """
+    from supervisor.shell.commands import SubmitArgs, submit as run_submit
+
+    raise typer.Exit(run_submit(SubmitArgs(
+        url=url or _default_url(), token=token, agent=agent, input=input_, lease=lease, limits=limit or [],
+        max_runtime=max_runtime, detach=detach, as_json=as_json)))
+
+
+@app.command()
+def jobs(
+    status: Annotated[Optional[list[str]], typer.Option(
+        "--status", help="Only jobs in this status (pending, running, success, error, cancelled, "
+                         "timed_out); repeatable or comma-separated.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job instead of a table.")] = False,
+    url: Annotated[Optional[str], _url_option()] = None,
+    token: Annotated[Optional[str], _token_option()] = None,
+) -> None:
+    """List the jobs this principal may see (every principal's, for an admin)."""
+    from supervisor.shell.commands import jobs as run_jobs
+
+    raise typer.Exit(run_jobs(url or _default_url(), token, status or [], as_json))
+
+
+@app.command()
+def watch(
+    job_id: Annotated[str, typer.Argument(help="The job to follow.")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Every frame of the job as one JSON line on stdout, instead of the result.")] = False,
+    url: Annotated[Optional[str], _url_option()] = None,
+    token: Annotated[Optional[str], _token_option()] = None,
+) -> None:
+    """Follow a job, its history first, then live; exits like `submit`.
+
+    Ctrl-C stops following (exit 130) and leaves the job running.
+    """
+    from supervisor.shell.commands import watch as run_watch
+
+    raise typer.Exit(run_watch(url or _default_url(), token, job_id, as_json))
+
+
+@app.command()
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    reason: Annotated[Optional[str], typer.Option("--reason", help="Why (sent with job.cancel).")] = None,
+    url: Annotated[Optional[str], _url_option()] = None,
+    token: Annotated[Optional[str], _token_option()] = None,
+) -> None:
+    """Cancel a job (another session's job takes an admin) and wait for it to end.
+
+    Exits 0 once the job has ended, 1 if the server refuses (e.g. JOB_NOT_FOUND) or the
+    job has not ended 10 s after the cancel.
+    """
+    from supervisor.shell.commands import cancel as run_cancel
+
+    raise typer.Exit(run_cancel(url or _default_url(), token, job_id, reason))
+
+
+@app.command()
+def top(
+    url: Annotated[Optional[str], _url_option()] = None,
+    token: Annotated[Optional[str], _token_option()] = None,
+) -> None:
+    """A live table of running and queued jobs, CPU and memory against their limits.
+
+    Refreshed every second; q or Ctrl-C quits. Off a terminal: one snapshot.
+    """
+    from supervisor.shell.commands import top as run_top
+
+    raise typer.Exit(run_top(url or _default_url(), token))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,530 @@
+"""The subcommands of the shell client. Each returns its exit status (supervisor.shell)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import termios
+import tty
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from arcp import ARCPError, ListJobsFilter, TransportClosed, parse_agent_ref
+from arcp.client import ARCPClient, JobHandle
+
+from supervisor.shell import INTERRUPTED, JOB_FAILED, OK, UNREACHABLE, USAGE
+from supervisor.shell.connection import (
+    TERMINAL_TYPES, ShellExit, Tap, close_session, error_text, open_session,
+)
+from supervisor.shell.render import (
+    JOBS_STATUS_STYLE, LIMITS_KEY, USAGE_KEY, JobView, Lines, TopSampler, clean, console_for, dump_json,
+    is_terminal, jobs_rows, plain_table, rich_table, top_rows, top_title,
+)
+
+TERMINAL_STATUSES = ("success", "error", "cancelled", "timed_out")
+CANCEL_WAIT = 10.0  # seconds a Ctrl-C or `cancel` waits for the job's terminal
+TOP_INTERVAL = 1.0
+MAX_PAGES = 100
+SHELL_REASON = "cancelled from the shell"
+_LIMIT_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
+
+T = TypeVar("T")
+
+
+# -- running a subcommand ---------------------------------------------------------------
+class Interrupts:
+    """Ctrl-C while a subcommand runs: the first sets `event` (the subcommand winds down
+    in its own way), a second one cancels it outright."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.count = 0
+        self.main = asyncio.current_task()
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.event.set()
+        elif self.main is not None:
+            self.main.cancel()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_signal_handler(signal.SIGINT)
+
+    async def race(self, aw: Awaitable[T]) -> T:
+        """`aw`'s value, or ShellExit(130) if Ctrl-C comes first (`aw` is then cancelled)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self.event.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ShellExit(INTERRUPTED, "interrupted")
+
+
+def run(command: Callable[[Interrupts], Awaitable[int]]) -> int:
+    """Run one subcommand to its exit status; its messages go to stderr, never a traceback."""
+
+    async def main() -> int:
+        intr = Interrupts()
+        try:
+            return await command(intr)
+        except ShellExit as e:
+            if e.message:
+                prefix = "arcp-supervisor: error: " if e.status == USAGE else "arcp-supervisor: "
+                Lines().say(prefix + e.message, "red" if e.status != INTERRUPTED else None)
+            return e.status
+        except asyncio.CancelledError:
+            Lines().say("arcp-supervisor: interrupted")
+            return INTERRUPTED
+        finally:
+            intr.close()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    except BrokenPipeError:  # whoever read stdout went away
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return JOB_FAILED
+
+
+# -- arguments ------------------------------------------------------------------------
+def parse_input(value: str | None) -> Any:
+    """`--input JSON`, `--input @FILE` or `--input -` (stdin); no --input is `{}`."""
+    if value is None:
+        return {}
+    where = "--input"
+    if value == "-":
+        text = sys.stdin.read()
+        where = "--input - (stdin)"
+    elif value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ShellExit(USAGE, f"--input {value}: cannot read it: {e}") from None
+        where = f"--input {value}"
+    else:
+        text = value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ShellExit(USAGE, f"{where}: not valid JSON: {e}") from None
+
+
+def parse_lease(value: str | None, limits: list[str], max_runtime: int | None) -> dict[str, list[str]]:
+    """`--lease` (a JSON object of capability -> list of patterns) with the `--limit`s in
+    the limits capability, each `KEY:VALUE` (the later one of the same key wins)."""
+    lease: dict[str, list[str]] = {}
+    if value is not None:
+        try:
+            obj = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ShellExit(USAGE, f"--lease: not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(p, str) for p in v)
+                for k, v in obj.items()):
+            raise ShellExit(USAGE, '--lease: expected an object of lists of strings, e.g. '
+                                   '{"fs.read": ["/data/**"]}')
+        lease = {k: list(v) for k, v in obj.items()}
+    if limits:
+        asked: dict[str, str] = {}
+        for item in lease.get(LIMITS_KEY, []):
+            k, _, v = item.partition(":")
+            asked[k] = v
+        for item in limits:
+            k, sep, v = item.partition("=")
+            k, v = k.strip(), v.strip()
+            if not sep or not _LIMIT_KEY.match(k):
+                raise ShellExit(USAGE, f"--limit {item!r}: expected KEY=VALUE, e.g. memory_mb=256")
+            if not v.isdigit() or int(v) <= 0:
+                raise ShellExit(USAGE, f"--limit {item!r}: the value must be a positive integer")
+            asked[k] = str(int(v))
+        lease[LIMITS_KEY] = [f"{k}:{v}" for k, v in asked.items()]
+    if max_runtime is not None and not 1 <= max_runtime <= 86400:
+        raise ShellExit(USAGE, "--max-runtime: must be between 1 and 86400 seconds")
+    return lease
+
+
+@dataclass
+class SubmitArgs:
+    url: str
+    token: str | None
+    agent: str
+    input: str | None = None
+    lease: str | None = None
+    limits: list[str] = field(default_factory=list)
+    max_runtime: int | None = None
+    detach: bool = False
+    as_json: bool = False
+
+
+# -- submit and watch -----------------------------------------------------------------
+def submit(args: SubmitArgs) -> int:
+    try:
+        parse_agent_ref(args.agent)
+    except ValueError as e:
+        return run(_usage(f"AGENT {args.agent!r}: {e}"))
+    try:
+        value = parse_input(args.input)
+        lease = parse_lease(args.lease, args.limits, args.max_runtime)
+    except ShellExit as e:
+        return run(_usage(e.message))
+
+    async def go(intr: Interrupts) -> int:
+        lines = Lines()
+        client, tap = await intr.race(open_session(args.url, args.token))
+        frames: asyncio.Queue[dict[str, Any]] | None = None
+        if args.as_json:
+            frames = asyncio.Queue()
+            tap.listeners.append(frames.put_nowait)
+        try:
+            try:
+                handle = await client.submit(agent=args.agent, input=value, lease_request=lease,
+                                             max_runtime_sec=args.max_runtime)
+            except ARCPError as e:
+                raise ShellExit(JOB_FAILED, f"submit refused: {e.code}: {e.message}") from None
+            except (TransportClosed, OSError) as e:
+                raise ShellExit(UNREACHABLE, f"connection lost before the job was accepted ({e})") from None
+            except TimeoutError:
+                raise ShellExit(UNREACHABLE, "no job.accepted in time") from None
+            except ValueError as e:  # what the client itself refuses to send
+                raise ShellExit(USAGE, str(e)) from None
+            if args.detach:
+                print(handle.job_id, flush=True)
+                await close_session(client, handle)
+                return OK
+            return await follow(client, tap, handle, intr, lines, frames=frames, cancel=True)
+        finally:
+            await close_session(client)
+
+    return run(go)
+
+
+def watch(url: str, token: str | None, job_id: str, as_json: bool) -> int:
+    async def go(intr: Interrupts) -> int:
+        lines = Lines()
+        client, tap = await intr.race(open_session(url, token))
+        frames: asyncio.Queue[dict[str, Any]] | None = None
+        if as_json:
+            frames = asyncio.Queue()
+            tap.listeners.append(frames.put_nowait)
+        try:
+            try:
+                sub = await intr.race(client.subscribe(job_id, history=True))
+            except ARCPError as e:
+                raise ShellExit(JOB_FAILED, f"{e.code}: {e.message}") from None
+            except (TransportClosed, OSError) as e:
+                raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
+            return await follow(client, tap, sub.handle, intr, lines, frames=frames, cancel=False)
+        finally:
+            await close_session(client)
+
+    return run(go)
+
+
+def _usage(message: str) -> Callable[[Interrupts], Awaitable[int]]:
+    async def go(intr: Interrupts) -> int:
+        raise ShellExit(USAGE, message)
+    return go
+
+
+async def _terminal_of(handle: JobHandle) -> Any:
+    return await handle.done
+
+
+def _chunk_bytes(chunk: dict[str, Any]) -> bytes:
+    data = chunk.get("data", "")
+    if chunk.get("encoding") == "base64":
+        return base64.b64decode(data)
+    return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+
+async def follow(client: ARCPClient, tap: Tap, handle: JobHandle, intr: Interrupts, lines: Lines, *,
+                 frames: asyncio.Queue[dict[str, Any]] | None, cancel: bool) -> int:
+    """A job from acceptance (or subscription) to its terminal: events shown as they come,
+    the result on stdout, the exit status from how it ended. Ctrl-C cancels it (`cancel`)
+    or stops following it."""
+    job_id = handle.job_id
+    out_tty = is_terminal(sys.stdout)
+    view = JobView(lines, bar=frames is None)
+    view.start(job_id, handle.agent_ref)
+    done = asyncio.ensure_future(_terminal_of(handle))
+    stdout = sys.stdout.buffer
+
+    async def show_events() -> None:
+        async for ev in handle.events():
+            if frames is None:
+                view.event(ev)
+
+    async def write_chunks() -> None:
+        async for chunk in handle.chunks():
+            if frames is None:
+                view.stop()  # the bar gives the terminal over to the result's bytes
+                stdout.write(_chunk_bytes(chunk))
+                stdout.flush()
+
+    async def print_frames() -> None:
+        assert frames is not None
+        while True:
+            f = await frames.get()
+            if f.get("job_id") != job_id:
+                continue
+            sys.stdout.write(dump_json(f) + "\n")
+            sys.stdout.flush()
+            if f.get("type") in TERMINAL_TYPES:
+                return
+
+    workers = [asyncio.ensure_future(show_events()), asyncio.ensure_future(write_chunks())]
+    if frames is not None:
+        workers.append(asyncio.ensure_future(print_frames()))
+    stop = asyncio.ensure_future(intr.event.wait())
+    interrupted = False
+    try:
+        await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            interrupted = True
+            if cancel:
+                view.stop()
+                lines.say(f"cancelling job {job_id} (waiting up to {CANCEL_WAIT:g} s for it to end)", "yellow")
+                with contextlib.suppress(Exception):
+                    await client.cancel_job(job_id, reason=f"{SHELL_REASON} (Ctrl-C)")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(done), CANCEL_WAIT)
+            else:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.unsubscribe(job_id), 2)
+        if done.done():  # let what was queued before the terminal be shown and written
+            complete = job_id in tap.terminals and not interrupted  # else the frames stop short
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*workers), None if complete else 2)
+    finally:
+        stop.cancel()
+        for w in workers:
+            w.cancel()
+        if not done.done():
+            done.cancel()  # not waited for any longer (the client's close fails it)
+        view.stop(success=done.done() and not done.cancelled() and done.exception() is None
+                  and getattr(done.result(), "final_status", None) == "success")
+    terminal = tap.terminals.get(job_id)
+    if interrupted:
+        if not done.done() or done.cancelled():
+            if cancel:
+                lines.say(f"job {job_id} did not end within {CANCEL_WAIT:g} s of the cancel", "red")
+            return INTERRUPTED
+        exc = done.exception()
+        if cancel:
+            how = exc.code if isinstance(exc, ARCPError) else getattr(done.result(), "final_status", "ended")
+            lines.say(f"job {job_id} ended: {how}", "yellow")
+        return INTERRUPTED
+    exc = done.exception()
+    usage = (terminal or {}).get("payload", {}).get(USAGE_KEY) if terminal else None
+    if exc is not None:
+        if isinstance(exc, ARCPError):
+            view.summary(usage)
+            lines.say(f"job {job_id} ended in error: {clean(exc.code, one_line=True)}: {clean(exc.message)}",
+                      "red")
+            if exc.details:
+                lines.say(f"details: {dump_json(exc.details)}", "red")
+            return JOB_FAILED
+        raise ShellExit(UNREACHABLE, f"{error_text(exc)} before job {job_id} ended")
+    result = done.result()
+    view.summary(usage)
+    if result.final_status != "success":
+        lines.say(f"job {job_id} ended: {result.final_status}", "red")
+        return JOB_FAILED
+    if frames is None and result.result_id is None:
+        sys.stdout.write(dump_json(result.result, indent=2 if out_tty else None) + "\n")
+        sys.stdout.flush()
+    return OK
+
+
+# -- cancel ---------------------------------------------------------------------------
+def cancel(url: str, token: str | None, job_id: str, reason: str | None) -> int:
+    async def go(intr: Interrupts) -> int:
+        lines = Lines()
+        client, tap = await intr.race(open_session(url, token))
+        try:
+            try:
+                await client.cancel_job(job_id, reason=reason or SHELL_REASON)
+                # The answer to a cancel is its effect: follow the job to its terminal. A
+                # refused cancel (unknown job, ...) is a session.error that fails this too.
+                sub = await intr.race(client.subscribe(job_id, history=False))
+            except ARCPError as e:
+                raise ShellExit(JOB_FAILED, f"{e.code}: {e.message}") from None
+            except (TransportClosed, OSError) as e:
+                raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
+            for err in tap.errors:
+                p = err.get("payload") or {}
+                if err.get("job_id") == job_id or p.get("job_id") == job_id:
+                    raise ShellExit(JOB_FAILED, f"{p.get('code')}: {p.get('message')}")
+            status = tap.subscribed.get(job_id, {}).get("current_status")
+            if status not in TERMINAL_STATUSES and not await intr.race(_is_admin(client)):
+                # This server ignores, without an answer, the cancel of another session's job
+                # (protocol.md §6.6, Python clients): say so rather than wait for nothing.
+                await close_session(client, sub.handle)
+                raise ShellExit(JOB_FAILED, f"PERMISSION_DENIED: job {job_id} belongs to another session; "
+                                            "only an admin may cancel it")
+            try:
+                result = await intr.race(asyncio.wait_for(_terminal_of(sub.handle), CANCEL_WAIT))
+            except TimeoutError:
+                raise ShellExit(JOB_FAILED, f"job {job_id} did not end within {CANCEL_WAIT:g} s of the cancel "
+                                            "(only the session that submitted it, or an admin, may cancel "
+                                            "it)") from None
+            except ARCPError as e:
+                if e.code == "CANCELLED":
+                    lines.say(f"job {job_id} cancelled")
+                else:
+                    lines.say(f"job {job_id} had ended: {e.code}: {clean(e.message)}")
+                return OK
+            except (TransportClosed, OSError) as e:
+                raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
+            lines.say(f"job {job_id} had ended: {result.final_status}")
+            return OK
+        finally:
+            await close_session(client)
+
+    return run(go)
+
+
+async def _is_admin(client: ARCPClient) -> bool:
+    """Whether this session is an operator's: its job listings name each job's principal."""
+    try:
+        page = await client.list_jobs(limit=1)
+    except ARCPError:
+        return False
+    return any("principal" in (j.model_extra or {}) for j in page.jobs)
+
+
+# -- jobs and top ---------------------------------------------------------------------
+async def _list(client: ARCPClient, statuses: tuple[str, ...] | None) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    cursor: str | None = None
+    flt = ListJobsFilter(status=statuses) if statuses else None
+    for _ in range(MAX_PAGES):
+        try:
+            page = await client.list_jobs(filter=flt, limit=1000, cursor=cursor)
+        except ARCPError as e:
+            raise ShellExit(JOB_FAILED, f"{e.code}: {e.message}") from None
+        except (TransportClosed, OSError) as e:
+            raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
+        out += [j.model_dump(mode="json", exclude_none=True) for j in page.jobs]
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    return out
+
+
+def jobs(url: str, token: str | None, statuses: list[str], as_json: bool) -> int:
+    wanted = tuple(s.strip() for item in statuses for s in item.split(",") if s.strip())
+
+    async def go(intr: Interrupts) -> int:
+        client, _ = await intr.race(open_session(url, token))
+        try:
+            entries = await intr.race(_list(client, wanted or None))
+        finally:
+            await close_session(client)
+        if as_json:
+            for e in entries:
+                sys.stdout.write(dump_json(e) + "\n")
+        else:
+            headers, rows = jobs_rows(entries)
+            if is_terminal(sys.stdout):
+                styles = [JOBS_STATUS_STYLE.get(str(e.get("status")), None) for e in entries]
+                console_for(sys.stdout).print(rich_table(headers, rows, styles=styles))
+            else:
+                sys.stdout.write(plain_table(headers, rows) + "\n")
+        sys.stdout.flush()
+        return OK
+
+    return run(go)
+
+
+@contextlib.contextmanager
+def _keys(on_key: Callable[[bytes], None]) -> Iterator[None]:
+    """Single keys from a terminal stdin (cbreak: no echo, Ctrl-C still a signal)."""
+    fd = sys.stdin.fileno() if is_terminal(sys.stdin) else -1
+    if fd < 0:
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    loop = asyncio.get_running_loop()
+    try:
+        tty.setcbreak(fd)
+        loop.add_reader(fd, lambda: on_key(os.read(fd, 64)))
+        yield
+    finally:
+        loop.remove_reader(fd)
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def top(url: str, token: str | None) -> int:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    async def go(intr: Interrupts) -> int:
+        client, _ = await intr.race(open_session(url, token))
+        sampler = TopSampler()
+
+        async def snapshot() -> tuple[str, list[str], list[list[str]], list[bool], list[str | None]]:
+            entries = await intr.race(_list(client, ("running", "pending")))
+            headers, rows, right, styles = top_rows(entries, sampler)
+            return top_title(url, entries), headers, rows, right, styles
+
+        try:
+            if not is_terminal(sys.stdout):
+                title, headers, rows, right, _ = await snapshot()
+                sys.stdout.write(title + "\n" + plain_table(headers, rows, right) + "\n")
+                sys.stdout.flush()
+                return OK
+            quit_ = asyncio.Event()
+
+            def on_key(data: bytes) -> None:
+                if b"q" in data.lower():
+                    quit_.set()
+
+            console = console_for(sys.stdout)
+            with _keys(on_key), Live(console=console, auto_refresh=False, transient=False) as live:
+                while True:
+                    try:
+                        title, headers, rows, right, styles = await snapshot()
+                    except ShellExit as e:
+                        if e.status == INTERRUPTED:
+                            return INTERRUPTED
+                        raise
+                    hint = Text("q or Ctrl-C to quit", style="dim")
+                    live.update(Group(rich_table(headers, rows, right, title=title, styles=styles), hint),
+                                refresh=True)
+                    waits = [asyncio.ensure_future(quit_.wait()), asyncio.ensure_future(intr.event.wait())]
+                    await asyncio.wait(waits, timeout=TOP_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+                    for w in waits:
+                        w.cancel()
+                    if quit_.is_set():
+                        return OK
+                    if intr.event.is_set():
+                        return INTERRUPTED
+        finally:
+            await close_session(client)
+
+    return run(go)
+
+
+__all__ = ("SubmitArgs", "cancel", "jobs", "submit", "top", "watch")
