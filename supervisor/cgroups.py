@@ -6,7 +6,8 @@ then enforces them: memory over the limit is OOM-killed inside the group only,
 forks past `pids.max` fail with EAGAIN, the group's CPU time is counted for the
 whole process tree (the supervisor reads it while the job runs), and every task
 of the group — grandchildren that called setsid() included — can be found and
-killed when the job ends.
+killed when the job ends. The same counters tell what a job used (supervisor/usage.py):
+CPU time and its user/system split, the memory high-water mark, the task count.
 
 Groups are recycled from one worker to the next, so a job's limits are never
 assumed: each one is written in an order the kernel accepts from whatever the
@@ -191,6 +192,61 @@ class WorkerCgroup:
             raise ValueError("cpu.stat has no usage_usec")
         return int(self.fs.read(os.path.join(self.dirs["cpuacct"], "cpuacct.usage")))
 
+    def cpu_split(self) -> tuple[int, int]:
+        """The group's CPU time as (user, system), in a unit of the kernel's (v1 `cpuacct.stat`
+        ticks, v2 microseconds): what the two are of a stretch of `cpu_usage_ns` (OSError, ValueError)."""
+        if self.v2:
+            stat = _keyed(self.fs.read(os.path.join(self.dirs["unified"], "cpu.stat")), "cpu.stat",
+                          "user_usec", "system_usec")
+            return stat["user_usec"], stat["system_usec"]
+        stat = _keyed(self.fs.read(os.path.join(self.dirs["cpuacct"], "cpuacct.stat")), "cpuacct.stat",
+                      "user", "system")
+        return stat["user"], stat["system"]
+
+    # -- usage: memory and tasks (supervisor/usage.py) ------------------------------
+    def _usage_file(self, ctl: str, v1_name: str, v2_name: str) -> str | None:
+        if self.v2:
+            return os.path.join(self.dirs["unified"], v2_name)
+        d = self.dirs.get(ctl)
+        return None if d is None else os.path.join(d, v1_name)
+
+    def _read_count(self, path: str | None) -> int | None:
+        """A counter file's value; None where the group has no such file or it cannot be read."""
+        if path is None:
+            return None
+        try:
+            return _number(self.fs.read(path))
+        except (OSError, ValueError):
+            return None
+
+    def memory_current(self) -> int | None:
+        """Bytes the group is charged for now."""
+        return self._read_count(self._usage_file("memory", "memory.usage_in_bytes", "memory.current"))
+
+    def memory_peak(self) -> int | None:
+        """The group's memory high-water mark in bytes (since the last `reset_memory_peak`)."""
+        return self._read_count(self._usage_file("memory", "memory.max_usage_in_bytes", "memory.peak"))
+
+    def reset_memory_peak(self) -> bool:
+        """Start the memory high-water mark afresh from what the group holds now (v1: 0 written
+        to `memory.max_usage_in_bytes`); False where it cannot be (v2 resets `memory.peak` only
+        for reads through the descriptor that wrote it)."""
+        if self.v2 or "memory" not in self.dirs:
+            return False
+        try:
+            self.fs.write(os.path.join(self.dirs["memory"], "memory.max_usage_in_bytes"), "0")
+        except OSError:
+            return False
+        return True
+
+    def pids_current(self) -> int | None:
+        """Tasks (processes and threads) in the group now, as `pids.max` counts them."""
+        return self._read_count(self._usage_file("pids", "pids.current", "pids.current"))
+
+    def pids_peak(self) -> int | None:
+        """The most tasks the group ever held at once (kernels that keep `pids.peak`; never reset)."""
+        return self._read_count(self._usage_file("pids", "pids.peak", "pids.peak"))
+
     # -- memory events -----------------------------------------------------------
     def oom_kills(self) -> int:
         """OOM kills the kernel made in this group so far."""
@@ -276,6 +332,20 @@ class WorkerCgroup:
             except OSError:
                 ok = False
         return ok
+
+
+def _keyed(text: str, name: str, *required: str) -> dict[str, int]:
+    """A flat-keyed control file ("key value" lines) as integers; ValueError if a value is
+    not one or a `required` key is missing."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(" ")
+        if k:
+            out[k] = int(v)
+    for k in required:
+        if k not in out:
+            raise ValueError(f"{name} has no {k}")
+    return out
 
 
 def _pages(n: int) -> int:

@@ -13,6 +13,7 @@ from shared.errors import ARCPError
 from shared.ids import new_ulid
 
 GO, PY = "go", "py"
+USAGE_KEY = "x-vendor.arcp-supervisor.usage"  # also in the envelope's extensions (supervisor/usage.py)
 
 
 def session_error(err: ARCPError, *, session_id: str | None, request_id: str | None = None,
@@ -33,7 +34,9 @@ def budget_wire(budget: dict[str, Decimal], flavour: str) -> dict[str, Any]:
 
 
 def result_payload(value: Any, *, completed_at: str, flavour: str, result_id: str | None = None,
-                   result_size: int | None = None) -> dict[str, Any]:
+                   result_size: int | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`job.result`; `usage` (the job's, supervisor/usage.py) as a payload field that every
+    client keeps: the Python client shows unknown payload fields to its user."""
     p: dict[str, Any] = {"final_status": "success"}
     if result_id is not None:
         p["result_id"] = result_id
@@ -43,10 +46,13 @@ def result_payload(value: Any, *, completed_at: str, flavour: str, result_id: st
         if flavour == GO:
             p["output"] = value
     p["completed_at"] = completed_at
+    if usage is not None:
+        p[USAGE_KEY] = usage
     return p
 
 
-def error_payload(err: dict[str, Any], *, status: str, completed_at: str, flavour: str) -> dict[str, Any]:
+def error_payload(err: dict[str, Any], *, status: str, completed_at: str, flavour: str,
+                  usage: dict[str, Any] | None = None) -> dict[str, Any]:
     """`job.error`: final_status is always "error" for Py clients (§6.5)."""
     final = status if flavour == GO and status in ("cancelled", "timed_out") else "error"
     p = {
@@ -58,4 +64,6 @@ def error_payload(err: dict[str, Any], *, status: str, completed_at: str, flavou
     }
     if err.get("details") is not None:
         p["details"] = err["details"]
+    if usage is not None:
+        p[USAGE_KEY] = usage
     return p

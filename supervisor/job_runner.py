@@ -17,8 +17,6 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from shared import pipe_messages as pm
 from shared.errors import (
     ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
@@ -28,6 +26,7 @@ from shared.lease import PATH_CAPABILITIES, clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.cgroups import LimitNotApplied
+from supervisor.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
 from supervisor import path_resolve
@@ -42,8 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("arcp.jobs")
 KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
 EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
-WATCH_INTERVAL = 0.1  # seconds between memory checks of a running job
-CPU_INTERVAL = 0.1  # seconds between reads of a running job's cgroup CPU time
+POLL_INTERVAL = 0.1  # seconds between looks at a running job: limits the kernel does not hold alone, usage
 MAX_PATH_CHECKS = 256  # fs.* validate_lease_op calls of one job waiting for their answer
 
 
@@ -64,8 +62,11 @@ class JobRunner:
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
         self._pump_done = asyncio.Event()
         self._memory_exceeded = False
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._cpu_watch: asyncio.TimerHandle | None = None
+        self._watch_memory = False  # no memory cgroup: the poll holds the memory limit
+        self._poll_timer: asyncio.TimerHandle | None = None
+        self.started_at: float | None = None  # (monotonic) when admitted
+        self.meter: UsageMeter | None = None  # its usage, once it has a worker
+        self.limit_logged = False  # a limit kill was logged when it happened
         self._cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
         self._cpu_exceeded = False
         self._cpu_unreadable: LimitNotApplied | None = None
@@ -91,6 +92,10 @@ class JobRunner:
         tighter wins). The caller then runs `run()`."""
         self.started = True
         self.order = order
+        self.started_at = time.monotonic()
+        job = self.job
+        log.info("job started", extra={"job_id": job.id, "session_id": job.owner_id, "principal": job.principal,
+                                       "agent": job.agent_ref})
         ceiling = self.request.limits.max_runtime
         asked = self.request.max_runtime_sec
         err: ARCPError
@@ -182,19 +187,17 @@ class JobRunner:
         spec = self.rt.job_spec(job, egress_port)
         if self.rt.uids is not None:
             spec["uid"] = await self._job_uid(worker)
+        self.meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
+        self.meter.begin(self._cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
-        if watch:
-            self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
-        if worker.cgroup is not None and worker.cgroup.counts_cpu:
-            self._cpu_watch = asyncio.get_running_loop().call_later(CPU_INTERVAL, self._check_cpu, worker)
+        self._watch_memory = watch
+        self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll, worker)
         try:
             outcome = await self._pump(worker)
         finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-            if self._cpu_watch is not None:
-                self._cpu_watch.cancel()
+            if self._poll_timer is not None:
+                self._poll_timer.cancel()
         self._pump_done.set()
         if self.stop_kind is None:
             await self._ended(worker, outcome)
@@ -293,35 +296,38 @@ class JobRunner:
                     f"worker process ended unexpectedly: {why}", retryable=True,
                     details={"exit": why}).to_wire())
 
-    def _check_memory(self, worker: WorkerHandle) -> None:
-        """The last line for the memory limit: the resident size of the job's process tree."""
+    def _poll(self, worker: WorkerHandle) -> None:
+        """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
+        it, the CPU time limit of the whole tree (from its cgroup), and the usage samples."""
         if not worker.alive or self.job.done:
             return
-        limit = self.request.limits.memory
-        try:
-            proc = psutil.Process(worker.pid)
-            rss = proc.memory_info().rss
-            for child in proc.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    rss += child.memory_info().rss
-        except psutil.Error:
+        meter = self.meter
+        tree = sample_tree(worker.pid) if self._watch_memory or (meter is not None and meter.needs_tree) else None
+        if self._watch_memory and tree is not None and self._memory_over(worker, tree.rss):
             return
-        if rss > limit:
-            log.warning("job %s: %d MiB resident, over its %d MiB limit: killing it",
-                        self.job.id, rss >> 20, limit >> 20)
-            self._memory_exceeded = True
-            worker.signal(signal.SIGKILL)
-            return
-        self._watchdog = asyncio.get_running_loop().call_later(WATCH_INTERVAL, self._check_memory, worker)
-
-    def _check_cpu(self, worker: WorkerHandle) -> None:
-        """The CPU time limit of the job's whole process tree, read from its cgroup."""
-        if not worker.alive or self.job.done or self.stop_kind is not None or self._pump_done.is_set():
-            return
-        if self._cpu_over(worker):
+        cg = worker.cgroup
+        if cg is not None and cg.counts_cpu and self.stop_kind is None and not self._pump_done.is_set() \
+                and self._cpu_over(worker):
             worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
             return
-        self._cpu_watch = asyncio.get_running_loop().call_later(CPU_INTERVAL, self._check_cpu, worker)
+        if meter is not None:
+            meter.sample(tree)
+        self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll, worker)
+
+    def _memory_over(self, worker: WorkerHandle, rss: int) -> bool:
+        """The last line for the memory limit: the resident size of the job's process tree."""
+        limit = self.request.limits.memory
+        if rss <= limit:
+            return False
+        log.warning("job %s: %d MiB resident, over its %d MiB limit: killing it", self.job.id, rss >> 20,
+                    limit >> 20, extra=self._limit_fields("memory_mb", limit >> 20))
+        self.limit_logged = True
+        self._memory_exceeded = True
+        worker.signal(signal.SIGKILL)
+        return True
+
+    def _limit_fields(self, key: str, value: Any) -> dict[str, Any]:
+        return {"job_id": self.job.id, "limit": key, "value": value}
 
     def _cpu_over(self, worker: WorkerHandle) -> bool:
         """Has the job's tree used more CPU time than its limit (or can that no longer be told)?"""
@@ -340,7 +346,8 @@ class JobRunner:
             return True
         if used > limit * 1_000_000_000:
             log.warning("job %s: %.2f s of CPU time in its process tree, over its %d s limit: killing it",
-                        self.job.id, used / 1e9, limit)
+                        self.job.id, used / 1e9, limit, extra=self._limit_fields("cpu_sec", limit))
+            self.limit_logged = True
             self._cpu_exceeded = True
             return True
         return False
@@ -535,12 +542,36 @@ class JobRunner:
                 result_id: str | None = None, result_size: int | None = None) -> None:
         for t in self._timers:
             t.cancel()
+        net = (0, 0)
         if self.egress is not None:  # its last byte counts, then its connections are cut
             self.egress.close()
+            net = (self.egress.bytes_in, self.egress.bytes_out)
             if self.worker is not None and self.worker.egress is not None and self.worker.egress.job is self.egress:
                 self.worker.egress.job = None
             self.egress = None
-        self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size)
+        usage = self._usage(*net)
+        if not self.limit_logged and outcome_of(status, err) == "limit":
+            details = (err or {}).get("details") or {}
+            log.warning("job %s: ended by its %s limit (%s)", self.job.id, details.get("limit"), details.get("value"),
+                        extra=self._limit_fields(str(details.get("limit")), details.get("value")))
+        self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size,
+                       usage=usage)
+
+    def _usage(self, net_in: int, net_out: int) -> dict[str, Any]:
+        """What the job has used so far (at its end: all it used)."""
+        now = time.monotonic()
+        meter = self.meter
+        if meter is None:  # it never had a worker
+            return usage_wire(now - self.started_at if self.started_at is not None else 0.0,
+                              net_bytes_in=net_in, net_bytes_out=net_out)
+        if meter.needs_tree and self.worker is not None and self.worker.alive:
+            meter.sample(sample_tree(meter.pid))
+        return meter.read(now, net_in, net_out)
+
+    def usage_so_far(self) -> dict[str, Any]:
+        """For `session.list_jobs`: the figures of a running job until now."""
+        e = self.egress
+        return self._usage(e.bytes_in, e.bytes_out) if e is not None else self._usage(0, 0)
 
 
 _PATH_TASKS: set[asyncio.Task[None]] = set()  # path checks in flight (a strong reference each)

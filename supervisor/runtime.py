@@ -35,6 +35,7 @@ from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
 from supervisor.store import Store, StoredJob
+from supervisor.usage import USAGE_KEY, outcome_of, usage_wire
 from supervisor.worker_proc import ForkServer, WorkerHandle, WorkerPool
 from supervisor.worker_rpc import WorkerProtocolError
 
@@ -603,12 +604,14 @@ class Runtime:
                                             session_id=s.id, job_id=job.id, trace_id=job.trace_id), job.id)
 
     def finish(self, job: Job, status: str, err: dict[str, Any] | None, *, value: Any = None,
-               result_id: str | None = None, result_size: int | None = None) -> None:
+               result_id: str | None = None, result_size: int | None = None,
+               usage: dict[str, Any] | None = None) -> None:
         if job.terminal is not None:
             return
         job.status = status
         job.terminal = {"status": status, "error": err, "value": value, "result_id": result_id,
-                        "result_size": result_size, "completed_at": now_ts()}
+                        "result_size": result_size, "completed_at": now_ts(), "usage": usage or usage_wire()}
+        _log_end(job, status, err, job.terminal["usage"])
         if self.provisioner is not None:  # revoked before the terminal frame leaves (Go's order)
             for cred in job.credentials:
                 self._revoke(cred["id"], attempt=0)
@@ -646,15 +649,17 @@ class Runtime:
 
     def _send_terminal(self, s: Session, job: Job, log: bool) -> None:
         t = self._terminal_of(job)
+        usage = t.get("usage") or usage_wire()  # (a job restored from an older store has none)
         if t["error"] is None:
             payload = result_payload(t["value"], completed_at=t["completed_at"], flavour=s.flavour,
-                                     result_id=t["result_id"], result_size=t["result_size"])
+                                     result_id=t["result_id"], result_size=t["result_size"], usage=usage)
             kind = "job.result"
         else:
             payload = error_payload(t["error"], status=t["status"], completed_at=t["completed_at"],
-                                    flavour=s.flavour)
+                                    flavour=s.flavour, usage=usage)
             kind = "job.error"
-        env = frame(kind, new_ulid(), payload, session_id=s.id, job_id=job.id, trace_id=job.trace_id)
+        env = frame(kind, new_ulid(), payload, session_id=s.id, job_id=job.id, trace_id=job.trace_id,
+                    extensions={USAGE_KEY: usage})
         try:
             seq = s.send_seq(env, job.id, log=log)
         except FrameTooLarge:
@@ -664,8 +669,9 @@ class Runtime:
                 retryable=False).to_wire()}
             job.status = "error"
             seq = s.send_seq(frame("job.error", new_ulid(), error_payload(
-                t["error"], status="error", completed_at=t["completed_at"], flavour=s.flavour),
-                session_id=s.id, job_id=job.id, trace_id=job.trace_id), job.id, log=log)
+                t["error"], status="error", completed_at=t["completed_at"], flavour=s.flavour, usage=usage),
+                session_id=s.id, job_id=job.id, trace_id=job.trace_id, extensions={USAGE_KEY: usage}),
+                job.id, log=log)
         if s.id == job.owner_id and log:
             job.last_seq = seq
 
@@ -727,6 +733,9 @@ class Runtime:
                 entry["parent_job_id"] = job.parent_job_id
             if session.admin:
                 entry["principal"] = job.principal
+            usage = _usage_of(job)
+            if usage is not None:
+                entry[USAGE_KEY] = usage
             size += len(orjson.dumps(entry)) + 1
             if size > session.frame_cap and out:
                 break  # a page must fit one frame: the rest goes to the next page
@@ -820,6 +829,23 @@ def admission_for(config: Config) -> Admission:
     log.info("admission: %d jobs at once, memory budget %d MiB, %d may wait", adm.max_jobs,
              adm.memory_budget >> 20, adm.max_queued)
     return adm
+
+
+def _usage_of(job: Job) -> dict[str, Any] | None:
+    """A list entry's usage: so far for a running job, all of it for a finished one."""
+    if job.terminal is not None:
+        return job.terminal.get("usage")
+    runner = job.runner
+    return runner.usage_so_far() if runner is not None and runner.started else None
+
+
+def _log_end(job: Job, status: str, err: dict[str, Any] | None, usage: dict[str, Any]) -> None:
+    """The job's one record of its end (its start's is the runner's)."""
+    outcome = outcome_of(status, err)
+    logging.getLogger("arcp.jobs").info("job ended: %s", outcome, extra={
+        "job_id": job.id, "session_id": job.owner_id, "principal": job.principal, "agent": job.agent_ref,
+        "outcome": outcome, "code": (err or {}).get("code"), "duration_s": usage["wall_s"],
+        "cpu_s": round(usage["cpu_user_s"] + usage["cpu_sys_s"], 3), "memory_peak_mb": usage["memory_peak_mb"]})
 
 
 def _restored_job(sj: StoredJob) -> Job:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.agents import REGISTRY
 from tests.host_agents import REGISTRY as HOST_AGENTS
+from tests.usage_agents import REGISTRY as USAGE_AGENTS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = Path(sys.executable).with_name("arcp-supervisor")
@@ -23,7 +24,7 @@ READY = re.compile(r"^arcp-supervisor listening on (ws://127\.0\.0\.1:\d+/\S*)$"
 
 def agent_flags() -> list[str]:
     flags = []
-    for a in REGISTRY + HOST_AGENTS:
+    for a in REGISTRY + HOST_AGENTS + USAGE_AGENTS:
         flags += ["--agent", a]
     return flags + ["--default", "echo@1.0.0"]
 
