@@ -15,12 +15,12 @@ import errno
 import logging
 import resource
 import signal
-import sys
 from collections.abc import Callable
 
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
 from supervisor.connection import SHUTDOWN_DRAIN
+from supervisor.logs import configure as configure_logs
 from supervisor.reload import Reloader
 from supervisor.runtime import STDIO_FRAME_CAP, WS_FRAME_CAP, Runtime
 
@@ -152,6 +152,5 @@ async def _serve_ws(rt: Runtime, stop: Stop) -> None:
 
 
 def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logs(config.log_format, config.log_level)
     asyncio.run(serve(config, reload))

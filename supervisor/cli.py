@@ -10,7 +10,7 @@ import typer
 
 from supervisor import __version__
 from supervisor.config import (
-    Config, ConfigError, Limits, check, load_file, parse_agent_flag, parse_size,
+    Config, ConfigError, Limits, check, load_file, log_setting, parse_agent_flag, parse_size,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="ARCP v1.1 runtime with sandboxed workers.")
@@ -31,7 +31,14 @@ def main(
 
 
 def _fail(msg: str) -> None:
-    print(f"arcp-supervisor: error: {msg}", file=sys.stderr)
+    from supervisor.logs import json_enabled
+
+    if json_enabled():  # the log is JSON lines by now: this line too
+        import logging
+
+        logging.getLogger("arcp").error("arcp-supervisor: error: %s", msg)
+    else:
+        print(f"arcp-supervisor: error: {msg}", file=sys.stderr)
     raise typer.Exit(2)
 
 
@@ -91,6 +98,10 @@ def run(
     max_runtime: Annotated[Optional[int], typer.Option(
         "--max-runtime", help="Seconds a job may run, counted from its start (default 3600; a client's "
                               "max_runtime_sec is clamped to it).")] = None,
+    log_format: Annotated[Optional[str], typer.Option(
+        "--log-format", help="text or json: one JSON object per line (default text).")] = None,
+    log_level: Annotated[Optional[str], typer.Option(
+        "--log-level", help="debug, info, warning or error (default info).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     flags = dict(locals())
@@ -195,6 +206,9 @@ def build_config(flags: dict[str, Any]) -> Config:
     for key in ("max_result_bytes", "chunk_size", "tmp_size", "session_log_bytes", "memory_budget"):
         if flags.get(key) is not None:
             base[key] = parse_size(flags[key], f"--{key.replace('_', '-')}")
+    for key in ("log_format", "log_level"):
+        if flags.get(key) is not None:
+            base[key] = log_setting(key, flags[key], f"--{key.replace('_', '-')}")
     for key in ("retention_jobs", "retention_seconds", "resume_window"):
         if key in base and base[key] <= 0:
             raise ConfigError(f"--{key.replace('_', '-')}: must be a positive integer")

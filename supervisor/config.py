@@ -16,6 +16,7 @@ from typing import Any
 from shared.messages import AGENT_NAME_RE, AGENT_VERSION_RE
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+LOG_CHOICES = {"log_format": ("text", "json"), "log_level": ("debug", "info", "warning", "error")}
 SIZE_RE = re.compile(r"\s*(\d+)\s*(?:([KMG])(?:i?B)?|B?)\s*", re.IGNORECASE)
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -113,6 +114,8 @@ class Config:
     quota_max_jobs: int | None = None  # [quotas] max_jobs: running jobs of each principal
     quota_principals: dict[str, int] = field(default_factory=dict)  # [quotas.principals] NAME = N
     admins: tuple[str, ...] = ()  # [auth] admins: principals that see and may cancel every job
+    log_format: str = "text"  # text or json (one object per line): supervisor/logs.py
+    log_level: str = "info"  # debug, info, warning or error
 
 
 def memory_available(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -180,6 +183,15 @@ def _tightest(mount: str, group: str, name: str) -> int | None:
         if rel == Path():
             return best
         rel = rel.parent
+
+
+def log_setting(key: str, value: Any, what: str) -> str:
+    """`--log-format` / `--log-level` (`key` log_format / log_level): one of its choices."""
+    choices = LOG_CHOICES[key]
+    v = value.lower() if isinstance(value, str) else value
+    if v not in choices:
+        raise ConfigError(f"{what}: {value!r} is not one of {', '.join(choices)}")
+    return str(v)
 
 
 def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
@@ -256,6 +268,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
     "tmp_size": (int, str), "session_log_bytes": (int, str),
     "max_jobs": int, "max_queued": int, "memory_budget": (int, str),
+    "log_format": str, "log_level": str,
 }
 _LIMIT_KEYS = ("memory", "cpu_time", "max_procs", "max_open_files", "max_file_size", "max_runtime")
 
@@ -315,6 +328,8 @@ def load_file(path: str) -> dict[str, Any]:
             v = _positive_int(v, f"config key server.{key}")
         elif key == "max_queued" and isinstance(v, int) and v < 0:
             raise ConfigError(f"config key server.{key}: must be an integer >= 0, got {v!r}")
+        elif key in LOG_CHOICES:
+            v = log_setting(key, v, f"config key server.{key}")
         out[key] = v
     auth = doc.get("auth", {})
     if not isinstance(auth, dict):

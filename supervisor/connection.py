@@ -31,10 +31,13 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
-async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *, linger: bool = False) -> None:
+async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *, linger: bool = False,
+                           peer: str = "stdio") -> None:
     """Serve one client until its transport ends. With `linger` (stdio, where the process
     ends with its one session), the end of the client's input (or its bye) does not end
-    the session's jobs: they run to their terminals, which are written before the close."""
+    the session's jobs: they run to their terminals, which are written before the close.
+    `peer` (the client's address) is for the log."""
+    log.debug("connection open", extra={"remote": peer})
     try:
         first = await asyncio.wait_for(transport.recv(), HANDSHAKE_TIMEOUT)
     except TimeoutError:
@@ -48,6 +51,7 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *,
         await _refuse(transport, InvalidRequest(f"frame is not valid JSON: {e}"), None, None)
         return
     resume_sid = None
+    principal: str | None = None
     try:
         hello = check_hello(obj)
         r = hello.payload.get("resume")
@@ -59,7 +63,11 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *,
                                 details={"reason": "draining"})
         resumed = rt.resume(hello, principal) if hello.payload.get("resume") is not None else None
     except ARCPError as e:
+        if e.code == "UNAUTHENTICATED":  # never the token: who (if known), from where, why
+            log.warning("authentication failed: %s", e.message, extra={
+                "remote": peer, "principal": principal, "session_id": resume_sid, "reason": e.message})
         await _refuse(transport, e, request_id_of(obj), resume_sid)
+        log.debug("connection closed", extra={"remote": peer, "reason": e.code.lower()})
         return
 
     closing = False
@@ -79,14 +87,16 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *,
         session = Session(rt, principal, detect_flavour(hello), negotiate(hello, rt.features), frame_cap, close)
         rt.open_session(session)
         session.send(session.welcome())
-        log.info("session %s opened for %s (%s flavour)", session.id, principal, session.flavour)
+        log.debug("session %s opened for %s (%s flavour)", session.id, principal, session.flavour,
+                  extra={"remote": peer, "session_id": session.id, "principal": principal})
     else:
         session, last = resumed
         session.features = negotiate(hello, rt.features)
         session.attach(close)
         session.send(session.welcome())
         n = rt.replay(session, last)
-        log.info("session %s resumed after seq %d; %d frames replayed", session.id, last, n)
+        log.debug("session %s resumed after seq %d; %d frames replayed", session.id, last, n,
+                  extra={"remote": peer, "session_id": session.id, "principal": principal})
 
     sending = [False]  # the writer is in the middle of a batch
     writer = asyncio.create_task(_write_loop(session, transport, sending))
@@ -125,7 +135,8 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *,
                 await t
         rt.session_detached(session)
         await transport.close(*close_as)
-        log.info("session %s transport closed (%s)", session.id, close_as[1])
+        log.debug("session %s transport closed (%s)", session.id, close_as[1],
+                  extra={"remote": peer, "session_id": session.id, "reason": close_as[1]})
 
 
 async def _heartbeat(rt: Runtime, session: Session) -> None:

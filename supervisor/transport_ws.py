@@ -58,6 +58,10 @@ class WSTransport:
             await self.ws.close(code, reason)
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 async def start_ws(rt: Runtime) -> Server:
     cfg = rt.config
     allowed_hosts = set(LOOPBACK_NAMES) | {cfg.host.strip("[]")}
@@ -74,7 +78,9 @@ async def start_ws(rt: Runtime) -> Server:
         return None
 
     async def handler(ws: ServerConnection) -> None:
-        await serve_connection(rt, WSTransport(ws), WS_FRAME_CAP)
+        peer = ws.remote_address  # (host, port, ...) of the client: for the log
+        await serve_connection(rt, WSTransport(ws), WS_FRAME_CAP,
+                               peer=f"{_url_host(str(peer[0]))}:{peer[1]}" if peer else "unknown")
 
     return await serve(
         handler, cfg.host, cfg.port, process_request=process_request,

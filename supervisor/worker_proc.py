@@ -28,6 +28,7 @@ from shared import pipe_messages as pm
 from shared.exit_codes import describe_wait_status
 from supervisor.cgroups import Cgroups, WorkerCgroup
 from supervisor.egress import EgressListener
+from supervisor.logs import OutputRelay
 
 log = logging.getLogger("arcp.workers")
 
@@ -141,6 +142,7 @@ class ForkServer:
         self._cwd = cwd
         self._modules = agent_modules
         self._proc: subprocess.Popen[bytes] | None = None
+        self._output: OutputRelay | None = None
         self._ctl: socket.socket | None = None
         self._next_req = 0
         self._spawning: dict[int, tuple[asyncio.Future[int], socket.socket]] = {}
@@ -158,12 +160,20 @@ class ForkServer:
         self._loop = asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()),
-             *(["--job-uids"] if self._want_job_uids else []), *self._modules],
-            pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
-            stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno(),
-        )
+        out_r, out_w = os.pipe()  # its stdout and stderr (and its workers' until their job's are captured)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()),
+                 *(["--job-uids"] if self._want_job_uids else []), *self._modules],
+                pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
+                stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
+            )
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(out_w)
+        self._output = OutputRelay(out_r, "arcp.forkserver", self._loop)  # lines -> records of our log
         theirs.close()
         ours.setblocking(False)
         self._ctl = ours
@@ -389,6 +399,8 @@ class ForkServer:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        if self._output is not None:
+            self._output.close()
 
 
 class WorkerPool:

@@ -1,0 +1,154 @@
+"""supervisor/logs.py: the text and JSON formats, the chatter filter, the relay of a child's
+output; and the two settings (flags and config keys) that choose them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+
+from supervisor import logs
+from supervisor.config import ConfigError, load_file
+from supervisor.cli import build_config
+from tests.unit.test_cli import invoke
+
+
+def _record(name: str = "arcp.jobs", level: int = logging.INFO, msg: str = "job ended: %s", args: tuple = ("ok",),
+            **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord(name, level, __file__, 1, msg, args, None)
+    rec.__dict__.update(extra)
+    return rec
+
+
+def test_text_renders_fields_as_key_value() -> None:
+    rec = _record(job_id="job_1", principal="alice smith", code=None, cpu_s=0.25, quote='a"b')
+    line = logs.TextFormatter().format(rec)
+    assert line.endswith(' INFO arcp.jobs: job ended: ok job_id=job_1 principal="alice smith" code=null '
+                         'cpu_s=0.25 quote="a\\"b"'), line
+
+
+def test_text_keeps_fields_on_the_first_line() -> None:
+    rec = _record(msg="agent raised\n    | Traceback", args=(), job_id="job_1")
+    first, rest = logs.TextFormatter().format(rec).split("\n", 1)
+    assert first.endswith("agent raised job_id=job_1") and rest == "    | Traceback"
+
+
+def test_json_is_one_object_per_line_with_the_fields() -> None:
+    class Conn:  # what websockets attaches: not plain data, left out
+        pass
+
+    rec = _record(job_id="job_1", outcome="success", code=None, duration_s=1.5, websocket=Conn(), msg="a\nb", args=())
+    line = logs.JsonFormatter().format(rec)
+    assert "\n" not in line
+    obj = orjson.loads(line)
+    assert obj["level"] == "info" and obj["logger"] == "arcp.jobs" and obj["msg"] == "a\nb"
+    assert obj["ts"].endswith("Z") and obj["job_id"] == "job_1" and obj["code"] is None and obj["duration_s"] == 1.5
+    assert "websocket" not in obj
+
+
+def test_json_fields_never_replace_the_four_keys_and_exceptions_are_kept() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = logging.LogRecord("arcp", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    rec.__dict__["level"] = "forged"
+    obj = orjson.loads(logs.JsonFormatter().format(rec))
+    assert obj["level"] == "error" and "ValueError: boom" in obj["exc"]
+
+
+@pytest.mark.parametrize("threshold,shown", [(logging.DEBUG, True), (logging.INFO, False)])
+def test_websockets_info_records_count_as_debug(threshold: int, shown: bool) -> None:
+    f = logs._Chatter(threshold)
+    rec = _record("websockets.server", logging.INFO, "connection open", ())
+    assert f.filter(rec) is shown
+    assert rec.levelname == "DEBUG"
+    assert f.filter(_record("websockets.server", logging.DEBUG, "< TEXT '{...token...}'", ())) is False
+    assert f.filter(_record("websockets.server", logging.ERROR, "handler failed", ())) is True
+    assert f.filter(_record("arcp.connection", logging.INFO, "x", ())) is (threshold <= logging.INFO)
+
+
+def test_configure_replaces_the_handler_and_sets_the_level() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("json", "warning")
+        assert logs.json_enabled() and root.level == logging.WARNING
+        (h,) = [h for h in root.handlers if isinstance(h.formatter, logs.JsonFormatter)]
+        logs.configure("text", "debug")
+        assert not logs.json_enabled() and root.level == logging.DEBUG
+        assert logging.getLogger("websockets").level == logging.INFO
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logs._state["format"] = "text"
+        sys.excepthook = sys.__excepthook__
+        threading.excepthook = threading.__excepthook__
+
+
+def test_a_childs_output_becomes_one_escaped_record_per_line(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        r, w = os.pipe()
+        relay = logs.OutputRelay(r, "arcp.forkserver", asyncio.get_running_loop())
+        os.write(w, b"first line\nsecond \x1b[2J line\n" + b"x" * (logs.LOG_TEXT_MAX + 10) + b"\npartial")
+        await asyncio.sleep(0.05)
+        os.close(w)
+        for _ in range(100):
+            if relay.fd < 0:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.fd < 0
+
+    with caplog.at_level(logging.WARNING, logger="arcp.forkserver"):
+        asyncio.run(go())
+    msgs = [r.getMessage() for r in caplog.records if r.name == "arcp.forkserver"]
+    assert msgs[0] == "first line" and msgs[1] == "second \\e[2J line"
+    assert msgs[-1] == "partial" and all("\n" not in m for m in msgs)
+    assert len(msgs) == 4 and all(len(m) < logs.LOG_TEXT_MAX + 256 for m in msgs), [len(m) for m in msgs]
+
+
+# -- the settings ------------------------------------------------------------------
+
+def test_flags_and_defaults() -> None:
+    cfg = build_config({"agent": ["a=m:f"]})
+    assert (cfg.log_format, cfg.log_level) == ("text", "info")
+    cfg = build_config({"agent": ["a=m:f"], "log_format": "json", "log_level": "DEBUG"})
+    assert (cfg.log_format, cfg.log_level) == ("json", "debug")
+
+
+@pytest.mark.parametrize("key,value,flag", [("log_format", "xml", "--log-format"),
+                                            ("log_level", "verbose", "--log-level")])
+def test_bad_flag_values_name_the_flag(key: str, value: str, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        build_config({"agent": ["a=m:f"], key: value})
+    code, out = invoke("run", "--agent", "a=m:f", flag, value)
+    assert code == 2 and flag in out and value in out
+
+
+@pytest.mark.parametrize("text,needle", [('log_format = "yaml"', "server.log_format"),
+                                         ('log_level = "loud"', "server.log_level"),
+                                         ("log_level = 3", "server.log_level")])
+def test_bad_config_values_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(f"[server]\n{text}\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_file(str(p))
+    code, out = invoke("run", "--config", str(p), "--agent", "a=m:f")
+    assert code == 2 and needle in out
+
+
+def test_config_keys_and_flags_over_them(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[server]\nlog_format = "json"\nlog_level = "warning"\n')
+    cfg = build_config({"config": str(p), "agent": ["a=m:f"]})
+    assert (cfg.log_format, cfg.log_level) == ("json", "warning")
+    cfg = build_config({"config": str(p), "agent": ["a=m:f"], "log_level": "error"})
+    assert (cfg.log_format, cfg.log_level) == ("json", "error")
