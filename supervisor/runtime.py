@@ -733,6 +733,8 @@ class Runtime:
                 entry["parent_job_id"] = job.parent_job_id
             if session.admin:
                 entry["principal"] = job.principal
+            if LIMITS_KEY in job.accepted:  # the effective limits, as job.accepted echoed them
+                entry[LIMITS_KEY] = job.accepted[LIMITS_KEY]
             usage = _usage_of(job)
             if usage is not None:
                 entry[USAGE_KEY] = usage

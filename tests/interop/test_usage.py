@@ -138,3 +138,17 @@ def test_list_jobs_shows_the_usage_of_a_running_job_so_far(server: Server) -> No
             listed = next(j for j in (await client.list_jobs()).jobs if j.job_id == h.job_id)
             assert (listed.model_extra or {})[USAGE] == final
     asyncio.run(go())
+
+
+def test_list_jobs_entries_carry_the_effective_limits(server: Server) -> None:
+    """What `top` shows usage against: the limits echoed in job.accepted, in every entry."""
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, rec):
+            h = await client.submit(agent="echo", input=1,
+                                    lease_request={"x-vendor.arcp-supervisor.limits": ["memory_mb:200"]})
+            await rec.terminal(h.job_id, timeout=20)
+            accepted = next(f for f in rec.frames if f["type"] == "job.accepted" and f.get("job_id") == h.job_id)
+            listed = next(j for j in (await client.list_jobs()).jobs if j.job_id == h.job_id)
+            limits = (listed.model_extra or {})["x-vendor.arcp-supervisor.limits"]
+            assert limits == accepted["payload"]["x-vendor.arcp-supervisor.limits"] and limits["memory_mb"] == 200
+    asyncio.run(go())
