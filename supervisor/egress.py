@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor import metrics
 from supervisor.authority import Authority
 from supervisor.egress_policy import (
     MAX_HEAD,
@@ -218,11 +219,13 @@ class EgressJob:
         d_in, d_out = self.bytes_in - self._reported_in, self.bytes_out - self._reported_out
         if d_in or d_out:
             self._reported_in, self._reported_out = self.bytes_in, self.bytes_out
+            metrics.egress_bytes(d_in, d_out)
             self.emit("metric", {"name": "net.bytes_in", "value": d_in, "unit": "bytes"})
             self.emit("metric", {"name": "net.bytes_out", "value": d_out, "unit": "bytes"})
 
     def refuse(self, url: str, reason: str) -> None:
         self.refused += 1
+        metrics.egress_refused()
         self.emit("log", {"level": "warn", "message": f"egress refused: {url}: {reason}"})
 
     def over_cap(self, which: str, message: str) -> None:
@@ -308,6 +311,7 @@ class EgressListener:
                 log.warning("egress proxy: %s (RLIMIT_NOFILE %d); refusing with 429", text, caps.nofile)
         else:
             return False
+        metrics.egress_refused()
         with contextlib.suppress(OSError):
             conn.send(error_response(429, f"arcp-supervisor egress proxy: {text}"))
             conn.shutdown(socket.SHUT_WR)

@@ -29,7 +29,7 @@ from supervisor.cgroups import LimitNotApplied
 from supervisor.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
-from supervisor import path_resolve
+from supervisor import metrics, path_resolve
 from supervisor.authority import shown
 from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
 from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError, check_call
@@ -191,6 +191,7 @@ class JobRunner:
         self.meter.begin(self._cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
+        metrics.job_phase(job, "agent.run")
         self._watch_memory = watch
         self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll, worker)
         try:

@@ -31,6 +31,7 @@ from supervisor.job_dirs import JobDirs
 from supervisor.job_runner import JobRunner
 from supervisor.job_uids import UidPool
 from supervisor.limits import LIMITS_KEY, within
+from supervisor import metrics
 from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
 from supervisor.registry import AgentRegistry
 from supervisor.session import FrameTooLarge, Session
@@ -171,11 +172,13 @@ class Runtime:
             log.warning("no egress proxy: %s; jobs with net.fetch get no network", self.egress_unavailable)
         self.pool.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+        metrics.attach(self)
 
     async def close(self) -> None:
         """The end: whatever a drain left running is cancelled (its terminal logged for its
         session), then the workers, the fork server and the store go."""
         self.begin_drain()
+        metrics.detach(self)
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.cancel_jobs("server shutting down")
@@ -389,6 +392,7 @@ class Runtime:
         job_id = new_id("job")
         credentials = self._issue_credentials(session, req, job_id)
         job = self._accept(session, req, credentials, job_id)
+        metrics.job_accepted(job, env, parent)
         if parent is not None:
             self._share_budget(parent, job)
         try:
@@ -420,6 +424,7 @@ class Runtime:
                 self._start_jobs(self.admission.finish(job_id))
                 continue
             self._starts += 1
+            metrics.job_started(job)
             job.runner.start(self._starts)
             self._spawn(job.runner.run())
 
@@ -548,6 +553,7 @@ class Runtime:
         self.admission.check(parent.principal, req.limits.memory)  # children wait their turn too
         self._carve_budget(parent, req)
         child = self._accept(parent.owner, req)
+        metrics.job_accepted(child, env, parent)
         self._share_budget(parent, child)
         self._delegated(parent, child)
         self._admit(child)
@@ -608,6 +614,7 @@ class Runtime:
                usage: dict[str, Any] | None = None) -> None:
         if job.terminal is not None:
             return
+        metrics.job_ending(job)
         job.status = status
         job.terminal = {"status": status, "error": err, "value": value, "result_id": result_id,
                         "result_size": result_size, "completed_at": now_ts(), "usage": usage or usage_wire()}
@@ -635,6 +642,7 @@ class Runtime:
         job.request = None  # the input and the agent spec are no longer needed
         job.tmp_dir = None  # the worker's: emptied when it is kept for another job, removed with it
         self.store.delete_jobs(self.jobs.finished_job(job))
+        metrics.job_ended(job)
         self._start_jobs(self.admission.finish(job.id))  # its place, running or waiting, is free
         self._job_ended()
 

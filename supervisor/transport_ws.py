@@ -1,21 +1,31 @@
-"""The WebSocket transport: a thin shell over `websockets` (protocol.md §1.1)."""
+"""The WebSocket transport: a thin shell over `websockets` (protocol.md §1.1).
+
+The same listener answers three plain HTTP GETs, without a token (bind to loopback, or put
+them behind the operator's proxy): `/metrics` (Prometheus text, or OpenMetrics when the
+scraper asks for it; supervisor/metrics.py), `/healthz` (200 while the process serves) and
+`/readyz` (200 when the fork server is up and the server is not draining, else 503).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
 from http import HTTPStatus
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from supervisor import metrics
 from supervisor.connection import serve_connection
 from supervisor.runtime import WS_FRAME_CAP, Runtime
 
 log = logging.getLogger("arcp.ws")
 MAX_INBOUND = 4 * 1024 * 1024
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+HTTP_PATHS = ("/metrics", "/healthz", "/readyz")
 
 
 class WSTransport:
@@ -58,6 +68,20 @@ class WSTransport:
             await self.ws.close(code, reason)
 
 
+def http_endpoint(conn: ServerConnection, rt: Runtime, path: str, accept: str | None) -> Response:
+    """The answer to a plain GET of one of HTTP_PATHS."""
+    if path == "/healthz":
+        return conn.respond(HTTPStatus.OK, "ok\n")
+    if path == "/readyz":
+        why = metrics.readiness(rt)
+        return conn.respond(HTTPStatus.OK, "ready\n") if why is None else \
+            conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+    body, content_type = metrics.render(accept)
+    headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
+                       ("Content-Length", str(len(body))), ("Content-Type", content_type)])
+    return Response(HTTPStatus.OK.value, HTTPStatus.OK.phrase, headers, body)
+
+
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -69,12 +93,14 @@ async def start_ws(rt: Runtime) -> Server:
 
     def process_request(conn: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if path != cfg.path:
+        if path != cfg.path and path not in HTTP_PATHS:
             return conn.respond(HTTPStatus.NOT_FOUND, f"no ARCP endpoint at {path}; try {cfg.path}\n")
         host = request.headers.get("Host", "")
         name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]", 1)[0]
         if not open_hosts and name not in allowed_hosts:
             return conn.respond(HTTPStatus.MISDIRECTED_REQUEST, f"host {name!r} is not served here\n")
+        if path != cfg.path:
+            return http_endpoint(conn, rt, path, request.headers.get("Accept"))
         return None
 
     async def handler(ws: ServerConnection) -> None:

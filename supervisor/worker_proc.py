@@ -189,6 +189,11 @@ class ForkServer:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def ready(self) -> bool:
+        """Running and ready for spawn requests (not while a restarted one is starting)."""
+        return self._ctl is not None and self._ready is not None and self._ready.done()
+
     def _on_control(self) -> None:
         assert self._ctl is not None
         while True:
@@ -426,6 +431,11 @@ class WorkerPool:
 
     def start(self) -> None:
         self._refill()
+
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a job: fresh ones, and those kept for another job of their key."""
+        return len(self._fresh) + self._reused_count
 
     async def acquire(self, key: Hashable) -> WorkerHandle:
         if self._reuse > 1:
