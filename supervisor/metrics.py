@@ -47,7 +47,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from shared.ids import TRACEPARENT_RE
-from shared.messages import CANCELLED, SUCCESS, TIMED_OUT
+from supervisor import usage
 from supervisor.jobs import OTEL_KEY
 
 if TYPE_CHECKING:
@@ -172,20 +172,13 @@ _jobs: weakref.WeakKeyDictionary[Job, _JobState] = weakref.WeakKeyDictionary()
 
 
 def outcome_of(status: str, error: dict[str, Any] | None) -> tuple[str, str | None]:
-    """(outcome label, limit label or None) of a job's terminal status and error. `limit`: the
-    error's details name a limit of the job's own that ended it (not one that could not be
-    applied: those details name the `layer` that failed, and the job never ran under it)."""
-    err = error or {}
-    details = err.get("details")
-    if isinstance(details, dict) and "limit" in details and "layer" not in details:
-        return "limit", LIMIT_LABELS.get(str(details["limit"]))
-    if status == SUCCESS:
-        return "success", None
-    if status == CANCELLED:
-        return "cancelled", None
-    if status == TIMED_OUT or err.get("code") == "TIMEOUT":
-        return "timeout", None
-    return "error", None
+    """(outcome label, limit label or None) of a job's terminal status and error: the outcome
+    as the usage record names it, and for a limit, which one."""
+    outcome = usage.outcome_of(status, error)
+    if outcome != "limit":
+        return outcome, None
+    details = (error or {}).get("details") or {}
+    return outcome, LIMIT_LABELS.get(str(details.get("limit")))
 
 
 def job_accepted(job: Job, env: Envelope | None, parent: Job | None) -> None:
