@@ -13,7 +13,13 @@ from supervisor.config import (
     Config, ConfigError, Limits, check, load_file, log_setting, parse_agent_flag, parse_size,
 )
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ARCP v1.1 runtime with sandboxed workers.")
+# Help is Markdown (so that `[@VERSION]` or `[sandbox]` in a help text is shown as written, and a
+# docstring's lines are joined); `run`'s options are grouped in panels, which keeps each table
+# narrow enough that no option name is cut at 80 columns (tests/unit/test_cli_help.py).
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
+                  help="ARCP v1.1 runtime with sandboxed workers.")
+_SERVING, _ACCESS, _STATE = "Serving", "Agents and access", "Sessions and state"
+_JOBS, _STOPPING, _CAPACITY, _LOGS = "Per-job limits", "Workers and stopping", "Capacity", "Logs"
 
 
 def _version(value: bool) -> None:
@@ -44,64 +50,118 @@ def _fail(msg: str) -> None:
 
 @app.command()
 def run(
-    config: Annotated[Optional[str], typer.Option("--config", help="TOML config file.")] = None,
-    host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (default 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port; 0 picks one (default 7777).")] = None,
-    path: Annotated[Optional[str], typer.Option("--path", help="WebSocket path (default /arcp).")] = None,
-    stdio: Annotated[Optional[bool], typer.Option("--stdio", help="Serve one session on stdin/stdout.")] = None,
-    agent: Annotated[Optional[list[str]], typer.Option("--agent", help="NAME[@VERSION]=MODULE:FUNCTION")] = None,
-    default: Annotated[Optional[list[str]], typer.Option("--default", help="NAME@VERSION default")] = None,
-    token: Annotated[Optional[list[str]], typer.Option("--token", help="TOKEN=PRINCIPAL")] = None,
-    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="Directory for durable state.")] = None,
-    memory: Annotated[Optional[str], typer.Option("--memory", help="Per-job memory (default 1G).")] = None,
-    cpu_time: Annotated[Optional[int], typer.Option("--cpu-time", help="Per-job CPU seconds (default 300).")] = None,
-    max_procs: Annotated[Optional[int], typer.Option("--max-procs", help="Per-job processes (default 64).")] = None,
-    max_open_files: Annotated[Optional[int], typer.Option("--max-open-files", help="Per-job open files (default 1024).")] = None,
-    max_file_size: Annotated[Optional[str], typer.Option("--max-file-size", help="Per-job file size (default 1G).")] = None,
-    grace: Annotated[Optional[float], typer.Option("--grace", help="Seconds before a stopped job is killed (default 1.0).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        "--config", help="TOML config file; flags override its settings.")] = None,
+    host: Annotated[Optional[str], typer.Option(
+        "--host", rich_help_panel=_SERVING,
+        help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        "--port", rich_help_panel=_SERVING,
+        help="Port; 0 picks one (default 7777).")] = None,
+    path: Annotated[Optional[str], typer.Option(
+        "--path", rich_help_panel=_SERVING,
+        help="WebSocket path (default /arcp).")] = None,
+    stdio: Annotated[Optional[bool], typer.Option(
+        "--stdio", rich_help_panel=_SERVING,
+        help="Serve one session on stdin/stdout.")] = None,
+    agent: Annotated[Optional[list[str]], typer.Option(
+        "--agent", rich_help_panel=_ACCESS,
+        help="An agent to serve: NAME[@VERSION]=MODULE:FUNCTION (repeatable).")] = None,
+    default: Annotated[Optional[list[str]], typer.Option(
+        "--default", rich_help_panel=_ACCESS,
+        help="NAME@VERSION: the version a bare NAME runs (repeatable).")] = None,
+    token: Annotated[Optional[list[str]], typer.Option(
+        "--token", rich_help_panel=_ACCESS,
+        help="TOKEN=PRINCIPAL (repeatable); without one, no authentication and loopback only.")] = None,
+    state_dir: Annotated[Optional[str], typer.Option(
+        "--state-dir", rich_help_panel=_STATE,
+        help="Directory for durable state (default: in memory).")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        "--memory", rich_help_panel=_JOBS,
+        help="Per-job memory (default 1G).")] = None,
+    cpu_time: Annotated[Optional[int], typer.Option(
+        "--cpu-time", rich_help_panel=_JOBS,
+        help="Per-job CPU seconds (default 300).")] = None,
+    max_procs: Annotated[Optional[int], typer.Option(
+        "--max-procs", rich_help_panel=_JOBS,
+        help="Per-job processes (default 64).")] = None,
+    max_open_files: Annotated[Optional[int], typer.Option(
+        "--max-open-files", rich_help_panel=_JOBS,
+        help="Per-job open files (default 1024).")] = None,
+    max_file_size: Annotated[Optional[str], typer.Option(
+        "--max-file-size", rich_help_panel=_JOBS,
+        help="Per-job file size (default 1G).")] = None,
+    grace: Annotated[Optional[float], typer.Option(
+        "--grace", rich_help_panel=_STOPPING,
+        help="Seconds before a stopped job is killed (default 1.0).")] = None,
     drain_timeout: Annotated[Optional[float], typer.Option(
-        "--drain-timeout", help="Seconds running jobs may go on after SIGTERM or SIGINT before they are "
-                                "cancelled (default 30).")] = None,
-    reuse_workers: Annotated[Optional[int], typer.Option("--reuse-workers", help="Jobs per worker process (default 1).")] = None,
-    heartbeat_interval: Annotated[Optional[int], typer.Option("--heartbeat-interval", help="Seconds (default 30).")] = None,
-    resume_window: Annotated[Optional[int], typer.Option("--resume-window", help="Seconds (default 600).")] = None,
-    retention_jobs: Annotated[Optional[int], typer.Option("--retention-jobs", help="Finished jobs kept (default 10000).")] = None,
-    retention_seconds: Annotated[Optional[int], typer.Option("--retention-seconds", help="Seconds (default 86400).")] = None,
-    max_result_bytes: Annotated[Optional[str], typer.Option("--max-result-bytes", help="Streamed result cap (default 32M).")] = None,
-    chunk_size: Annotated[Optional[str], typer.Option("--chunk-size", help="result_chunk size (default 256K).")] = None,
-    ws_compression: Annotated[Optional[bool], typer.Option("--ws-compression/--no-ws-compression",
-                                                           help="Accept permessage-deflate (default no).")] = None,
+        "--drain-timeout", rich_help_panel=_STOPPING,
+        help="Seconds running jobs may go on after SIGTERM or SIGINT before they are cancelled "
+             "(default 30).")] = None,
+    reuse_workers: Annotated[Optional[int], typer.Option(
+        "--reuse-workers", rich_help_panel=_STOPPING,
+        help="Jobs per worker process (default 1).")] = None,
+    heartbeat_interval: Annotated[Optional[int], typer.Option(
+        "--heartbeat-interval", rich_help_panel=_STATE,
+        help="Seconds between pings of a quiet client (default 30).")] = None,
+    resume_window: Annotated[Optional[int], typer.Option(
+        "--resume-window", rich_help_panel=_STATE,
+        help="Seconds a disconnected session stays resumable (default 600).")] = None,
+    retention_jobs: Annotated[Optional[int], typer.Option(
+        "--retention-jobs", rich_help_panel=_STATE,
+        help="Finished jobs kept (default 10000).")] = None,
+    retention_seconds: Annotated[Optional[int], typer.Option(
+        "--retention-seconds", rich_help_panel=_STATE,
+        help="Seconds finished jobs are kept (default 86400).")] = None,
+    max_result_bytes: Annotated[Optional[str], typer.Option(
+        "--max-result-bytes", rich_help_panel=_JOBS,
+        help="Streamed result cap (default 32M).")] = None,
+    chunk_size: Annotated[Optional[str], typer.Option(
+        "--chunk-size", rich_help_panel=_JOBS,
+        help="result_chunk size (default 256K).")] = None,
+    ws_compression: Annotated[Optional[bool], typer.Option(
+        "--ws-compression/--no-ws-compression", rich_help_panel=_SERVING,
+        help="Accept permessage-deflate (default no).")] = None,
     back_pressure_threshold: Annotated[Optional[int], typer.Option(
-        "--back-pressure-threshold",
+        "--back-pressure-threshold", rich_help_panel=_STATE,
         help="Unacked events after which an acking client gets a back_pressure status (default 0: off).")] = None,
     tmp_size: Annotated[Optional[str], typer.Option(
-        "--tmp-size", help="Cap of each job's private temp dir, a tmpfs of its own (default 256M; "
-                           "at most half the job's memory limit).")] = None,
+        "--tmp-size", rich_help_panel=_JOBS,
+        help="Cap of each job's private temp dir, a tmpfs of its own (default 256M; "
+             "at most half the job's memory limit).")] = None,
     egress_header_timeout: Annotated[Optional[float], typer.Option(
-        "--egress-header-timeout",
+        "--egress-header-timeout", rich_help_panel=_JOBS,
         help="Seconds a job's request to the egress proxy may take to send its head (default 10).")] = None,
     session_log_bytes: Annotated[Optional[str], typer.Option(
-        "--session-log-bytes", help="Bytes of frames kept per session for resume and subscribe history; "
-                                    "older frames drop out (default 64M).")] = None,
+        "--session-log-bytes", rich_help_panel=_STATE,
+        help="Bytes of frames kept per session for resume and subscribe history; "
+             "older frames drop out (default 64M).")] = None,
     allow_shared_uid: Annotated[Optional[bool], typer.Option(
-        "--allow-shared-uid", help="Start even though jobs would run under the supervisor's own uid "
-                                   "(a supervisor that is not root); `doctor` names what is then not "
-                                   "enforced.")] = None,
+        "--allow-shared-uid", rich_help_panel=_ACCESS,
+        help="Start even though jobs would run under the supervisor's own uid "
+             "(a supervisor that is not root); `doctor` names what is then not "
+             "enforced.")] = None,
     max_jobs: Annotated[Optional[int], typer.Option(
-        "--max-jobs", help="Jobs running at once, all principals; the others wait in order (default 256).")] = None,
+        "--max-jobs", rich_help_panel=_CAPACITY,
+        help="Jobs running at once, all principals; the others wait in order (default 256).")] = None,
     max_queued: Annotated[Optional[int], typer.Option(
-        "--max-queued", help="Jobs waiting to start; beyond it a submit is refused as overloaded "
-                             "(default 10000).")] = None,
+        "--max-queued", rich_help_panel=_CAPACITY,
+        help="Jobs waiting to start; beyond it a submit is refused as overloaded "
+             "(default 10000).")] = None,
     memory_budget: Annotated[Optional[str], typer.Option(
-        "--memory-budget", help="The sum of the memory limits of running jobs (default 80% of the memory "
-                                "available to the supervisor: its cgroup's limit, else the host's).")] = None,
+        "--memory-budget", rich_help_panel=_CAPACITY,
+        help="The sum of the memory limits of running jobs (default 80% of the memory "
+             "available to the supervisor: its cgroup's limit, else the host's).")] = None,
     max_runtime: Annotated[Optional[int], typer.Option(
-        "--max-runtime", help="Seconds a job may run, counted from its start (default 3600; a client's "
-                              "max_runtime_sec is clamped to it).")] = None,
+        "--max-runtime", rich_help_panel=_JOBS,
+        help="Seconds a job may run, counted from its start (default 3600; a client's "
+             "max_runtime_sec is clamped to it).")] = None,
     log_format: Annotated[Optional[str], typer.Option(
-        "--log-format", help="text or json: one JSON object per line (default text).")] = None,
+        "--log-format", rich_help_panel=_LOGS,
+        help="text or json: one JSON object per line (default text).")] = None,
     log_level: Annotated[Optional[str], typer.Option(
-        "--log-level", help="debug, info, warning or error (default info).")] = None,
+        "--log-level", rich_help_panel=_LOGS,
+        help="debug, info, warning or error (default info).")] = None,
 ) -> None:
     """Serve ARCP v1.1 over WebSocket (default) or stdio."""
     flags = dict(locals())
