@@ -153,7 +153,10 @@ class RequestParser:
         return head
 
     def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        """More of the request's bytes. Nothing is passed on for none: h11 takes b"" as the
+        end of the stream (a body that had not come with the head would then be cut short)."""
+        if data:
+            self.conn.receive_data(data)
 
     def next_body(self) -> bytes | list[tuple[str, str]] | None:
         """The next piece of the body; at its end, the trailer fields (a list, often empty);

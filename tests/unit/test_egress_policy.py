@@ -271,6 +271,18 @@ def test_a_length_body_ends_where_it_says() -> None:
     assert framing == ("length", 5) and pieces == [b"hello", []]
 
 
+def test_a_body_that_comes_after_its_head_is_waited_for() -> None:
+    """Nothing read yet after the head is not the end of the stream: the body is awaited."""
+    parser = RequestParser()
+    parser.head(b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n")
+    parser.feed(b"")
+    assert parser.next_body() is None
+    parser.feed(b"hel")
+    assert parser.next_body() == b"hel"
+    parser.feed(b"lo")
+    assert parser.next_body() == b"lo" and parser.next_body() == []
+
+
 def test_body_framing() -> None:
     def framing(headers: str, version: str = "HTTP/1.1") -> tuple[str, int]:
         parser = RequestParser()
