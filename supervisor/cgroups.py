@@ -97,6 +97,10 @@ class WorkerCgroup:
         self.fs = fs or HOST_FS
         self.retired = False  # a limit did not hold here: removed when its worker is gone, never reused
         self.oom_base = 0  # OOM kills counted before the current worker joined (groups are reused)
+        # (memory, max_procs) written and read back for the current worker: only the supervisor
+        # writes these files (root's, outside every job's view), so its next job with the same
+        # limits (a reused worker) finds them in place and is spared the reads
+        self.verified: tuple[int, int] | None = None
 
     def procs_files(self) -> list[str]:
         """The files the worker writes "0" to, to move itself into its groups."""
@@ -126,6 +130,9 @@ class WorkerCgroup:
         every value is read back. Raises `LimitNotApplied` for the first limit that does
         not hold, after trying them all.
         """
+        if self.verified == (memory, max_procs):
+            return
+        self.verified = None
         failures: list[LimitNotApplied] = []
 
         def attempt(key: str, value: int, ctl: str, apply: Callable[[], None]) -> None:
@@ -153,6 +160,7 @@ class WorkerCgroup:
             for f in failures[1:]:
                 log.error("%s", f)
             raise failures[0]
+        self.verified = (memory, max_procs)
 
     def _v1_memory(self, d: str, memory: int) -> None:
         """v1 keeps memory.memsw.limit_in_bytes >= memory.limit_in_bytes at every write
@@ -460,6 +468,7 @@ class Cgroups:
         if cg.retired:
             return cg.remove()
         cg.oom_base = cg.oom_kills()
+        cg.verified = None  # the next worker's first job writes and reads its limits again
         if len(self._free) < MAX_FREE_GROUPS:
             self._free.append(cg)
         elif not cg.remove():

@@ -179,3 +179,31 @@ def test_kill_others_spares_the_worker(tmp_path: Path) -> None:
     finally:
         leftover.kill()
         leftover.wait()
+
+
+def test_a_reused_workers_same_limits_are_not_read_again_until_the_group_is_recycled(tmp_path: Path) -> None:
+    cgs, fs = v1(tmp_path)
+    cg = cgs.reserve()
+    assert cg is not None
+    cg.set_limits(100 * MiB, 8)
+    calls: list[str] = []
+    real_read, real_write = fs.read, fs.write
+
+    def read(path: str) -> str:
+        calls.append(path)
+        return real_read(path)
+
+    def write(path: str, value: str) -> None:
+        calls.append(path)
+        real_write(path, value)
+
+    fs.read = read  # type: ignore[method-assign]
+    fs.write = write  # type: ignore[method-assign]
+    cg.set_limits(100 * MiB, 8)  # the next job of the same worker, same limits
+    assert calls == []
+    cg.set_limits(200 * MiB, 8)  # other limits: written and read back
+    assert calls and limits(fs, cg)["memory.limit_in_bytes"] == str(200 * MiB)
+    calls.clear()
+    assert cgs.recycle(cg)
+    cg.set_limits(200 * MiB, 8)  # a new worker in the recycled group: checked again
+    assert calls
