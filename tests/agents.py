@@ -634,12 +634,17 @@ def cpu_children(input: Any, job: JobContext) -> Any:
     for _ in range(n):
         pid = os.fork()
         if pid == 0:
-            end = time.process_time() + each
-            while time.process_time() < end:
-                pass
-            os._exit(0)
+            burn_cpu_then_exit(each)
         os.waitpid(pid, 0)
     return {"children": n, "cgroups": _own_cgroups()}
+
+
+def burn_cpu_then_exit(seconds: float) -> None:
+    """In a forked child: spend `seconds` of CPU time, then exit at once."""
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    os._exit(0)
 
 
 def _steal_next_job(job: JobContext, who: str) -> None:

@@ -8,6 +8,7 @@ import signal
 import time
 from typing import Any
 
+from tests.agents import burn_cpu_then_exit
 from worker import JobContext
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -40,10 +41,7 @@ def fork_burn(input: Any, job: JobContext) -> Any:
     for _ in range(n):
         pid = os.fork()
         if pid == 0:
-            end = time.process_time() + each
-            while time.process_time() < end:
-                pass
-            os._exit(0)
+            burn_cpu_then_exit(each)
         pids.append(pid)
     for pid in pids:
         os.waitpid(pid, 0)
