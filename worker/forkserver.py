@@ -223,7 +223,8 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
         uid_facts["worker_namespaces"] = ["mnt", "ipc", "net"]
     # After the namespaces (which need CAP_SYS_ADMIN): what every job's sandbox shares. The fork
     # server then holds no capability (but CAP_SETUID/SETGID for job uids), so no worker inherits one.
-    worker.sandbox.prepare(modules, worker.runner.agent_dirs, keep_setid=bool(uid_facts["job_uids"]))
+    worker.sandbox.prepare(modules, worker.runner.agent_dirs, keep_setid=bool(uid_facts["job_uids"]),
+                           shared_netns=not WORKER_NAMESPACES)
     _send(ctl, ["ready", {"netns": netns, "loopback": loopback, **uid_facts}])
     while True:
         try:

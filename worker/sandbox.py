@@ -109,18 +109,20 @@ CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_REC, MS_SLAVE = 0x4000, 1 << 19
 
 
-def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False) -> None:
+def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False,
+            shared_netns: bool = True) -> None:
     """In the fork server: everything about the sandbox that is the same for every job.
 
     With `keep_setid` (job uids), CAP_SETUID, CAP_SETGID, CAP_SYS_ADMIN and CAP_NET_ADMIN
     stay in the effective and permitted sets (nothing else; the bounding set is emptied):
     the fork server needs them to reach into a worker's network namespace for its egress
     port, and each worker to make its namespaces and its leased paths' idmapped mounts,
-    before it trades them all for its job's uid, which clears them."""
+    before it trades them all for its job's uid, which clears them. With `shared_netns`
+    (workers without a network namespace of their own), the filter also refuses listen()."""
     global SECCOMP_BPF, PRIVILEGES_DROPPED, SETID_KEPT, SELF_FILTER
     from worker.seccomp_filter import build_bpf
 
-    SECCOMP_BPF = build_bpf()
+    SECCOMP_BPF = build_bpf(refuse_listen=shared_netns)
     SELF_FILTER = seccomp_self.resolve() if SECCOMP_BPF is not None else None
     for module in agent_modules:
         _READ_DIRS[module] = python_read_dirs(agent_dirs(module))

@@ -43,8 +43,11 @@ DENIED = (
 )
 
 
-def build_bpf() -> bytes | None:
-    """The filter as BPF bytes; None when libseccomp is not available here."""
+def build_bpf(refuse_listen: bool = False) -> bytes | None:
+    """The filter as BPF bytes; None when libseccomp is not available here. With
+    `refuse_listen` (workers that share one network namespace), listen() is refused too: a
+    listen() without bind() takes an ephemeral port, which Landlock's bind rule does not see,
+    and ports of a shared namespace are every job's."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError):
@@ -57,6 +60,8 @@ def build_bpf() -> bytes | None:
             except (ValueError, RuntimeError, OSError):
                 continue  # not a syscall on this architecture
         f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+        if refuse_listen:
+            f.add_rule(sc.ERRNO(errno.EPERM), "listen")
         for flag in CLONE_NEW.values():
             f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
         f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
