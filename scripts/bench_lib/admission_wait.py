@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What a queued job waits: admission under --max-jobs (contract.md "Admission").
+"""What a queued job waits: admission under --max-jobs (docs/operating.md, "Capacity").
 
     python scripts/bench_lib/admission_wait.py [--reps 3] [--jobs 300] [--seconds 0.2] [--max-jobs 8]
 
@@ -17,26 +17,15 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import secrets
 import signal
 import statistics
 import subprocess
 import time
-from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-READY = re.compile(r"arcp-supervisor listening on (ws://\S+)")
-_C = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def ulid() -> str:
-    v = (int(time.time() * 1000) << 80) | int.from_bytes(secrets.token_bytes(10), "big")
-    return "".join(_C[(v >> (5 * i)) & 31] for i in reversed(range(26)))
+from authority import HERE, READY, ROOT, ulid  # noqa: E402  (run as a script: its directory is on the path)
 
 
 async def hello(url: str, token: str) -> tuple[ClientConnection, str]:
