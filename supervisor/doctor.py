@@ -113,21 +113,10 @@ def _idmap_probe(paths: list[str]) -> dict[str, str]:
         out: dict[str, str] = {}
         try:
             os.close(r)
-            if _libc().unshare(0x00020000) != 0:
+            if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
             ns = idmap.userns_fd(0, 0, 65534)
-            open_tree, _move, mount_setattr = idmap._syscalls()
-            for p in paths:
-                tree = _libc().syscall(open_tree, idmap.AT_FDCWD, p.encode(),
-                                       idmap.OPEN_TREE_CLONE | idmap.OPEN_TREE_CLOEXEC)
-                if tree < 0:
-                    out[p] = os.strerror(ctypes.get_errno())
-                    continue
-                attr = idmap._MountAttr(idmap.MOUNT_ATTR_IDMAP, 0, 0, ns)
-                ok = _libc().syscall(mount_setattr, tree, b"", idmap.AT_EMPTY_PATH, ctypes.byref(attr),
-                                     ctypes.sizeof(attr)) == 0
-                out[p] = "" if ok else f"{idmap._fs_type(p)}: {os.strerror(ctypes.get_errno())}"
-                os.close(tree)
+            out = {p: idmap.refusal(p, ns) for p in paths}
         except OSError as e:
             out = {p: str(e) for p in paths}
         finally:
@@ -147,10 +136,6 @@ def _idmap_probe(paths: list[str]) -> dict[str, str]:
     except ValueError:
         result = {}
     return {p: result.get(p, "probe failed") for p in paths}
-
-
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 def _idmap_layer(root: bool) -> Layer:

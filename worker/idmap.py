@@ -219,6 +219,22 @@ def mount_for_uid(mounts: list[Mount], uid: int) -> list[str]:
     return done
 
 
+def refusal(path: str, userns: int) -> str:
+    """Why an idmapped mount of `path` cannot be made here ("" if it can): a clone of it is
+    given the user namespace `userns`, and dropped, never mounted anywhere."""
+    open_tree, _move_mount, mount_setattr = _syscalls()
+    tree = _libc.syscall(open_tree, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)
+    if tree < 0:
+        return os.strerror(ctypes.get_errno())
+    try:
+        attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns)
+        if _libc.syscall(mount_setattr, tree, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr)) != 0:
+            return f"{_fs_type(path)}: {os.strerror(ctypes.get_errno())}"
+        return ""
+    finally:
+        os.close(tree)
+
+
 def _fs_type(path: str) -> str:
     """The filesystem type of the mount holding `path` (from /proc/self/mountinfo)."""
     best, fstype = "", "unknown"
