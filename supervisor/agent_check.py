@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from shared import pipe_messages as pm
 from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.cgroups import LimitNotApplied
+from supervisor.sandbox.cgroups import LimitNotApplied
 from supervisor.config import AgentSpec, Limits
-from supervisor.worker_proc import CGROUP_LINGER, WorkerSpawnError
-from supervisor.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError
+from supervisor.jobs.workers import CGROUP_LINGER, WorkerSpawnError
+from supervisor.jobs.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError
 
 if TYPE_CHECKING:
     from supervisor.runtime import Runtime

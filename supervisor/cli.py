@@ -170,7 +170,7 @@ def run(
     except ConfigError as e:
         _fail(str(e))
         return
-    from supervisor.app import run as run_app
+    from supervisor.server.app import run as run_app
 
     try:
         # SIGHUP: the file read again, the same flags over it

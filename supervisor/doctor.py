@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.landlock import landlock_abi
 from shared.reachability import blocked_dirs, unreadable_files
-from supervisor.job_dirs import can_mount_tmpfs, tmp_base
+from supervisor.sandbox.job_dirs import can_mount_tmpfs, tmp_base
 from shared.seccomp import seccomp_available
 
 PR_GET_SECCOMP = 21

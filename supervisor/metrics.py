@@ -47,12 +47,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
 from shared.ids import TRACEPARENT_RE
-from supervisor import usage
-from supervisor.jobs import OTEL_KEY
+from supervisor.core import usage
+from supervisor.core.jobs import OTEL_KEY
 
 if TYPE_CHECKING:
     from shared.envelope import Envelope
-    from supervisor.jobs import Job
+    from supervisor.core.jobs import Job
     from supervisor.runtime import Runtime
 
 log = logging.getLogger("arcp.metrics")

@@ -23,7 +23,7 @@ from dataclasses import fields, replace
 
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
-from supervisor.registry import AgentRegistry
+from supervisor.core.registry import AgentRegistry
 from supervisor.runtime import Runtime
 
 log = logging.getLogger("arcp.reload")

@@ -21,24 +21,24 @@ from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
 from shared.messages import FEATURES, QUEUED
 from shared.ids import format_ts, new_id, new_resume_token, new_ulid, now_ts, parse_ts
-from supervisor.admission import Admission
-from supervisor.authority import Authority
-from supervisor.cgroups import Cgroups
+from supervisor.core.admission import Admission
+from supervisor.core.authority import Authority
+from supervisor.sandbox.cgroups import Cgroups
 from supervisor.config import DEFAULT_JOB_UIDS, Config, ConfigError, check_uid_range, default_memory_budget
-from supervisor.credentials import Provisioner, ProvisionerError, load_provisioner
-from supervisor.frames import GO, error_payload, result_payload
-from supervisor.job_dirs import JobDirs
-from supervisor.job_runner import JobRunner
-from supervisor.job_uids import UidPool
-from supervisor.limits import LIMITS_KEY, within
+from supervisor.jobs.credentials import Provisioner, ProvisionerError, load_provisioner
+from supervisor.core.frames import GO, error_payload, result_payload
+from supervisor.sandbox.job_dirs import JobDirs
+from supervisor.jobs.runner import JobRunner
+from supervisor.sandbox.job_uids import UidPool
+from supervisor.core.limits import LIMITS_KEY, within
 from supervisor import metrics
-from supervisor.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
-from supervisor.registry import AgentRegistry
-from supervisor.session import FrameTooLarge, Session
-from supervisor.store import Store, StoredJob
-from supervisor.usage import USAGE_KEY, outcome_of, usage_wire
-from supervisor.worker_proc import ForkServer, WorkerHandle, WorkerPool
-from supervisor.worker_rpc import WorkerProtocolError
+from supervisor.core.jobs import Job, JobTable, SubmitRequest, Watch, parse_submit
+from supervisor.core.registry import AgentRegistry
+from supervisor.core.session import FrameTooLarge, Session
+from supervisor.state.store import Store, StoredJob
+from supervisor.core.usage import USAGE_KEY, outcome_of, usage_wire
+from supervisor.jobs.workers import ForkServer, WorkerHandle, WorkerPool
+from supervisor.jobs.worker_rpc import WorkerProtocolError
 
 log = logging.getLogger("arcp.runtime")
 WS_FRAME_CAP = 1024 * 1024 - 4096

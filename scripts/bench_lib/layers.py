@@ -107,7 +107,7 @@ sys.path.insert(0, str(ROOT))  # as the fork server puts its working directory f
 
 # Warm like the fork server: the same imports (importing it runs nothing but imports).
 import worker.forkserver  # noqa: F401
-from supervisor import cgroups
+from supervisor.sandbox import cgroups
 from supervisor.config import Limits
 from worker import idmap, sandbox, seccomp_filter, seccomp_self
 from worker.agent_loader import precompile

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.errors import ARCPError
-from supervisor.admission import Admission
+from supervisor.core.admission import Admission
 
 MiB = 1024 * 1024
 PRINCIPALS = ("alice", "bob", "carol")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shared.landlock import landlock_abi
-from supervisor.job_uids import UidPool
+from supervisor.sandbox.job_uids import UidPool
 from tests.conftest import Server
 from tests.interop.client import sdk_session
 from tests.sandbox.test_attacks import escape_attempts, world  # noqa: F401  (fixture)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from supervisor.cgroups import PAGE, V1_CONTROLLERS, CgroupFS
+from supervisor.sandbox.cgroups import PAGE, V1_CONTROLLERS, CgroupFS
 
 UNLIMITED = str((1 << 63) - PAGE)  # what v1 reads for "no limit"
 

@@ -12,7 +12,7 @@ import itertools
 import pytest
 
 from shared.errors import InternalError, InvalidRequest
-from supervisor.admission import Admission
+from supervisor.core.admission import Admission
 
 MiB = 1024 * 1024
 GB = 1024 * MiB

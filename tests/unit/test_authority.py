@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from shared.errors import BudgetExhausted, InvalidRequest, LeaseExpired, PermissionDenied
-from supervisor.authority import REMAINING_METRIC, Authority
+from supervisor.core.authority import REMAINING_METRIC, Authority
 
 NOW = 1_800_000_000.0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cgroups import MiB, Cgroups, LimitNotApplied, WorkerCgroup
+from supervisor.sandbox.cgroups import MiB, Cgroups, LimitNotApplied, WorkerCgroup
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from shared.lease import glob_match_prefix
-from supervisor.authority import Authority
-from supervisor.egress_policy import (
+from supervisor.core.authority import Authority
+from supervisor.egress.policy import (
     MAX_HEADERS, MAX_REQUEST_LINE, HeadError, Refusal, RequestParser, ResponseParser, address_kind, body_framing,
     canonical_path, check_host_header, check_lease, check_path, chunk, destination_of, error_response, ip_literal,
     last_chunk, parse_head, upstream_head, usable_addresses,

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from supervisor import egress
-from supervisor.authority import Authority
-from supervisor.egress import EgressJob, EgressListener
+from supervisor.egress import proxy as egress
+from supervisor.core.authority import Authority
+from supervisor.egress.proxy import EgressJob, EgressListener
 
 ip = ipaddress.ip_address
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from supervisor.job_dirs import PREFIX, JobDirs, can_mount_tmpfs
+from supervisor.sandbox.job_dirs import PREFIX, JobDirs, can_mount_tmpfs
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from supervisor.job_uids import UidPool
+from supervisor.sandbox.job_uids import UidPool
 
 
 def test_waiters_are_served_in_start_order_not_arrival_order() -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from supervisor.job_runner import JobRunner
+from supervisor.jobs.runner import JobRunner
 from supervisor.log_text import BLOCK_INDENT, LOG_TEXT_MAX, block, one_line
-from supervisor.worker_rpc import Fail, WorkerProtocolError
+from supervisor.jobs.worker_rpc import Fail, WorkerProtocolError
 
 FORGED = "\n2099-01-01 00:00:00,000 WARNING arcp.jobs: job forged\x1b[2J\r\u2028\u202e\ud800"
 

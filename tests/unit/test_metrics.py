@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.envelope import Envelope
 from shared.ids import new_id, new_trace_id, new_ulid, now_ts
 from supervisor import metrics
-from supervisor.authority import Authority
-from supervisor.jobs import OTEL_KEY, Job
+from supervisor.core.authority import Authority
+from supervisor.core.jobs import OTEL_KEY, Job
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from supervisor.outbox import Outbox
+from supervisor.core.outbox import Outbox
 
 MiB = 1024 * 1024
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import path_resolve
-from supervisor.path_resolve import PathRefused, ResolverBusy, ResolveTimeout, resolve, resolve_as, walk
+from supervisor.sandbox import path_resolve
+from supervisor.sandbox.path_resolve import PathRefused, ResolverBusy, ResolveTimeout, resolve, resolve_as, walk
 
 JOB_UID = 1_900_000_123  # no user has it (config.DEFAULT_JOB_UIDS)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="resolving with a job's uid needs root")

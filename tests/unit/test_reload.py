@@ -11,8 +11,8 @@ import pytest
 from supervisor.cli import build_config
 from supervisor.config import AgentSpec, Config, ConfigError, Limits, load_file
 from supervisor.reload import RELOADED, describe, merge
-from supervisor.session import Oversized
-from supervisor.transport_stdio import LINE_LIMIT, _read_file_line
+from supervisor.core.session import Oversized
+from supervisor.server.transport_stdio import LINE_LIMIT, _read_file_line
 
 ECHO = AgentSpec("echo", "1.0.0", "tests.agents:echo", Limits())
 LATE = AgentSpec("late", "0.0.0", "tests.late_agents:hello", Limits())

@@ -13,8 +13,8 @@ import pytest
 from shared.envelope import Envelope, frame
 from shared.errors import InvalidRequest, Unauthenticated
 from shared.messages import FEATURES
-from supervisor.frames import GO, PY
-from supervisor.session import (
+from supervisor.core.frames import GO, PY
+from supervisor.core.session import (
     ANONYMOUS, FLAVOUR_KEY, FrameTooLarge, Session, authenticate, check_hello, detect_flavour, negotiate,
 )
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.store import DB_NAME, Store
+from supervisor.state.store import DB_NAME, Store
 
 MiB = 1024 * 1024
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.cgroups import MiB, Cgroups, WorkerCgroup
-from supervisor.frames import error_payload, result_payload
-from supervisor.usage import USAGE_KEY, UsageMeter, outcome_of, sample_tree, usage_wire
+from supervisor.sandbox.cgroups import MiB, Cgroups, WorkerCgroup
+from supervisor.core.frames import error_payload, result_payload
+from supervisor.core.usage import USAGE_KEY, UsageMeter, outcome_of, sample_tree, usage_wire
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 KEYS = {"wall_s", "cpu_user_s", "cpu_sys_s", "memory_peak_mb", "procs_peak", "net_bytes_in", "net_bytes_out"}

@@ -20,9 +20,9 @@ from shared.errors import ARCPError, InvalidRequest, JobNotFound, PermissionDeni
 from shared.ids import UUID_RE, new_id, new_resume_token, new_ulid, now_ts
 from shared.messages import CLIENT_TYPES, FEATURES
 from supervisor import __version__
-from supervisor.frames import GO, PY, session_error
-from supervisor.outbox import HIGH_WATER_BYTES, Outbox
-from supervisor.store import DEFAULT_LOG_BYTES
+from supervisor.core.frames import GO, PY, session_error
+from supervisor.core.outbox import HIGH_WATER_BYTES, Outbox
+from supervisor.state.store import DEFAULT_LOG_BYTES
 
 if TYPE_CHECKING:
     from supervisor.runtime import Runtime

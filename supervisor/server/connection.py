@@ -14,9 +14,9 @@ import orjson
 from shared.envelope import frame, request_id_of
 from shared.errors import ARCPError, HeartbeatLost, InternalError, InvalidRequest
 from shared.ids import new_id, new_ulid, now_ts
-from supervisor.frames import session_error
+from supervisor.core.frames import session_error
 from supervisor.runtime import Runtime
-from supervisor.session import Session, authenticate, check_hello, detect_flavour, negotiate
+from supervisor.core.session import Session, authenticate, check_hello, detect_flavour, negotiate
 
 log = logging.getLogger("arcp.connection")
 HANDSHAKE_TIMEOUT = 30.0

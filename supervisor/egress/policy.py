@@ -36,7 +36,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import h11
 
 from shared.lease import canonical_target, glob_match, glob_match_prefix
-from supervisor.authority import Authority
+from supervisor.core.authority import Authority
 
 MAX_REQUEST_LINE = 8192
 MAX_HEAD = 64 * 1024

@@ -23,8 +23,8 @@ from typing import Any
 import psutil
 
 from shared.messages import CANCELLED, SUCCESS, TIMED_OUT
-from supervisor.cgroups import WorkerCgroup
-from supervisor.frames import USAGE_KEY
+from supervisor.sandbox.cgroups import WorkerCgroup
+from supervisor.core.frames import USAGE_KEY
 
 MiB = 1 << 20
 

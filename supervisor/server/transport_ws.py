@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from supervisor import metrics
-from supervisor.connection import serve_connection
+from supervisor.server.connection import serve_connection
 from supervisor.runtime import WS_FRAME_CAP, Runtime
 
 log = logging.getLogger("arcp.ws")

@@ -18,13 +18,13 @@ from shared.errors import DuplicateKey, InvalidRequest
 from shared.ids import format_dt, new_id, new_trace_id, now_ts, parse_trace_id, parse_ts
 from shared.lease import LeaseError, validate_lease_request
 from shared.messages import PENDING, TERMINAL_STATUSES
-from supervisor.authority import Authority
+from supervisor.core.authority import Authority
 from supervisor.config import AgentSpec, Limits
-from supervisor.limits import LIMITS_KEY, SANDBOX_KEY, effective_limits, requested_limits
-from supervisor.registry import AgentRegistry
+from supervisor.core.limits import LIMITS_KEY, SANDBOX_KEY, effective_limits, requested_limits
+from supervisor.core.registry import AgentRegistry
 
 if TYPE_CHECKING:
-    from supervisor.session import Session
+    from supervisor.core.session import Session
 
 MAX_RUNTIME_SEC = 7 * 86400
 MAX_IDEMPOTENCY_KEY = 256
@@ -172,7 +172,7 @@ class Job:
         return self.status in TERMINAL_STATUSES
 
     def accepted_payload(self, flavour: str, request_id: str) -> dict[str, Any]:
-        from supervisor.frames import budget_wire
+        from supervisor.core.frames import budget_wire
 
         p = dict(self.accepted)
         if self.authority.initial:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor import metrics
-from supervisor.authority import Authority
-from supervisor.egress_policy import (
+from supervisor.core.authority import Authority
+from supervisor.egress.policy import (
     MAX_HEAD,
     MAX_REQUEST_LINE,
     Destination,
@@ -55,7 +55,7 @@ from supervisor.egress_policy import (
     upstream_head,
     usable_addresses,
 )
-from supervisor.egress_relay import Relay
+from supervisor.egress.relay import Relay
 
 log = logging.getLogger("arcp.egress")
 

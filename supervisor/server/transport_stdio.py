@@ -15,8 +15,8 @@ import stat
 import sys
 from typing import BinaryIO
 
-from supervisor.connection import serve_connection
-from supervisor.session import Oversized
+from supervisor.server.connection import serve_connection
+from supervisor.core.session import Oversized
 from supervisor.runtime import STDIO_FRAME_CAP, Runtime
 
 LINE_LIMIT = 16 * 1024 * 1024

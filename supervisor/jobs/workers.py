@@ -26,8 +26,8 @@ import msgpack
 
 from shared import pipe_messages as pm
 from shared.exit_codes import describe_wait_status
-from supervisor.cgroups import Cgroups, WorkerCgroup
-from supervisor.egress import EgressListener
+from supervisor.sandbox.cgroups import Cgroups, WorkerCgroup
+from supervisor.egress.proxy import EgressListener
 from supervisor.logs import OutputRelay
 
 log = logging.getLogger("arcp.workers")

@@ -25,17 +25,18 @@ from shared.ids import new_id
 from shared.lease import PATH_CAPABILITIES, clean_path, lease_allows
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.cgroups import LimitNotApplied
-from supervisor.usage import UsageMeter, outcome_of, sample_tree, usage_wire
-from supervisor.egress import EgressJob, EgressListener
+from supervisor.sandbox.cgroups import LimitNotApplied
+from supervisor.core.usage import UsageMeter, outcome_of, sample_tree, usage_wire
+from supervisor.egress.proxy import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
-from supervisor import metrics, path_resolve
-from supervisor.authority import shown
-from supervisor.worker_proc import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
-from supervisor.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError, check_call
+from supervisor import metrics
+from supervisor.sandbox import path_resolve
+from supervisor.core.authority import shown
+from supervisor.jobs.workers import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
+from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError, check_call
 
 if TYPE_CHECKING:
-    from supervisor.jobs import Job
+    from supervisor.core.jobs import Job
     from supervisor.runtime import Runtime
 
 log = logging.getLogger("arcp.jobs")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
-from supervisor.connection import SHUTDOWN_DRAIN
+from supervisor.server.connection import SHUTDOWN_DRAIN
 from supervisor.logs import configure as configure_logs
 from supervisor.reload import Reloader
 from supervisor.runtime import STDIO_FRAME_CAP, WS_FRAME_CAP, Runtime
@@ -110,7 +110,7 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
 
 async def _serve_stdio(rt: Runtime, stop: Stop) -> None:
     """One session; it ends when its input has ended and its jobs have (or on a drain)."""
-    from supervisor.transport_stdio import serve_stdio
+    from supervisor.server.transport_stdio import serve_stdio
 
     session = asyncio.create_task(serve_stdio(rt))
     stopper = asyncio.create_task(stop.drain.wait())
@@ -127,7 +127,7 @@ async def _serve_stdio(rt: Runtime, stop: Stop) -> None:
 
 
 async def _serve_ws(rt: Runtime, stop: Stop) -> None:
-    from supervisor.transport_ws import start_ws
+    from supervisor.server.transport_ws import start_ws
 
     config = rt.config
     try:

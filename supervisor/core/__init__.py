@@ -1,0 +1,1 @@
+"""The protocol's pure parts: sessions, jobs, admission, authority, frames; no I/O."""

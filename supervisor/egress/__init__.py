@@ -1,0 +1,1 @@
+"""The egress proxy of jobs with a net.fetch lease."""

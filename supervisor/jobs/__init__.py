@@ -1,0 +1,1 @@
+"""Running jobs: the runner, the worker processes and their pipe."""

@@ -1,0 +1,1 @@
+"""Transports and connections: WebSocket, stdio, the HTTP endpoints beside them."""

@@ -1,0 +1,1 @@
+"""Durable state: the store of jobs, frames and credentials."""
