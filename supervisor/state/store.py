@@ -14,78 +14,25 @@ TRIM_STEP bytes logged and deletes about that much. Deleted pages are reused by
 later frames, and the WAL is cut back to WAL_LIMIT after checkpoints, so the
 file holds about the bound per session plus the job records, whatever the jobs
 emit.
+
+This synchronous store runs on the event loop; sqlite.py's SqliteStore is the same
+store on a thread of its own, and shares its schema and the state dir's handling.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-log = logging.getLogger("arcp.store")
-DB_NAME = "arcp-supervisor.sqlite3"
-DEFAULT_LOG_BYTES = 64 * 1024 * 1024  # bytes of frames one session's resume/history log keeps
-TRIM_STEP = 1024 * 1024  # a trim frees this much below the bound (an eighth of a smaller bound):
-# trims stay rare, and short enough (a few thousand rows at most) not to stall the event loop
-WAL_LIMIT = 8 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
+from supervisor.state.base import DEFAULT_LOG_BYTES, StoredJob, interrupted_terminal
+from supervisor.state.sqlite import DB_NAME, SCHEMA, TRIM_STEP, WAL_LIMIT, _private_db, _tighten
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id TEXT PRIMARY KEY,
-    principal TEXT NOT NULL,
-    session_id TEXT NOT NULL,
-    agent TEXT NOT NULL,
-    status TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    created_ns INTEGER NOT NULL,
-    finished_ns INTEGER,
-    trace_id TEXT NOT NULL,
-    idempotency_key TEXT,
-    fingerprint BLOB,
-    record BLOB NOT NULL,      -- accepted payload, lease, constraints, parent (JSON)
-    terminal BLOB              -- the terminal outcome (JSON)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (principal, idempotency_key)
-    WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_ns) WHERE finished_ns IS NOT NULL;
-CREATE TABLE IF NOT EXISTS frames (
-    session_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    job_id TEXT NOT NULL,
-    frame BLOB NOT NULL,
-    PRIMARY KEY (session_id, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS frames_job ON frames (job_id, seq);
-CREATE TABLE IF NOT EXISTS credentials (
-    credential_id TEXT PRIMARY KEY,
-    job_id TEXT NOT NULL,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-"""
-
-
-@dataclass
-class StoredJob:
-    job_id: str
-    principal: str
-    session_id: str
-    agent: str
-    status: str
-    created_at: str
-    trace_id: str
-    idempotency_key: str | None
-    fingerprint: bytes | None
-    record: dict[str, Any]
-    terminal: dict[str, Any] | None
+__all__ = ["DB_NAME", "DEFAULT_LOG_BYTES", "SCHEMA", "TRIM_STEP", "WAL_LIMIT", "Store", "StoredJob"]
 
 
 class Store:
@@ -149,11 +96,7 @@ class Store:
         interrupted = self.db.execute(
             "SELECT job_id FROM jobs WHERE finished_ns IS NULL").fetchall()
         for (job_id,) in interrupted:
-            term = {"status": "error", "error": {
-                "code": "INTERNAL_ERROR", "retryable": True,
-                "message": "the supervisor restarted while the job was running"},
-                "value": None, "result_id": None, "result_size": None,
-                "completed_at": _ts(now)}
+            term = interrupted_terminal(now)
             self.db.execute("UPDATE jobs SET status='error', terminal=?, finished_ns=? WHERE job_id=?",
                             (orjson.dumps(term), now, job_id))
         old = self.db.execute(
@@ -269,44 +212,3 @@ class Store:
     def close(self) -> None:
         self.flush()
         self.db.close()
-
-
-def _private_db(state_dir: str) -> str:
-    """The database path in a directory only the supervisor's user can enter; the file 0600."""
-    try:
-        os.makedirs(state_dir, mode=0o700)
-    except FileExistsError:
-        if not os.path.isdir(state_dir):
-            raise
-        mode = os.stat(state_dir).st_mode & 0o777
-        if mode & 0o077:
-            log.warning("state dir %s is mode %03o: others can see what it holds (the database itself "
-                        "is 0600)", state_dir, mode)
-    else:
-        os.chmod(state_dir, 0o700)  # makedirs' mode is masked by the umask
-    path = os.path.join(state_dir, DB_NAME)
-    # SQLite makes its WAL and shared-memory files with the database file's mode: create it 0600 first.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    _tighten(path)
-    return path
-
-
-def _tighten(path: str) -> None:
-    """WAL and shared-memory files left by an older run with a wider mode: 0600 too."""
-    for suffix in ("-wal", "-shm", "-journal"):
-        try:
-            st = os.stat(path + suffix, follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-            os.chmod(path + suffix, 0o600)
-
-
-def _ts(ns: int) -> str:
-    from shared.ids import format_ts
-
-    return format_ts(ns / 1e9)
