@@ -7,6 +7,11 @@ Here a thread per direction splices socket -> pipe -> socket in the kernel (no
 copy through Python), with the GIL released in each call; the loop only hears
 about byte counts, a few times per second. A relay ends at end of stream, on
 an error, or when its sockets are shut down by the proxy (the job ended).
+
+The thread is not a task, but it has an owner all the same: the exchange that
+started it waits for `finished`, and when that exchange is cancelled it shuts
+the sockets down (which ends the splices) and waits for `finished` again, for a
+bounded time, before it closes a descriptor the thread might still be using.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ import socket
 import threading
 from collections.abc import Callable
 
+import anyio
+
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 REPORT_EVERY = 4 << 20  # bytes between count reports to the loop
 
 
 class Relay:
-    """src -> dst until end of stream, in a thread; `done` resolves with the byte count."""
+    """src -> dst until end of stream, in a thread; `finished` is set when the thread is done
+    with the sockets (`total` is then the byte count). Made on the event loop, by the task
+    that will wait for it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket,
                  count: Callable[[int], None], half_close: bool = True) -> None:
@@ -34,7 +43,8 @@ class Relay:
         self.src, self.dst = src, dst
         self.count = count
         self.half_close = half_close  # pass the end of stream on (a tunnel's other direction goes on)
-        self.done: asyncio.Future[int] = loop.create_future()
+        self.finished = anyio.Event()
+        self.total = 0
         self.error: OSError | None = None
         self._lock = threading.Lock()
         self._unreported = 0  # bytes moved and not yet passed to `count`
@@ -59,6 +69,7 @@ class Relay:
 
     def _run(self) -> None:
         total = 0
+        error: OSError | None = None
         try:
             r, w = os.pipe2(os.O_CLOEXEC)
         except OSError as e:
@@ -91,19 +102,19 @@ class Relay:
             if self.half_close:
                 with contextlib.suppress(OSError):
                     self.dst.shutdown(socket.SHUT_WR)
-            self._finish(total, None)
         except OSError as e:  # a reset, or the proxy shut the sockets down
-            self._finish(total, e)
-        finally:
+            error = e
+        finally:  # whatever happened, the waiting exchange hears of it (once the pipe is gone)
             os.close(r)
             os.close(w)
+            self._finish(total, error)
 
     def _finish(self, total: int, error: OSError | None) -> None:
         self.error = error
 
         def settle() -> None:
+            self.total = total
             self.flush()
-            if not self.done.done():
-                self.done.set_result(total)
+            self.finished.set()
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(settle)

@@ -17,6 +17,9 @@ import signal
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
+from anyio.abc import TaskGroup
+
 from shared import pipe_messages as pm
 from shared.errors import (
     ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
@@ -74,6 +77,7 @@ class JobRunner:
         self._stopper: asyncio.Task[None] | None = None
         self._final: tuple[str, dict[str, Any]] | None = None
         self.egress: EgressJob | None = None
+        self._egress_tasks: TaskGroup | None = None  # holds the egress proxy's task while the job runs
         self._timers: list[asyncio.TimerHandle] = []
         cap = runtime.frame_cap
         self.frames = WorkerFrames(job.id, runtime.config.max_result_bytes,
@@ -139,6 +143,14 @@ class JobRunner:
 
     # -- the job's life -------------------------------------------------------
     async def run(self) -> None:
+        """The job's life, in a task group that also holds its egress proxy (`EgressJob.run`,
+        started by `_open_egress`); once the life is over, so is the proxy."""
+        async with anyio.create_task_group() as tasks:
+            self._egress_tasks = tasks
+            await self._life()
+            tasks.cancel_scope.cancel()
+
+    async def _life(self) -> None:
         job = self.job
         try:
             await self._run()
@@ -247,6 +259,8 @@ class JobRunner:
             return None
         self.egress = EgressJob(job.id, job.authority, self._egress_event, self.rt.config.egress_header_timeout)
         worker.egress.job = self.egress
+        assert self._egress_tasks is not None
+        self._egress_tasks.start_soon(self.egress.run, name=f"egress {job.id}")
         return worker.egress.port
 
     def _egress_event(self, kind: str, body: dict[str, Any]) -> None:

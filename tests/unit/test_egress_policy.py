@@ -1,4 +1,4 @@
-"""The egress proxy's decisions, fed heads and leases (no sockets)."""
+"""The egress proxy's decisions and its HTTP/1.1 messages, fed heads and leases (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import pytest
 
 from shared.lease import glob_match_prefix
 from supervisor.core.authority import Authority
+from supervisor.egress.messages import (
+    MAX_HEADERS, MAX_REQUEST_LINE, HeadError, RequestParser, ResponseParser, body_framing, chunk, error_response,
+    last_chunk, parse_head, upstream_head,
+)
 from supervisor.egress.policy import (
-    MAX_HEADERS, MAX_REQUEST_LINE, HeadError, Refusal, RequestParser, ResponseParser, address_kind, body_framing,
-    canonical_path, check_host_header, check_lease, check_path, chunk, destination_of, error_response, ip_literal,
-    last_chunk, parse_head, upstream_head, usable_addresses,
+    Refusal, address_kind, canonical_path, check_host_header, check_lease, check_path, destination_of, ip_literal,
+    usable_addresses,
 )
 
 ip = ipaddress.ip_address

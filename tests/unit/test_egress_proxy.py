@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 
-from supervisor.egress import proxy as egress
+from supervisor.egress import caps as egress
 from supervisor.core.authority import Authority
 from supervisor.egress.proxy import EgressJob, EgressListener
 
@@ -114,12 +115,16 @@ class Proxy:
 @asynccontextmanager
 async def proxy(lease: dict[str, Any], table: dict[str, list[str]] | None = None,
                 header_timeout: float = 5.0) -> AsyncIterator[Proxy]:
+    """A listener and its job, whose connections are served by `run()` in a task group
+    here, as the job's runner does; leaving closes both and waits for run() to end."""
     p = Proxy(lease, FakeResolver(table or {}), header_timeout)
     await p.listener.start()
-    try:
-        yield p
-    finally:
-        p.listener.close()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(p.job.run)
+        try:
+            yield p
+        finally:
+            p.listener.close()
 
 
 def run(coro: Any) -> Any:
