@@ -52,19 +52,11 @@ REVOKE_BACKOFF = (0.05, 0.25, 1.0, 5.0)
 
 
 def sandbox_layers() -> list[str]:
-    """The isolation layers every job gets on this host, named as `doctor` names them."""
-    layers = ["process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits",
-              "memory-watchdog", "no-new-privs", "no-capabilities"]
-    abi = landlock_abi()
-    if abi:
-        layers.append(f"landlock-abi{abi}")
-    else:
-        log.warning("Landlock is not available on this kernel: jobs run without filesystem isolation")
-    if seccomp_available():
-        layers += ["seccomp", "seccomp-self-only"]
-    else:
-        log.warning("libseccomp is not available: jobs run without a seccomp filter")
-    return layers
+    """The isolation layers every job gets from the host alone, before anything is set up
+    (`start` decides the list again from what it set up), named as `doctor` names them."""
+    from supervisor.sandbox import layers
+
+    return layers.decide(layers.Host.read(), layers.Setup()).every_job
 
 
 def job_uid_range(config: Config) -> tuple[int, int] | None:
@@ -144,32 +136,19 @@ class Runtime:
                 raise ConfigError(f"jobs cannot be given uids of their own: "
                                   f"{self.fork_server.job_uids_error or 'the fork server could not set them up'}")
             self.uids = UidPool(*self.job_uid_range)
-            self.sandbox_layers += ["job-uids", "idmapped-mounts"]
             log.info("jobs run as uids %d-%d%s", *self.job_uid_range,
                      f" (a private mount view opens {', '.join(self.fork_server.opened)})"
                      if self.fork_server.opened else "")
         else:
-            self.sandbox_layers.append("shared-uid")
             log.warning("jobs run under the supervisor's own uid %d (--allow-shared-uid): they can change "
                         "its resource limits and scheduling only where seccomp refuses it, and the "
                         "files it owns outside their lease keep only Landlock's protection", os.geteuid())
-        for ns in self.fork_server.worker_namespaces:
-            self.sandbox_layers.append(f"{ns}ns-per-worker")
-        if self.fork_server.netns:
-            if "net" not in self.fork_server.worker_namespaces:
-                self.sandbox_layers.append("netns-empty")  # one, shared by the workers
-        else:
-            log.warning("jobs share the host's network namespace (TCP is still refused by Landlock)")
-        if not self.fork_server.netns:
-            self.egress_unavailable = "the workers have no network namespace of their own"
-        elif not self.fork_server.loopback:
-            self.egress_unavailable = "the workers' network namespace has no loopback"
-        elif landlock_abi() < 4:
-            self.egress_unavailable = "Landlock ABI 4 (TCP port rules) is needed to keep jobs' proxy ports apart"
-        else:
-            self.egress_unavailable = None
-        if self.egress_unavailable:
-            log.warning("no egress proxy: %s; jobs with net.fetch get no network", self.egress_unavailable)
+        from supervisor.sandbox import layers  # the same decision as `doctor`'s, from what was set up
+
+        decided = layers.decide(layers.Host.read(), layers.confirmed(self.fork_server, self.cgroups, self.job_dirs))
+        self.sandbox_layers, self.egress_unavailable = decided.every_job, decided.egress_unavailable
+        for warning in decided.warnings:
+            log.warning("%s", warning)
         self.pool.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
         metrics.attach(self)

@@ -21,13 +21,16 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+from supervisor.sandbox.leftovers import PREFIX, left_behind, own_name
 
 log = logging.getLogger("arcp.cgroups")
 ROOT = "/sys/fs/cgroup"
 V1_ROOT = ROOT
 V2_ROOT = ROOT
-PREFIX = "arcp-supervisor-"
 MAX_FREE_GROUPS = 256
 V1_CONTROLLERS = ("memory", "pids", "cpuacct")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -66,6 +69,54 @@ class CgroupFS:
 
 
 HOST_FS = CgroupFS()
+
+
+@dataclass(frozen=True)
+class CgroupHost:
+    """What a host's cgroupfs offers the supervisor."""
+
+    version: str  # "v2" (a unified hierarchy at the root), "v1" (a controller of ours mounted), "none"
+    controllers: tuple[str, ...]  # where the supervisor makes groups: v1 controllers, or ("unified",)
+    why: str = ""  # why there are none, or fewer than V1_CONTROLLERS
+
+    @property
+    def layers(self) -> list[str]:
+        """The sandbox layers these groups are, as job.accepted names them."""
+        return [layer_name(self.version, ctl) for ctl in sorted(self.controllers)]
+
+    @property
+    def bounds_memory_and_tasks(self) -> bool:
+        """Do a worker's groups limit its memory and its tasks (not only count its CPU time)?"""
+        return "unified" in self.controllers or {"memory", "pids"} <= set(self.controllers)
+
+
+def layer_name(version: str, ctl: str) -> str:
+    return f"cgroup-{version}-{ctl}"
+
+
+def detect(root: str = ROOT, fs: CgroupFS = HOST_FS) -> CgroupHost:
+    """Where this process could make worker groups under `root` (nothing is made): v2 where
+    the root delegates memory and pids and may be written, v1 in each of V1_CONTROLLERS that
+    is mounted and may be written. `Cgroups` makes its groups where this says; `doctor`
+    reports it."""
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        try:
+            enabled = fs.read(os.path.join(root, "cgroup.subtree_control")).split()
+        except OSError as e:
+            return CgroupHost("v2", (), f"cannot read cgroup.subtree_control: {e.strerror or e}")
+        if not {"memory", "pids"} <= set(enabled):
+            return CgroupHost("v2", (), f"memory and pids are not delegated (cgroup.subtree_control: "
+                                        f"{' '.join(enabled) or 'empty'})")
+        if not os.access(root, os.W_OK):
+            return CgroupHost("v2", (), f"{root} may not be written")
+        return CgroupHost("v2", ("unified",))
+    mounted = [c for c in V1_CONTROLLERS if os.path.isdir(os.path.join(root, c))]
+    usable = tuple(c for c in mounted if os.access(os.path.join(root, c), os.W_OK))
+    missing = [c for c in V1_CONTROLLERS if c not in usable]
+    why = ""
+    if missing:
+        why = ", ".join(f"{c} {'may not be written' if c in mounted else 'not mounted'}" for c in missing)
+    return CgroupHost("v1" if mounted else "none", usable, why)
 
 
 def describe_limit(key: str, value: int) -> str:
@@ -120,8 +171,8 @@ class WorkerCgroup:
         return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
 
     def layer(self, ctl: str) -> str:
-        """The sandbox layer that `ctl` is, named as `Cgroups.layers` (and so job.accepted) name it."""
-        return f"cgroup-{'v2' if self.v2 else 'v1'}-{'unified' if self.v2 else ctl}"
+        """The sandbox layer that `ctl` is, named as `CgroupHost.layers` (and so job.accepted) name it."""
+        return layer_name("v2" if self.v2 else "v1", "unified" if self.v2 else ctl)
 
     @property
     def limits_memory(self) -> bool:
@@ -393,54 +444,43 @@ class Cgroups:
             self.root = root
         if fs is not None:
             self.fs = fs
-        self.mode = "none"
-        self.bases: dict[str, str] = {}
         self._free: list[WorkerCgroup] = []  # empty groups, ready for the next worker
         self._made = 0
-        _remove_stale(self.root, self.fs)
-        name = f"{PREFIX}{os.getpid()}"
-        if os.path.exists(os.path.join(self.root, "cgroup.controllers")):
-            self._init_v2(name)
-        else:
-            self._init_v1(name)
+        remove_left_behind(self.root, self.fs)
+        self._make(own_name())
 
-    def _init_v1(self, name: str) -> None:
-        for ctl in V1_CONTROLLERS:
-            root = os.path.join(self.root, ctl)
-            if not (os.path.isdir(root) and os.access(root, os.W_OK)):
-                continue
-            base = os.path.join(root, name)
+    def _make(self, name: str) -> None:
+        """A base group `name` in each place `detect` finds (one that cannot be made is skipped)."""
+        found = detect(self.root, self.fs)
+        self.bases: dict[str, str] = {}
+        failed = []
+        for ctl in found.controllers:
+            base = os.path.join(self.root, name) if ctl == "unified" else os.path.join(self.root, ctl, name)
             try:
                 self.fs.mkdir(base)
+                if ctl == "unified":
+                    self.fs.write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
             except OSError as e:
-                log.warning("cannot create the %s cgroup %s: %s", ctl, base, e)
+                log.warning("cannot create the cgroup %s: %s", base, e)
+                failed.append(f"cannot create {base}: {e.strerror or e}")
+                with contextlib.suppress(OSError):
+                    self.fs.rmdir(base)
                 continue
             self.bases[ctl] = base
-        if self.bases:
-            self.mode = "v1"
+        self.mode = found.version if self.bases else "none"
+        # What job.accepted names: the groups made, not only those that could have been.
+        self.in_use = CgroupHost(found.version, tuple(sorted(self.bases)),
+                                 "; ".join(w for w in [found.why, *failed] if w))
 
-    def _init_v2(self, name: str) -> None:
-        try:
-            enabled = self.fs.read(os.path.join(self.root, "cgroup.subtree_control")).split()
-        except OSError:
-            return
-        if not {"memory", "pids"} <= set(enabled) or not os.access(self.root, os.W_OK):
-            return
-        base = os.path.join(self.root, name)
-        try:
-            self.fs.mkdir(base)
-            self.fs.write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
-        except OSError as e:
-            log.warning("cannot create the cgroup %s: %s", base, e)
-            return
-        self.bases["unified"] = base
-        self.mode = "v2"
+    # What the layer bench (scripts/bench_lib/layers.py) calls to make groups under a name of its own.
+    def _init_v1(self, name: str) -> None:
+        self._make(name)
+
+    _init_v2 = _init_v1
 
     @property
     def layers(self) -> list[str]:
-        if self.mode == "none":
-            return []
-        return [f"cgroup-{self.mode}-" + ctl for ctl in sorted(self.bases)]
+        return self.in_use.layers
 
     def reserve(self) -> WorkerCgroup | None:
         """A group of its own for the next worker (a reused empty one, or a new one), which
@@ -491,47 +531,39 @@ class Cgroups:
     def close(self) -> None:
         """At shutdown: kill what is left and remove the groups, waiting at most half a second
         for dying tasks to leave them (a later start removes what a crash left behind)."""
-        import time
-
         for _ in range(10):
-            for base in self.bases.values():
-                _remove_tree(base, self.fs)
+            for ctl, base in self.bases.items():
+                remove_tree(base, ctl, self.fs)
             if not any(os.path.isdir(b) for b in self.bases.values()):
                 return
             time.sleep(0.05)
 
 
-def _remove_tree(base: str, fs: CgroupFS = HOST_FS) -> None:
-    """Kill what is left in a supervisor's groups and remove them (bounded: one pass)."""
-    for entry in os.listdir(base) if os.path.isdir(base) else []:
+def remove_tree(base: str, ctl: str, fs: CgroupFS = HOST_FS) -> None:
+    """Kill what is left in a supervisor's groups under `base` (of controller `ctl`, "unified"
+    in v2) and remove them, in one pass: a group whose tasks are still dying stays for the next.
+    The same for this supervisor's groups at close and for those a killed one left."""
+    try:
+        entries = sorted(os.listdir(base))
+    except OSError:
+        entries = []
+    for entry in entries:
         d = os.path.join(base, entry)
-        if not os.path.isdir(d):
-            continue
-        try:
-            pids = [int(x) for x in fs.read(os.path.join(d, "cgroup.procs")).split()]
-        except (OSError, ValueError):
-            pids = []
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            fs.rmdir(d)
+        if os.path.isdir(d):
+            group = WorkerCgroup({ctl: d}, ctl == "unified", fs)
+            group.kill_all()
+            group.remove()
     with contextlib.suppress(OSError):
         fs.rmdir(base)
 
 
-def _remove_stale(root: str = ROOT, fs: CgroupFS = HOST_FS) -> None:
-    """Groups left by supervisors that died (kill -9) are cleaned up at the next start."""
-    for top in [os.path.join(root, ctl) for ctl in V1_CONTROLLERS] + [root]:
-        try:
-            entries = os.listdir(top)
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.startswith(PREFIX) and entry[len(PREFIX):].isdigit():
-                pid = int(entry[len(PREFIX):])
-                if not os.path.exists(f"/proc/{pid}"):
-                    _remove_tree(os.path.join(top, entry), fs)
+def remove_left_behind(root: str = ROOT, fs: CgroupFS = HOST_FS) -> None:
+    """Groups of supervisors that died (kill -9), in the v2 root or any v1 controller."""
+    for ctl, top in [("unified", root)] + [(c, os.path.join(root, c)) for c in V1_CONTROLLERS]:
+        for tree in left_behind(top):
+            if os.path.isdir(tree):
+                remove_tree(tree, ctl, fs)
 
 
-__all__ = ["CgroupFS", "Cgroups", "LimitNotApplied", "WorkerCgroup", "describe_limit"]
+__all__ = ["CgroupFS", "CgroupHost", "Cgroups", "LimitNotApplied", "PREFIX", "WorkerCgroup", "describe_limit",
+           "detect", "remove_left_behind", "remove_tree"]

@@ -10,7 +10,8 @@ directory on a tmpfs (bounded only by the job's memory cgroup, since tmpfs
 pages are charged to the writer), and `doctor` and the job's sandbox list say so.
 
 All of one supervisor's directories live under `<base>/arcp-supervisor-<pid>`,
-so a supervisor that was killed leaves nothing another one cannot clean up.
+so a supervisor that was killed leaves nothing another one cannot clean up
+(sandbox/leftovers.py): `remove_root` removes such a tree, at close and at the next start.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import os
 import shutil
 import tempfile
 
+from supervisor.sandbox.leftovers import PREFIX, left_behind, own_name
+
 log = logging.getLogger("arcp.jobs")
 
 MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_SHARED = 0x2, 0x4, 0x20, 0x1000, 1 << 20
 MNT_DETACH = 0x2
-PREFIX = "arcp-supervisor-"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -50,17 +52,27 @@ def _unmount(path: str) -> bool:
     return bool(_libc.umount2(path.encode(), MNT_DETACH) == 0)
 
 
-def _mounts_under(root: str) -> list[str]:
+def _mounts_at_or_under(root: str) -> list[str]:
+    """Mount points at `root` or below it, deepest first."""
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 point = line.split()[4].replace("\\040", " ")
-                if point.startswith(root + "/"):
+                if point == root or point.startswith(root + "/"):
                     out.append(point)
     except OSError:
         pass
     return sorted(out, key=len, reverse=True)
+
+
+def remove_root(root: str) -> None:
+    """Unmount everything at or under a supervisor's root (the job dirs' tmpfs mounts, its own
+    shared bind mount) and remove it: the same for this supervisor's at close and for what a
+    killed one left."""
+    for point in _mounts_at_or_under(root):
+        _unmount(point)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def can_mount_tmpfs(where: str) -> tuple[bool, str]:
@@ -77,14 +89,32 @@ def can_mount_tmpfs(where: str) -> tuple[bool, str]:
         os.rmdir(probe)
 
 
+def tmp_cap_here(base: str | None = None) -> tuple[bool, str]:
+    """Would `JobDirs(base)` cap its directories? Probed where it mounts them: under this
+    process's own root, which is removed after (and, should this process die in between, by
+    the next supervisor to start, as any root left behind)."""
+    root = os.path.join(base or tmp_base(), own_name())
+    made = not os.path.exists(root)
+    try:
+        os.makedirs(root, 0o711, exist_ok=True)
+    except OSError as e:
+        return False, f"cannot make {root}: {e.strerror}"
+    try:
+        return can_mount_tmpfs(root)
+    finally:
+        if made:
+            remove_root(root)
+
+
 class JobDirs:
     def __init__(self, base: str | None = None, size: int = 256 << 20, shared: bool = False) -> None:
         """`shared`: the root becomes a shared mount, so that the per-job mounts made here
         also appear in the workers' own mount namespace (job uids on)."""
         self.base = base or tmp_base()
         self.size = size
-        self.root = os.path.join(self.base, f"{PREFIX}{os.getpid()}")
-        self._clean_stale()
+        self.root = os.path.join(self.base, own_name())
+        for left in left_behind(self.base):  # by supervisors that are gone
+            remove_root(left)
         os.makedirs(self.root, 0o711, exist_ok=True)
         os.chmod(self.root, 0o711)  # job uids reach their own directory, and list none
         self.shared = shared and self._share()
@@ -102,24 +132,6 @@ class JobDirs:
 
     def _probe(self) -> tuple[bool, str]:
         return can_mount_tmpfs(self.root)
-
-    def _clean_stale(self) -> None:
-        """Directories of supervisors that are gone: unmount what they left, remove the rest."""
-        try:
-            names = os.listdir(self.base)
-        except OSError:
-            return
-        for name in names:
-            if not name.startswith(PREFIX) or not name[len(PREFIX):].isdigit():
-                continue
-            pid = int(name[len(PREFIX):])
-            if pid != os.getpid() and os.path.exists(f"/proc/{pid}"):
-                continue  # a live supervisor's
-            root = os.path.join(self.base, name)
-            for point in _mounts_under(root):
-                _unmount(point)
-            _unmount(root)  # its shared bind mount, if it had one
-            shutil.rmtree(root, ignore_errors=True)
 
     def create(self, name: str, size: int) -> tuple[str, bool]:
         """A private directory, mode 0700, and whether it is capped at `size` bytes (a mount
@@ -168,8 +180,7 @@ class JobDirs:
             shutil.rmtree(path, ignore_errors=True)
 
     def close(self) -> None:
-        for point in _mounts_under(self.root):
-            _unmount(point)
-        if self.shared:
-            _unmount(self.root)
-        shutil.rmtree(self.root, ignore_errors=True)
+        remove_root(self.root)
+
+
+__all__ = ["PREFIX", "JobDirs", "can_mount_tmpfs", "remove_root", "tmp_base", "tmp_cap_here"]

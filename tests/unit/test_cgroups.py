@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sandbox.cgroups import MiB, Cgroups, LimitNotApplied, WorkerCgroup
+from supervisor.sandbox import cgroups as cgroups_module
+from supervisor.sandbox.cgroups import MiB, CgroupHost, Cgroups, LimitNotApplied, WorkerCgroup, detect
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 
@@ -207,3 +208,70 @@ def test_a_reused_workers_same_limits_are_not_read_again_until_the_group_is_recy
     assert cgs.recycle(cg)
     cg.set_limits(200 * MiB, 8)  # a new worker in the recycled group: checked again
     assert calls
+
+
+# -- detection: one function, for `Cgroups` and for `doctor` ----------------------------------
+def test_detect_v1_and_cgroups_make_groups_where_it_says(tmp_path: Path) -> None:
+    fs = FakeCgroupFS(str(tmp_path))
+    found = detect(str(tmp_path), fs)
+    assert found == CgroupHost("v1", ("memory", "pids", "cpuacct"))
+    assert found.bounds_memory_and_tasks
+    assert found.layers == ["cgroup-v1-cpuacct", "cgroup-v1-memory", "cgroup-v1-pids"]
+    cgs = Cgroups(str(tmp_path), fs)
+    assert cgs.in_use.layers == cgs.layers == found.layers and cgs.mode == "v1"
+
+
+def test_detect_v1_with_only_cpuacct_counts_cpu_but_limits_nothing(tmp_path: Path) -> None:
+    fs = FakeCgroupFS(str(tmp_path), controllers=("cpuacct",))
+    found = detect(str(tmp_path), fs)
+    assert found.version == "v1" and found.controllers == ("cpuacct",) and not found.bounds_memory_and_tasks
+    assert "memory not mounted" in found.why and "pids not mounted" in found.why
+    assert Cgroups(str(tmp_path), fs).layers == ["cgroup-v1-cpuacct"]
+
+
+def test_detect_v1_skips_a_controller_that_may_not_be_written(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = FakeCgroupFS(str(tmp_path))
+    real_access = os.access
+    monkeypatch.setattr(cgroups_module.os, "access",
+                        lambda p, mode: False if p == str(tmp_path / "pids") else real_access(p, mode))
+    found = detect(str(tmp_path), fs)
+    assert found.controllers == ("memory", "cpuacct") and "pids may not be written" in found.why
+    assert Cgroups(str(tmp_path), fs).layers == ["cgroup-v1-cpuacct", "cgroup-v1-memory"]
+
+
+def test_detect_v2_delegated_or_not(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    fs = FakeCgroupFS(str(tmp_path / "a"), v2=True)
+    found = detect(str(tmp_path / "a"), fs)
+    assert found == CgroupHost("v2", ("unified",)) and found.bounds_memory_and_tasks
+    cgs = Cgroups(str(tmp_path / "a"), fs)
+    assert cgs.layers == ["cgroup-v2-unified"] and cgs.mode == "v2"
+    (tmp_path / "b").mkdir()
+    fs = FakeCgroupFS(str(tmp_path / "b"), v2=True)
+    (tmp_path / "b" / "cgroup.subtree_control").write_text("cpu memory")
+    found = detect(str(tmp_path / "b"), fs)
+    assert found.version == "v2" and found.controllers == () and "not delegated" in found.why
+    cgs = Cgroups(str(tmp_path / "b"), fs)
+    assert cgs.layers == [] and cgs.mode == "none" and cgs.reserve() is None
+
+
+def test_detect_nothing_mounted(tmp_path: Path) -> None:
+    fs = FakeCgroupFS(str(tmp_path), controllers=())
+    assert detect(str(tmp_path), fs) == CgroupHost("none", (), "memory not mounted, pids not mounted, "
+                                                                 "cpuacct not mounted")
+    cgs = Cgroups(str(tmp_path), fs)
+    assert cgs.layers == [] and cgs.mode == "none" and cgs.reserve() is None
+
+
+def test_a_group_that_cannot_be_made_is_not_named(tmp_path: Path) -> None:
+    class NoPids(FakeCgroupFS):
+        def mkdir(self, path: str) -> None:
+            if os.path.relpath(path, self.root).startswith("pids"):
+                raise OSError(errno.EACCES, os.strerror(errno.EACCES), path)
+            super().mkdir(path)
+
+    fs = NoPids(str(tmp_path))
+    assert detect(str(tmp_path), fs).controllers == ("memory", "pids", "cpuacct")  # it looked possible
+    cgs = Cgroups(str(tmp_path), fs)
+    assert cgs.layers == ["cgroup-v1-cpuacct", "cgroup-v1-memory"] and "cannot create" in cgs.in_use.why
