@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import anyio
 from arcp import ARCPError, ListJobsFilter, TransportClosed, parse_agent_ref
 from arcp.client import ARCPClient, JobHandle
 
@@ -40,41 +41,54 @@ T = TypeVar("T")
 
 # -- running a subcommand ---------------------------------------------------------------
 class Interrupts:
-    """Ctrl-C while a subcommand runs: the first sets `event` (the subcommand winds down
-    in its own way), a second one cancels it outright."""
+    """Ctrl-C while a subcommand runs: the first sets `event` and cancels the waits under
+    `interruptible()` (the subcommand winds down in its own way), a second one cancels the
+    subcommand outright (`scope`)."""
 
     def __init__(self) -> None:
-        self.event = asyncio.Event()
+        self.event = anyio.Event()
         self.count = 0
-        self.main = asyncio.current_task()
-        self.loop = asyncio.get_running_loop()
-        self.loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        self.scope = anyio.CancelScope()
+        self._waits: set[anyio.CancelScope] = set()
 
-    def _on_sigint(self) -> None:
+    def on_sigint(self) -> None:
         self.count += 1
         if self.count == 1:
             self.event.set()
-        elif self.main is not None:
-            self.main.cancel()
+            for wait in list(self._waits):
+                wait.cancel()
+        else:
+            self.scope.cancel()
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.loop.remove_signal_handler(signal.SIGINT)
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[anyio.CancelScope]:
+        """A cancel scope that Ctrl-C cancels (at once if it came already)."""
+        with anyio.CancelScope() as wait:
+            if self.event.is_set():
+                wait.cancel()
+            self._waits.add(wait)
+            try:
+                yield wait
+            finally:
+                self._waits.discard(wait)
 
     async def race(self, aw: Awaitable[T]) -> T:
         """`aw`'s value, or ShellExit(130) if Ctrl-C comes first (`aw` is then cancelled)."""
-        task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self.event.wait())
-        try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        with self.interruptible():
+            return await aw
         raise ShellExit(INTERRUPTED, "interrupted")
+
+
+@contextlib.contextmanager
+def _sigint(handler: Callable[[], None]) -> Iterator[None]:
+    """`handler` called in the event loop on each SIGINT while in here (instead of
+    KeyboardInterrupt)."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 def run(command: Callable[[Interrupts], Awaitable[int]]) -> int:
@@ -82,27 +96,29 @@ def run(command: Callable[[Interrupts], Awaitable[int]]) -> int:
 
     async def main() -> int:
         intr = Interrupts()
-        try:
-            return await command(intr)
-        except ShellExit as e:
-            if e.message:
-                prefix = "arcp-supervisor: error: " if e.status == USAGE else "arcp-supervisor: "
-                Lines().say(prefix + e.message, "red" if e.status != INTERRUPTED else None)
-            return e.status
-        except asyncio.CancelledError:
+        with _sigint(intr.on_sigint):
+            with intr.scope:
+                try:
+                    return await command(intr)
+                except ShellExit as e:
+                    if e.message:
+                        prefix = "arcp-supervisor: error: " if e.status == USAGE else "arcp-supervisor: "
+                        Lines().say(prefix + e.message, "red" if e.status != INTERRUPTED else None)
+                    return e.status
+            # A second Ctrl-C cancelled the subcommand where it was.
             Lines().say("arcp-supervisor: interrupted")
             return INTERRUPTED
-        finally:
-            intr.close()
 
+    status = INTERRUPTED
     try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return INTERRUPTED
-    except BrokenPipeError:  # whoever read stdout went away
+        status = asyncio.run(main())
+    except* KeyboardInterrupt:  # a Ctrl-C before the handler above is in place, or after it
+        status = INTERRUPTED
+    except* BrokenPipeError:  # whoever read stdout went away (a task group's raise it in a group)
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return JOB_FAILED
+        status = JOB_FAILED
+    return status
 
 
 # -- arguments ------------------------------------------------------------------------
@@ -246,8 +262,24 @@ def _usage(message: str) -> Callable[[Interrupts], Awaitable[int]]:
     return go
 
 
-async def _terminal_of(handle: JobHandle) -> Any:
-    return await handle.done
+@dataclass
+class _Ending:
+    """How a job ended, once `ended` is set: its job.result, or what its handle raised."""
+
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    result: Any = None  # the job.result payload (JobResultPayload)
+    error: Exception | None = None
+
+    async def wait_for(self, handle: JobHandle) -> None:
+        try:
+            self.result = await handle.done
+        except Exception as e:  # the job's job.error (an ARCPError), or the session's end
+            self.error = e
+        self.ended.set()
+
+    @property
+    def final_status(self) -> str | None:
+        return getattr(self.result, "final_status", None)
 
 
 def _chunk_bytes(chunk: dict[str, Any]) -> bytes:
@@ -266,7 +298,7 @@ async def follow(client: ARCPClient, tap: Tap, handle: JobHandle, intr: Interrup
     out_tty = is_terminal(sys.stdout)
     view = JobView(lines, bar=frames is None)
     view.start(job_id, handle.agent_ref)
-    done = asyncio.ensure_future(_terminal_of(handle))
+    ending = _Ending()
     stdout = sys.stdout.buffer
 
     async def show_events() -> None:
@@ -292,49 +324,55 @@ async def follow(client: ARCPClient, tap: Tap, handle: JobHandle, intr: Interrup
             if f.get("type") in TERMINAL_TYPES:
                 return
 
-    workers = [asyncio.ensure_future(show_events()), asyncio.ensure_future(write_chunks())]
-    if frames is not None:
-        workers.append(asyncio.ensure_future(print_frames()))
-    stop = asyncio.ensure_future(intr.event.wait())
     interrupted = False
     try:
-        await asyncio.wait({done, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if not done.done():
-            interrupted = True
-            if cancel:
-                view.stop()
-                lines.say(f"cancelling job {job_id} (waiting up to {CANCEL_WAIT:g} s for it to end)", "yellow")
-                with contextlib.suppress(Exception):
-                    await client.cancel_job(job_id, reason=f"{SHELL_REASON} (Ctrl-C)")
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(done), CANCEL_WAIT)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ending.wait_for, handle)
+            tg.start_soon(show_events)
+            tg.start_soon(write_chunks)
+            if frames is not None:
+                tg.start_soon(print_frames)
+            with intr.interruptible():
+                await ending.ended.wait()
+            if not ending.ended.is_set():
+                interrupted = True
+                if cancel:
+                    view.stop()
+                    lines.say(f"cancelling job {job_id} (waiting up to {CANCEL_WAIT:g} s for it to end)", "yellow")
+                    try:
+                        await client.cancel_job(job_id, reason=f"{SHELL_REASON} (Ctrl-C)")
+                    except (TransportClosed, OSError):
+                        pass  # the connection is gone: the handle fails, which ends the wait below
+                    with anyio.move_on_after(CANCEL_WAIT):
+                        await ending.ended.wait()
+                else:
+                    with anyio.move_on_after(2):
+                        try:
+                            await client.unsubscribe(job_id)
+                        except (TransportClosed, OSError):
+                            pass  # the connection is gone, and the subscription with it
+            if ending.ended.is_set():
+                # Let what was queued before the terminal be shown and written: all of it when
+                # the terminal came (the events, chunks and frames end with it), else 2 s of it.
+                if not (job_id in tap.terminals and not interrupted):
+                    tg.cancel_scope.deadline = anyio.current_time() + 2
             else:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(client.unsubscribe(job_id), 2)
-        if done.done():  # let what was queued before the terminal be shown and written
-            complete = job_id in tap.terminals and not interrupted  # else the frames stop short
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*workers), None if complete else 2)
+                tg.cancel_scope.cancel()  # not waited for any longer (the client's close fails it)
     finally:
-        stop.cancel()
-        for w in workers:
-            w.cancel()
-        if not done.done():
-            done.cancel()  # not waited for any longer (the client's close fails it)
-        view.stop(success=done.done() and not done.cancelled() and done.exception() is None
-                  and getattr(done.result(), "final_status", None) == "success")
+        view.stop(success=ending.final_status == "success")
     terminal = tap.terminals.get(job_id)
     if interrupted:
-        if not done.done() or done.cancelled():
+        if not ending.ended.is_set():
             if cancel:
                 lines.say(f"job {job_id} did not end within {CANCEL_WAIT:g} s of the cancel", "red")
             return INTERRUPTED
-        exc = done.exception()
         if cancel:
-            how = exc.code if isinstance(exc, ARCPError) else getattr(done.result(), "final_status", "ended")
+            exc = ending.error
+            how = (exc.code if isinstance(exc, ARCPError) else error_text(exc) if exc is not None
+                   else ending.final_status or "ended")
             lines.say(f"job {job_id} ended: {how}", "yellow")
         return INTERRUPTED
-    exc = done.exception()
+    exc = ending.error
     usage = (terminal or {}).get("payload", {}).get(USAGE_KEY) if terminal else None
     if exc is not None:
         if isinstance(exc, ARCPError):
@@ -345,7 +383,7 @@ async def follow(client: ARCPClient, tap: Tap, handle: JobHandle, intr: Interrup
                 lines.say(f"details: {dump_json(exc.details)}", "red")
             return JOB_FAILED
         raise ShellExit(UNREACHABLE, f"{error_text(exc)} before job {job_id} ended")
-    result = done.result()
+    result = ending.result
     view.summary(usage)
     if result.final_status != "success":
         lines.say(f"job {job_id} ended: {result.final_status}", "red")
@@ -383,7 +421,8 @@ def cancel(url: str, token: str | None, job_id: str, reason: str | None) -> int:
                 raise ShellExit(JOB_FAILED, f"PERMISSION_DENIED: job {job_id} belongs to another session; "
                                             "only an admin may cancel it")
             try:
-                result = await intr.race(asyncio.wait_for(_terminal_of(sub.handle), CANCEL_WAIT))
+                with anyio.fail_after(CANCEL_WAIT):
+                    result = await intr.race(sub.handle.done)
             except TimeoutError:
                 raise ShellExit(JOB_FAILED, f"job {job_id} did not end within {CANCEL_WAIT:g} s of the cancel "
                                             "(only the session that submitted it, or an admin, may cancel "
@@ -495,7 +534,7 @@ def top(url: str, token: str | None) -> int:
                 sys.stdout.write(title + "\n" + plain_table(headers, rows, right) + "\n")
                 sys.stdout.flush()
                 return OK
-            quit_ = asyncio.Event()
+            quit_ = anyio.Event()
 
             def on_key(data: bytes) -> None:
                 if b"q" in data.lower():
@@ -513,10 +552,8 @@ def top(url: str, token: str | None) -> int:
                     hint = Text("q or Ctrl-C to quit", style="dim")
                     live.update(Group(rich_table(headers, rows, right, title=title, styles=styles), hint),
                                 refresh=True)
-                    waits = [asyncio.ensure_future(quit_.wait()), asyncio.ensure_future(intr.event.wait())]
-                    await asyncio.wait(waits, timeout=TOP_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
-                    for w in waits:
-                        w.cancel()
+                    with anyio.move_on_after(TOP_INTERVAL), intr.interruptible():
+                        await quit_.wait()
                     if quit_.is_set():
                         return OK
                     if intr.event.is_set():

@@ -4,14 +4,14 @@ client does not surface) and the exit status when it cannot be had."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from arcp import ARCPError, ClientInfo, TransportClosed, WebSocketTransport
 from arcp.client import ARCPClient, JobHandle
+from websockets.exceptions import WebSocketException
 
 from supervisor import __version__
 from supervisor.shell import UNREACHABLE
@@ -75,49 +75,57 @@ async def open_session(url: str, token: str | None) -> tuple[ARCPClient, Tap]:
     """A connected client, or ShellExit(3) naming why not (unreachable, refused, not
     authenticated)."""
     try:
-        async with asyncio.timeout(CONNECT_TIMEOUT):
+        with anyio.fail_after(CONNECT_TIMEOUT):
             ws = await WebSocketTransport.connect(url, max_size=None, open_timeout=CONNECT_TIMEOUT)
     except TimeoutError:
         raise ShellExit(UNREACHABLE, f"cannot connect to {url}: timed out") from None
-    except (OSError, ValueError) as e:
-        raise ShellExit(UNREACHABLE, f"cannot connect to {url}: {e}") from None
-    except Exception as e:  # websockets' InvalidURI, InvalidStatus, InvalidHandshake, ...
+    # OSError: refused, unreachable, no such host; WebSocketException: InvalidURI,
+    # InvalidStatus, InvalidHandshake, ...
+    except (OSError, ValueError, WebSocketException) as e:
         raise ShellExit(UNREACHABLE, f"cannot connect to {url}: {e}") from None
     tap = Tap(ws)
     client = ARCPClient(client=ClientInfo(name="arcp-supervisor", version=__version__), token=token or "",
                         features=FEATURES, handshake_timeout_sec=CONNECT_TIMEOUT)
+    welcomed = False
     try:
         await client.connect(tap)
+        welcomed = True
     except ARCPError as e:
-        await _quiet_close(tap)
         what = "not authenticated" if e.code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else "session refused"
         raise ShellExit(UNREACHABLE, f"{what} by {url}: {e.code}: {e.message}") from None
     except TimeoutError:
-        await _quiet_close(tap)
         raise ShellExit(UNREACHABLE, f"no session.welcome from {url}") from None
     except (TransportClosed, OSError) as e:
-        await _quiet_close(tap)
         raise ShellExit(UNREACHABLE, f"{url} closed the connection during the handshake ({e})") from None
+    finally:
+        if not welcomed:  # refused, or cancelled (Ctrl-C) half-way through the handshake
+            await _quiet_close(tap)
     return client, tap
 
 
 async def _quiet_close(tap: Tap) -> None:
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(tap.close(), 2)
+    """The connection closed, bounded, even when cancelled (its errors are the transport's
+    to swallow)."""
+    with anyio.move_on_after(2, shield=True):
+        await tap.close()
 
 
 async def close_session(client: ARCPClient, *handles: JobHandle) -> None:
-    """session.bye and the close, bounded; jobs go on (a submit --detach relies on it).
-    `handles` still open are failed by the close: their outcome is taken, unused."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.close(), 3)
+    """session.bye and the close, bounded, even when cancelled (it is what a subcommand does
+    on its way out, a second Ctrl-C included); jobs go on (a submit --detach relies on it).
+    `handles` still open are failed by the close: their outcome is taken, unused (else
+    asyncio reports it as never retrieved)."""
+    with anyio.move_on_after(3, shield=True):
+        try:
+            await client.close()
+        except (TransportClosed, OSError):
+            pass  # the connection broke under the bye: closed all the same
     for h in handles:
-        with contextlib.suppress(BaseException):
-            await asyncio.wait_for(_done(h), 0.5)
-
-
-async def _done(handle: JobHandle) -> Any:
-    return await handle.done
+        with anyio.move_on_after(0.5, shield=True):
+            try:
+                await h.done
+            except Exception:  # the outcome, whichever: TransportClosed, the job's error
+                pass
 
 
 def error_text(e: BaseException) -> str:

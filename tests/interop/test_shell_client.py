@@ -14,13 +14,19 @@ import select
 import signal
 import socket
 import subprocess
+import termios
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
+from anyio.from_thread import start_blocking_portal
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import EXE, ROOT, Server
 from tests.interop.client import sdk_session
@@ -241,11 +247,73 @@ def test_ctrl_c_cancels_the_job_and_exits_130(srv: Server) -> None:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 130
         assert proc.stdout is not None and proc.stdout.read() == b""
+        assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
     assert _jobs(srv.url)[job_id]["status"] == "cancelled"
+
+
+@contextlib.contextmanager
+def _relay(url: str, drop: str) -> Iterator[str]:
+    """A WebSocket relay to `url` (the URL it listens on) that forwards every frame both
+    ways but the client's frames of type `drop`."""
+    port = _free_port()
+
+    async def handler(conn: ServerConnection) -> None:
+        async with connect(url, max_size=None) as up, anyio.create_task_group() as tg:
+            async def pump(src: Any, dst: Any, filtered: bool) -> None:
+                try:
+                    async for msg in src:
+                        if not (filtered and json.loads(msg).get("type") == drop):
+                            await dst.send(msg)
+                except ConnectionClosed:
+                    pass  # either side going away ends the relay
+                tg.cancel_scope.cancel()
+            tg.start_soon(pump, conn, up, True)
+            tg.start_soon(pump, up, conn, False)
+
+    async def start() -> Any:
+        return await serve(handler, "127.0.0.1", port, max_size=None)
+
+    with start_blocking_portal() as portal:
+        server = portal.call(start)
+
+        async def stop() -> None:
+            server.close()
+            await server.wait_closed()
+
+        try:
+            yield f"ws://127.0.0.1:{port}/arcp"
+        finally:
+            portal.call(stop)
+
+
+def test_a_second_ctrl_c_ends_the_wait_for_the_cancel(srv: Server) -> None:
+    with _relay(srv.url, drop="job.cancel") as url:  # the cancel never arrives: the job goes on
+        proc = subprocess.Popen([str(EXE), "submit", "sleep", "--input", '{"seconds": 30}', "--url", url],
+                                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=_env())
+        try:
+            assert proc.stderr is not None
+            head = _read_until(proc.stderr, "sleeping", 30)
+            job_id = JOB_ID.findall(head)[0]
+            proc.send_signal(signal.SIGINT)
+            _read_until(proc.stderr, "cancelling job", 10)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            assert proc.wait(20) == 130
+            took = time.monotonic() - started
+            rest = proc.stderr.read().decode(errors="replace")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    assert took < 5, took  # well before the cancel's wait (10 s) would have ended
+    assert "interrupted" in rest and "Traceback" not in rest, rest
+    assert _jobs(srv.url)[job_id]["status"] == "running"
 
 
 def test_ctrl_c_in_watch_leaves_the_job_running(srv: Server) -> None:
@@ -255,11 +323,15 @@ def test_ctrl_c_in_watch_leaves_the_job_running(srv: Server) -> None:
     try:
         _read_until(proc.stderr, "sleeping", 30)
         proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
         assert proc.wait(20) == 130
+        took = time.monotonic() - started
+        assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+    assert took < 5, took  # the job is left running, not waited for
     assert _jobs(srv.url)[job_id]["status"] == "running"
 
 
@@ -403,3 +475,61 @@ def test_progress_bar_under_a_pseudo_terminal(srv: Server) -> None:
     assert "step 3" in text  # log lines above it
     result = text[text.rindex("{"):]
     assert json.loads(result.replace("\r", "")) == {"steps": 4}
+
+
+class _Terminal:
+    """A command under a pseudo-terminal (stdin, stdout and stderr), read as it writes."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.master, slave = pty.openpty()
+        env = _env(TERM="xterm-256color", COLUMNS="120", LINES="40")
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.screen = bytearray()
+
+    def read_until(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in ANSI.sub("", self.screen.decode("utf-8", "replace")):
+            assert time.monotonic() < deadline, self.screen.decode("utf-8", "replace")
+            if select.select([self.master], [], [], 0.2)[0]:
+                self.screen += os.read(self.master, 65536)
+
+    def wait(self, timeout: float) -> int:
+        """The exit status, the screen read to the end."""
+        status = self.proc.wait(timeout)
+        while select.select([self.master], [], [], 0.2)[0]:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not data:
+                break
+            self.screen += data
+        return status
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
+
+
+def test_top_on_a_terminal_quits_on_q_and_on_ctrl_c(srv: Server) -> None:
+    for how, expected in (("q", 0), ("ctrl-c", 130)):
+        term = _Terminal([str(EXE), "top", "--url", srv.url])
+        try:
+            term.read_until("q or Ctrl-C to quit", 30)
+            echo = termios.tcgetattr(term.master)[3] & termios.ECHO
+            assert not echo  # single keys, not echoed
+            if how == "q":
+                os.write(term.master, b"q")
+            else:
+                term.proc.send_signal(signal.SIGINT)
+            started = time.monotonic()
+            assert term.wait(10) == expected, (how, term.screen)
+            assert time.monotonic() - started < 5, how
+            assert termios.tcgetattr(term.master)[3] & termios.ECHO, how  # the terminal's modes given back
+            assert b"Traceback" not in term.screen, term.screen.decode("utf-8", "replace")
+        finally:
+            term.close()
