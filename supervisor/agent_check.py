@@ -18,7 +18,7 @@ from shared import pipe_messages as pm
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.sandbox.cgroups import LimitNotApplied
 from supervisor.config import AgentSpec, Limits
-from supervisor.jobs.workers import CGROUP_LINGER, WorkerSpawnError
+from supervisor.jobs.worker_handle import CGROUP_LINGER, WorkerSpawnError
 from supervisor.jobs.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError
 
 if TYPE_CHECKING:

@@ -37,7 +37,9 @@ from supervisor.core.registry import AgentRegistry
 from supervisor.core.session import FrameTooLarge, Session
 from supervisor.state.store import Store, StoredJob
 from supervisor.core.usage import USAGE_KEY, outcome_of, usage_wire
-from supervisor.jobs.workers import ForkServer, WorkerHandle, WorkerPool
+from supervisor.jobs.fork_server import ForkServer
+from supervisor.jobs.pool import WorkerPool
+from supervisor.jobs.worker_handle import WorkerHandle
 from supervisor.jobs.worker_rpc import WorkerProtocolError
 
 log = logging.getLogger("arcp.runtime")

@@ -3,8 +3,12 @@
 The terminal frame is sent exactly once. A normal end (the agent returned or
 raised) sends it at once. A stop (cancel, max_runtime_sec, lease expiry)
 decides the terminal at once, tells the worker, gives it `--grace` seconds,
-then SIGTERM and SIGKILL, and sends the terminal when the worker is gone:
-never later than grace + 0.5 s.
+then SIGTERM and SIGKILL (WorkerHandle.stop), and sends the terminal when the
+worker is gone: never later than grace + 0.5 s.
+
+Every task of a job belongs to its runner: the stopper to `_life()`'s task group, and,
+while the worker runs the job, the watch (limits and usage, every POLL_INTERVAL) and
+the calls answered later (calls.Later) to the pump's. None outlives `run()`.
 """
 
 from __future__ import annotations
@@ -21,32 +25,27 @@ import anyio
 from anyio.abc import TaskGroup
 
 from shared import pipe_messages as pm
-from shared.errors import (
-    ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, PermissionDenied, Timeout,
-)
-from shared.ids import new_id
-from shared.lease import PATH_CAPABILITIES, clean_path, lease_allows
+from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, Timeout
 from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
 from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.sandbox.cgroups import LimitNotApplied
+from supervisor.sandbox.cgroups import LimitNotApplied, WorkerCgroup
 from supervisor.core.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress.proxy import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
 from supervisor import metrics
-from supervisor.sandbox import path_resolve
-from supervisor.core.authority import shown
-from supervisor.jobs.workers import CGROUP_LINGER, WorkerHandle, WorkerSpawnError
-from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError, check_call
+from supervisor.core.authority import Authority
+from supervisor.jobs import calls
+from supervisor.jobs.path_checks import PathChecks
+from supervisor.jobs.worker_handle import CGROUP_LINGER, EXIT_WAIT, WorkerHandle, WorkerSpawnError
+from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
 
 if TYPE_CHECKING:
     from supervisor.core.jobs import Job
     from supervisor.runtime import Runtime
 
 log = logging.getLogger("arcp.jobs")
-KILL_SLACK = 0.2  # between SIGTERM and SIGKILL
-EXIT_WAIT = 0.25  # after SIGKILL, for the reaper's word
 POLL_INTERVAL = 0.1  # seconds between looks at a running job: limits the kernel does not hold alone, usage
-MAX_PATH_CHECKS = 256  # fs.* validate_lease_op calls of one job waiting for their answer
+MAX_WAITING = 256  # calls of one kind (calls.Later.name) of one job waiting for their answer
 
 
 class _Died:
@@ -66,15 +65,18 @@ class JobRunner:
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
         self._pump_done = asyncio.Event()
         self._memory_exceeded = False
-        self._watch_memory = False  # no memory cgroup: the poll holds the memory limit
-        self._poll_timer: asyncio.TimerHandle | None = None
+        self._watch_memory = False  # no memory cgroup: the watch holds the memory limit
         self.started_at: float | None = None  # (monotonic) when admitted
         self.meter: UsageMeter | None = None  # its usage, once it has a worker
         self.limit_logged = False  # a limit kill was logged when it happened
         self._cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
         self._cpu_exceeded = False
+        self._ending = False  # the worker reported the job's end: its terminal is decided
         self._cpu_unreadable: LimitNotApplied | None = None
-        self._stopper: asyncio.Task[None] | None = None
+        self._tg: TaskGroup | None = None  # _life()'s, while it runs: the stopper's
+        self._helpers: TaskGroup | None = None  # the pump's, while it runs: the watch, calls answered later
+        self._waiting: dict[str, int] = {}  # calls answered later, by kind, waiting for their answer
+        self._paths = PathChecks(job)
         self._final: tuple[str, dict[str, Any]] | None = None
         self.egress: EgressJob | None = None
         self._egress_tasks: TaskGroup | None = None  # holds the egress proxy's task while the job runs
@@ -122,7 +124,7 @@ class JobRunner:
         """Cancel, timeout or expiry: decide the terminal now, end the worker after grace. A job
         still waiting to start ends at once. `error` replaces the terminal error `kind` implies."""
         job = self.job
-        if job.done or self.stop_kind is not None:
+        if job.done or self.stop_kind is not None or self._ending:
             return
         self.stop_kind = kind
         err: ARCPError
@@ -138,8 +140,8 @@ class JobRunner:
         job.status = status  # nothing of the job is sent from here on but its terminal
         if not self.started:  # nothing runs yet: the terminal now
             self._finish(*self._final)
-        elif self.worker is not None:
-            self._stopper = asyncio.get_running_loop().create_task(self._stopping(self.worker))
+        elif self.worker is not None and self._tg is not None:  # the worker is _life()'s until it ends
+            self._tg.start_soon(self._stopping, self.worker, name=f"stop {job.id}")
 
     # -- the job's life -------------------------------------------------------
     async def run(self) -> None:
@@ -151,15 +153,20 @@ class JobRunner:
             tasks.cancel_scope.cancel()
 
     async def _life(self) -> None:
+        """`_run()`, and the stopper if a stop comes: both end before this returns."""
         job = self.job
         try:
-            await self._run()
-        except Exception as e:  # a supervisor fault must still end the job, once
-            log.exception("job %s: runner failed", job.id)
-            if self.worker is not None:
-                self.rt.pool.retire(self.worker)
-            self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                try:
+                    await self._run()
+                except Exception as e:  # a supervisor fault must still end the job, once
+                    log.exception("job %s: runner failed", job.id)
+                    if self.worker is not None:
+                        self.rt.pool.retire(self.worker)
+                    self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
         finally:
+            self._tg = None
             for t in self._timers:
                 t.cancel()
 
@@ -178,18 +185,11 @@ class JobRunner:
         job.status = RUNNING
         watch = True  # the supervisor's own memory check, where no memory cgroup enforces it
         if worker.cgroup is not None:
-            try:
-                worker.cgroup.set_limits(self.request.limits.memory, self.request.limits.max_procs)
+            try:  # cgroupfs writes and reads back: 0.1 ms and more (a lower limit reclaims)
+                watch = await anyio.to_thread.run_sync(self._apply_limits, worker, worker.cgroup)
             except LimitNotApplied as e:
                 self._limit_not_applied(worker, e)
                 return
-            watch = not worker.cgroup.limits_memory
-            if worker.cgroup.counts_cpu:  # CPU time of the whole tree; RLIMIT_CPU stays, per process
-                try:
-                    self._cpu_base = worker.cgroup.cpu_usage_ns()
-                except (OSError, ValueError) as e:
-                    self._limit_not_applied(worker, self._cpu_limit_error(worker, e))
-                    return
         try:
             self.rt.job_tmp_dir(job, worker)
         except OSError as e:
@@ -200,23 +200,39 @@ class JobRunner:
         spec = self.rt.job_spec(job, egress_port)
         if self.rt.uids is not None:
             spec["uid"] = await self._job_uid(worker)
-        self.meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
-        self.meter.begin(self._cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
+        meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
+        # the counters' values now, on a thread (cgroupfs reads, a write; the process tree where it counts)
+        await anyio.to_thread.run_sync(
+            meter.begin, self._cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
+        self.meter = meter
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
         metrics.job_phase(job, "agent.run")
         self._watch_memory = watch
-        self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll, worker)
-        try:
-            outcome = await self._pump(worker)
-        finally:
-            if self._poll_timer is not None:
-                self._poll_timer.cancel()
-        self._pump_done.set()
+        async with anyio.create_task_group() as helpers:
+            self._helpers = helpers
+            helpers.start_soon(self._watch, worker, name=f"watch {job.id}")
+            try:
+                outcome = await self._pump(worker)
+            finally:
+                self._helpers = None
+                self._pump_done.set()
+                helpers.cancel_scope.cancel()  # calls still waiting: their job is over, nobody waits for them
         if self.stop_kind is None:
             await self._ended(worker, outcome)
-        elif self._stopper is not None:
-            await self._stopper  # it sends the terminal once the worker is gone
+        # else the stopper, in _life()'s group, sends the terminal once the worker is gone
+
+    def _apply_limits(self, worker: WorkerHandle, cg: WorkerCgroup) -> bool:
+        """On a thread: the job's memory and process limits in the worker's group, and the
+        group's CPU time now; whether the watch must hold the memory limit (no memory cgroup).
+        LimitNotApplied when a limit does not hold or the CPU time cannot be read."""
+        cg.set_limits(self.request.limits.memory, self.request.limits.max_procs)
+        if cg.counts_cpu:  # CPU time of the whole tree; RLIMIT_CPU stays, per process
+            try:
+                self._cpu_base = cg.cpu_usage_ns()
+            except (OSError, ValueError) as e:
+                raise self._cpu_limit_error(worker, e) from None
+        return not cg.limits_memory
 
     def _limit_not_applied(self, worker: WorkerHandle, e: LimitNotApplied) -> None:
         """A layer could not apply a limit: the job does not run, and neither its worker nor
@@ -272,8 +288,11 @@ class JobRunner:
             # The job's tree passed its CPU time between two reads, or since the last one.
             await worker.kill(1.0)
             outcome = _Died()
+        if isinstance(outcome, Done | Fail):  # its terminal is decided: a stop from now on comes too late
+            self._ending = True
+            await self._last_sample(worker)
         if isinstance(outcome, Done):
-            self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
+            await self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
             result_id = size = None
             s = self.frames.stream
             if s is not None:
@@ -282,7 +301,7 @@ class JobRunner:
         elif isinstance(outcome, Fail):
             if outcome.traceback:
                 log.warning("job %s: agent raised\n%s", job.id, block(outcome.traceback))  # the worker's text
-            self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
+            await self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
             self._finish(ERROR, outcome.error)
         elif isinstance(outcome, WorkerProtocolError | CodecError):
             log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, one_line(str(outcome), 1024))
@@ -312,23 +331,40 @@ class JobRunner:
                     f"worker process ended unexpectedly: {why}", retryable=True,
                     details={"exit": why}).to_wire())
 
-    def _poll(self, worker: WorkerHandle) -> None:
+    async def _watch(self, worker: WorkerHandle) -> None:
         """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
-        it, the CPU time limit of the whole tree (from its cgroup), and the usage samples."""
-        if not worker.alive or self.job.done:
-            return
+        it, the CPU time limit of the whole tree (from its cgroup), and the usage samples. The
+        process tree is walked on a thread (psutil reads /proc: milliseconds); the group's
+        counters are read here (a pread each, about 2 µs)."""
+        try:
+            while True:
+                await anyio.sleep(POLL_INTERVAL)
+                if not worker.alive or self.job.done:
+                    return
+                meter = self.meter
+                tree = None
+                if self._watch_memory or (meter is not None and meter.needs_tree):
+                    tree = await anyio.to_thread.run_sync(sample_tree, worker.pid)
+                    await anyio.lowlevel.checkpoint_if_cancelled()  # the pump has ended meanwhile
+                    if not worker.alive or self.job.done:
+                        return
+                if self._watch_memory and tree is not None and self._memory_over(worker, tree.rss):
+                    return
+                cg = worker.cgroup
+                if cg is not None and cg.counts_cpu and self.stop_kind is None and not self._pump_done.is_set() \
+                        and self._cpu_over(worker):
+                    worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
+                    return
+                if meter is not None:
+                    meter.sample(tree)
+        except Exception:  # the job goes on; its limits stay with the kernel's own layers
+            log.exception("job %s: the watch failed", self.job.id)
+
+    async def _last_sample(self, worker: WorkerHandle) -> None:
+        """The process tree's last sample, for the usage figures that come from it (on a thread)."""
         meter = self.meter
-        tree = sample_tree(worker.pid) if self._watch_memory or (meter is not None and meter.needs_tree) else None
-        if self._watch_memory and tree is not None and self._memory_over(worker, tree.rss):
-            return
-        cg = worker.cgroup
-        if cg is not None and cg.counts_cpu and self.stop_kind is None and not self._pump_done.is_set() \
-                and self._cpu_over(worker):
-            worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
-            return
-        if meter is not None:
-            meter.sample(tree)
-        self._poll_timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll, worker)
+        if meter is not None and meter.needs_tree and worker.alive:
+            meter.sample(await anyio.to_thread.run_sync(sample_tree, meter.pid))
 
     def _memory_over(self, worker: WorkerHandle, rss: int) -> bool:
         """The last line for the memory limit: the resident size of the job's process tree."""
@@ -375,19 +411,17 @@ class JobRunner:
                                f"its CPU time cannot be read: {why}")
 
     async def _stopping(self, worker: WorkerHandle) -> None:
-        """Tell the worker, give it `grace`, then SIGTERM and SIGKILL; then the terminal."""
+        """Tell the worker, then end it (WorkerHandle.stop): the agent has `grace` to unwind and
+        the worker to report its end (the pump ends), then SIGTERM and SIGKILL; then the terminal."""
         try:
             assert worker.writer is not None
             with contextlib.suppress(OSError, RuntimeError, CodecError):
                 worker.writer.write(encode([pm.CANCEL, self.stop_kind or "cancel"]))
-            # The agent has `grace` to unwind; the worker then reports its end.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._pump_done.wait(), self.rt.config.grace)
-            if worker.alive and not self._pump_done.is_set():
-                worker.signal(signal.SIGTERM)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(worker.exited), KILL_SLACK)
-            await worker.kill(EXIT_WAIT)  # also closes the pipe, which ends the pump
+            await worker.stop(self.rt.config.grace, ended=self._pump_done, kill_wait=EXIT_WAIT)
+        except Exception:  # the terminal still goes, once
+            log.exception("job %s: stopping its worker failed", self.job.id)
+            worker.signal(signal.SIGKILL)
+            worker.close_pipe()
         finally:
             self._finish(*self._final_or_internal())
 
@@ -413,10 +447,10 @@ class JobRunner:
                             self._event(action)
                         elif isinstance(action, Call):
                             self._answer(writer, action)
-                            await asyncio.sleep(0)  # a call's work is bounded; others' turn between calls
+                            await anyio.lowlevel.checkpoint()  # a call's work is bounded; others' turn between calls
                         else:
                             return action
-                await outbox.wait_writable()
+                    await outbox.wait_writable()  # past the session's high-water mark: no next frame until below
         except (WorkerProtocolError, CodecError) as e:
             return e
         except (ConnectionError, OSError):
@@ -432,18 +466,13 @@ class JobRunner:
             for name, value, unit in job.authority.debit_metric(b["name"], b["value"], b.get("unit")):
                 self.rt.emit_event(job, "metric", {"name": name, "value": value, "unit": unit})
 
-    # fs.* validate_lease_op calls: answered from a task, one resolution at a time per job.
-    _path_lock: asyncio.Lock | None = None
-    _path_waiting = 0
-    _path_stuck: asyncio.Future[str] | None = None  # a resolution that outlived its timeout
-
+    # -- calls (calls.py) -------------------------------------------------------
     def _answer(self, writer: asyncio.StreamWriter, call: Call) -> None:
         try:
-            check_call(call.op, call.args)  # every argument bounded before any work
-            if call.op == "validate_lease_op" and call.args[0] in PATH_CAPABILITIES:
-                self._answer_path_check(writer, call)  # resolved off the loop, answered later
+            value = calls.answer(self, call.op, call.args)  # every argument bounded before any work
+            if isinstance(value, calls.Later):
+                self._answer_later(writer, call, value)
                 return
-            value = self._call(call.op, call.args)
             reply = [pm.REPLY, call.call_id, True, value]
         except ARCPError as e:
             reply = [pm.REPLY, call.call_id, False, e.to_wire()]
@@ -458,100 +487,50 @@ class JobRunner:
         if not writer.is_closing():
             writer.write(encode(reply))
 
-    def _answer_path_check(self, writer: asyncio.StreamWriter, call: Call) -> None:
-        if self._path_waiting >= MAX_PATH_CHECKS:
-            raise InvalidRequest(f"validate_lease_op: more than {MAX_PATH_CHECKS} path checks of this job "
+    def _answer_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
+        """A call whose answer waits: answered from a task of the pump's group (cancelled, with
+        its answer, when the pump ends); at most MAX_WAITING of a kind wait at once."""
+        assert self._helpers is not None  # calls come from the pump
+        waiting = self._waiting.get(later.name, 0)
+        if waiting >= MAX_WAITING:
+            raise InvalidRequest(f"{call.op}: more than {MAX_WAITING} {later.name}s of this job "
                                  "are waiting for their answer", retryable=True)
-        self._path_waiting += 1
-        task = asyncio.get_running_loop().create_task(self._path_check(writer, call))
-        _PATH_TASKS.add(task)
-        task.add_done_callback(_PATH_TASKS.discard)
+        self._waiting[later.name] = waiting + 1
+        self._helpers.start_soon(self._answered_later, writer, call, later)
 
-    async def _path_check(self, writer: asyncio.StreamWriter, call: Call) -> None:
-        cap, target = call.args
+    async def _answered_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
         try:
-            if self._path_lock is None:
-                self._path_lock = asyncio.Lock()
-            async with self._path_lock:
-                await self._check_path(cap, target)
-            reply = [pm.REPLY, call.call_id, True, None]
+            reply = [pm.REPLY, call.call_id, True, await later.answer()]
         except ARCPError as e:
             reply = [pm.REPLY, call.call_id, False, e.to_wire()]
         except Exception as e:  # a supervisor fault: the job hears of it, the loop goes on
-            log.exception("job %s: path check failed", self.job.id)
+            log.exception("job %s: %s failed", self.job.id, later.name)
             reply = [pm.REPLY, call.call_id, False,
-                     InternalError(f"the path check failed: {type(e).__name__}").to_wire()]
+                     InternalError(f"the {later.name} failed: {type(e).__name__}").to_wire()]
         finally:
-            self._path_waiting -= 1
+            self._waiting[later.name] -= 1
         self._reply(writer, reply)
 
-    async def _check_path(self, cap: str, target: str) -> None:
-        """fs.* `validate_lease_op`: the target the job's kernel would open (absolute, cleaned,
-        symlinks resolved in the job's view, with its credentials), then the lease. Refusals
-        name the target as the job sent it, never what it resolved to."""
-        auth = self.job.authority
-        if self.job.done:  # queued behind others until after the job's end: nothing to resolve for
-            raise Cancelled("job has ended")
-        if auth.expired(time.time()):
-            raise LeaseExpired("the job's lease has expired")
-        if not target.startswith("/"):
-            raise PermissionDenied(f"{cap} target {shown(target)} is not an absolute path")
-        if not auth.lease.get(cap):  # nothing granted: the same verdict, without resolving anything
-            auth.validate_op(cap, target, time.time(), asked=target)
-        if self._path_stuck is not None and not self._path_stuck.done():
-            raise Timeout(f"{cap} target {shown(target)}: an earlier path check of this job is still "
-                          "running", retryable=True)
-        worker = self.worker
-        uid = worker.uid if worker is not None else None
-        try:
-            resolved = await path_resolve.resolve(
-                clean_path(target), uid=uid, root_pid=worker.pid if worker is not None and uid is not None else None)
-        except path_resolve.PathRefused as e:
-            raise PermissionDenied(f"{cap} target {shown(target)} cannot be checked: {e}") from None
-        except path_resolve.ResolverBusy as e:
-            raise Timeout(f"{cap} target {shown(target)}: {e}", retryable=True) from None
-        except path_resolve.ResolveTimeout as e:
-            self._path_stuck = e.pending
-            raise Timeout(f"{cap} target {shown(target)}: {e}", retryable=True) from None
-        except OSError as e:
-            raise PermissionDenied(f"{cap} target {shown(target)} cannot be checked: "
-                                   f"{os.strerror(e.errno) if e.errno else type(e).__name__}") from None
-        auth.validate_op(cap, resolved, time.time(), asked=target)
+    # what answering a call needs of the runner (calls.CallHost)
+    @property
+    def authority(self) -> Authority:
+        return self.job.authority
 
-    def _call(self, op: str, args: list[Any]) -> Any:
-        job = self.job
-        auth = job.authority
-        if op == "budget":
-            return auth.budget_wire()
-        if op == "validate_lease_op":
-            cap, target = args  # bounded by check_call; fs.* targets go to _check_path
-            if not isinstance(cap, str) or not isinstance(target, str) or cap in PATH_CAPABILITIES:
-                raise InvalidRequest("validate_lease_op takes two strings")
-            auth.validate_op(cap, target, time.time())
-            return None
-        if op == "reserve_budget":
-            (amounts,) = args
-            auth.reserve(amounts, time.time())
-            return None
-        if op == "tool_call":
-            tool, tool_args = args
-            if not isinstance(tool, str) or not tool:
-                raise InvalidRequest("tool name must be a non-empty string")
-            if "tool.call" in self.request.lease and not lease_allows(self.request.lease, "tool.call", tool):
-                raise PermissionDenied(f"lease does not grant tool.call on {shown(tool)}")
-            call_id = new_id("c")
-            self._event(Event("tool_call", {"tool": tool, "args": tool_args, "call_id": call_id}))
-            return call_id
-        if op == "delegate":
-            agent, child_input, lease = args
-            return self.rt.delegate(job, agent, child_input, lease)
-        if op == "rotate_credential":
-            cred_id, value = args
-            if not isinstance(cred_id, str) or not isinstance(value, str):
-                raise InvalidRequest("rotate_credential takes a credential id and a new value (strings)")
-            self.rt.rotate_credential(job, cred_id, value)
-            return None
-        raise InvalidRequest(f"unknown call {op!r}")
+    @property
+    def lease(self) -> dict[str, list[str]]:
+        return self.request.lease
+
+    def emit(self, kind: str, body: dict[str, Any]) -> None:
+        self._event(Event(kind, body))
+
+    async def check_path(self, cap: str, target: str) -> None:
+        await self._paths.check(cap, target, self.worker)
+
+    def delegate(self, agent: str, child_input: Any, lease: Any) -> str:
+        return self.rt.delegate(self.job, agent, child_input, lease)
+
+    async def rotate_credential(self, credential_id: str, value: str) -> None:
+        await self.rt.rotate_credential(self.job, credential_id, value)
 
     # -- the end ------------------------------------------------------------------
     def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
@@ -580,17 +559,12 @@ class JobRunner:
         if meter is None:  # it never had a worker
             return usage_wire(now - self.started_at if self.started_at is not None else 0.0,
                               net_bytes_in=net_in, net_bytes_out=net_out)
-        if meter.needs_tree and self.worker is not None and self.worker.alive:
-            meter.sample(sample_tree(meter.pid))
-        return meter.read(now, net_in, net_out)
+        return meter.read(now, net_in, net_out)  # the tree as last sampled (_watch, _last_sample)
 
     def usage_so_far(self) -> dict[str, Any]:
         """For `session.list_jobs`: the figures of a running job until now."""
         e = self.egress
         return self._usage(e.bytes_in, e.bytes_out) if e is not None else self._usage(0, 0)
-
-
-_PATH_TASKS: set[asyncio.Task[None]] = set()  # path checks in flight (a strong reference each)
 
 
 def _killed_by(status: int, sig: int) -> bool:

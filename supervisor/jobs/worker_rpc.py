@@ -1,7 +1,8 @@
 """Checks every frame a worker sends and turns it into event bodies or calls.
 
 Pure and hostile-input safe: anything that is not exactly what an honest
-worker sends raises WorkerProtocolError, and the job ends with INTERNAL_ERROR.
+worker sends raises WorkerProtocolError, and the job ends with INTERNAL_ERROR. A call
+names an op of the call table (calls.py), which bounds its arguments and answers it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any
 import orjson
 
 from shared import pipe_messages as pm
-from shared.errors import InvalidRequest, from_wire
+from shared.errors import from_wire
 from shared.ids import new_id
-from shared.lease import (
-    MAX_CAPABILITY_LEN, MAX_PATTERN_LEN, LeaseError, bound_error, validate_lease_request,
-)
 from shared.messages import LOG_LEVELS, RESERVED_PHASES
+from supervisor.jobs.calls import CALLS
 
 
 class WorkerProtocolError(Exception):
@@ -124,7 +123,7 @@ class WorkerFrames:
             if len(frame) != 5 or not isinstance(frame[4], list):
                 raise WorkerProtocolError("call frame is not [call, job, id, op, args]")
             _int(frame[2], "call id")
-            if not isinstance(frame[3], str) or frame[3] not in pm.CALL_OPS:
+            if not isinstance(frame[3], str) or frame[3] not in CALLS:
                 raise WorkerProtocolError(f"unknown call {str(frame[3])[:40]!r}")
             return [Call(frame[2], frame[3], frame[4])]
         if tag == pm.DONE:
@@ -283,76 +282,6 @@ def _left(frame: list[Any]) -> list[str]:
     if not isinstance(left, list) or not all(isinstance(x, str) and x in pm.LEFT_KINDS for x in left):
         raise WorkerProtocolError(f"what the job left is not a list of {sorted(pm.LEFT_KINDS)}")
     return sorted(set(left))
-
-
-# -- the arguments of calls -------------------------------------------------------------------
-# A call that is well framed but asks too much is answered INVALID_REQUEST (naming the argument
-# and its bound) before any work is done for it; the job goes on.
-
-CALL_ARITY = {"budget": 0, "reserve_budget": 1, "validate_lease_op": 2, "tool_call": 2, "delegate": 3,
-              "rotate_credential": 2}
-MAX_NAME_LEN = MAX_PATTERN_LEN  # tool and agent names: as long as a lease pattern naming them may be
-MAX_CREDENTIAL_ID_LEN = 256
-MAX_CREDENTIAL_LEN = 16384
-MAX_BUDGET_ENTRIES = 64
-MAX_CURRENCY_LEN = 64
-MAX_AMOUNT_LEN = 64
-
-
-def _bounded(v: Any, op: str, what: str, limit: int, *, empty: bool = True) -> str:
-    if not isinstance(v, str):
-        raise InvalidRequest(f"{op}: {what} is not a string")
-    if not v and not empty:
-        raise InvalidRequest(f"{op}: {what} is empty")
-    if len(v) > limit or len(v.encode("utf-8", "surrogatepass")) > limit:
-        raise InvalidRequest(f"{op}: {what} is longer than {limit} bytes, the most accepted")
-    return v
-
-
-def check_call(op: str, args: list[Any]) -> None:
-    """Bound every argument of a worker's call before any work is done for it.
-
-    InvalidRequest names the argument and the bound; the message never repeats an
-    argument longer than a few dozen characters. Paths follow the kernel (PATH_MAX 4096
-    bytes in all, NUL included; NAME_MAX 255 bytes per segment), see shared.lease.bound_error.
-    """
-    n = CALL_ARITY.get(op)
-    if n is None:
-        raise InvalidRequest(f"unknown call {op[:40]!r}")
-    if len(args) != n:
-        raise InvalidRequest(f"{op} takes {n} arguments, got {len(args)}")
-    if op == "validate_lease_op":
-        cap = _bounded(args[0], op, "capability", MAX_CAPABILITY_LEN, empty=False)
-        if not isinstance(args[1], str):
-            raise InvalidRequest(f"{op}: target is not a string")
-        why = bound_error(cap, args[1])
-        if why is not None:
-            raise InvalidRequest(f"{op}: the {cap[:64]} target {why}")
-    elif op == "tool_call":
-        _bounded(args[0], op, "tool name", MAX_NAME_LEN, empty=False)
-    elif op == "delegate":
-        _bounded(args[0], op, "agent", MAX_NAME_LEN, empty=False)
-        try:
-            validate_lease_request(args[2])  # linear in its size, bounded per pattern
-        except LeaseError as e:
-            raise InvalidRequest(f"{op}: {e}") from None
-    elif op == "rotate_credential":
-        _bounded(args[0], op, "credential id", MAX_CREDENTIAL_ID_LEN, empty=False)
-        _bounded(args[1], op, "credential value", MAX_CREDENTIAL_LEN)
-    elif op == "reserve_budget":
-        amounts = args[0]
-        if not isinstance(amounts, dict):
-            raise InvalidRequest(f"{op} takes a {{currency: amount}} mapping")
-        if len(amounts) > MAX_BUDGET_ENTRIES:
-            raise InvalidRequest(f"{op}: more than {MAX_BUDGET_ENTRIES} currencies")
-        for cur, amount in amounts.items():
-            _bounded(cur, op, "currency", MAX_CURRENCY_LEN, empty=False)
-            if isinstance(amount, str):
-                _bounded(amount, op, f"amount for {cur!r}", MAX_AMOUNT_LEN)
-            elif isinstance(amount, bool) or not isinstance(amount, (int, float)):
-                raise InvalidRequest(f"{op}: amount for {cur!r} is not a number or a decimal string")
-            elif isinstance(amount, int) and amount.bit_length() > 64:
-                raise InvalidRequest(f"{op}: amount for {cur!r} is wider than 64 bits")
 
 
 def _split_text(text: str, max_encoded: int) -> list[str]:

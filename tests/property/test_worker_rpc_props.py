@@ -108,7 +108,7 @@ def test_base64_chunks_reassemble(pieces: list[bytes], max_text: int) -> None:
 # -- the arguments of calls: bounded before any work ----------------------------------------------
 
 from shared.errors import InvalidRequest  # noqa: E402
-from supervisor.jobs.worker_rpc import CALL_ARITY, check_call  # noqa: E402
+from supervisor.jobs.calls import CALL_ARITY, check_call  # noqa: E402
 
 huge_texts = st.sampled_from([
     "/" + "a/" * 300000,  # the reported one: 600 KB of path

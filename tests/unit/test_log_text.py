@@ -50,11 +50,15 @@ def test_huge_text_is_capped_and_marked(text: str) -> None:
 
 # -- the runner's own log lines about a worker ------------------------------------------------------
 
+async def _release(*args: Any) -> None:
+    pass
+
+
 class _Runtime:
     def __init__(self) -> None:
         self.frame_cap = 1024 * 1024
         self.config = SimpleNamespace(max_result_bytes=1 << 20, chunk_size=1 << 16)
-        self.pool = SimpleNamespace(release=lambda *args: None)
+        self.pool = SimpleNamespace(release=_release)
         self.finished: list[tuple[str, Any]] = []
 
     def reuse_key(self, job: Any) -> tuple[()]:

@@ -404,7 +404,7 @@ def test_call_id_must_be_non_negative_int(call_id: Any) -> None:
 # -- call arguments are bounded before any work (answered INVALID_REQUEST, the job goes on) -----
 
 from shared.errors import InvalidRequest  # noqa: E402
-from supervisor.jobs.worker_rpc import check_call  # noqa: E402
+from supervisor.jobs.calls import check_call  # noqa: E402
 
 
 @pytest.mark.parametrize(("op", "args", "needle"), [
