@@ -1,4 +1,4 @@
-"""ARCP v1.1 message vocabulary: types, features, event kinds, statuses, agent grammar."""
+"""ARCP v1.1 message vocabulary: client request types, features, statuses, agent grammar."""
 
 from __future__ import annotations
 
@@ -17,18 +17,6 @@ JOB_CANCEL = "job.cancel"
 JOB_SUBSCRIBE = "job.subscribe"
 JOB_UNSUBSCRIBE = "job.unsubscribe"
 
-# Server -> client.
-SESSION_WELCOME = "session.welcome"
-SESSION_ERROR = "session.error"
-SESSION_JOBS = "session.jobs"
-SESSION_CLOSED = "session.closed"
-JOB_ACCEPTED = "job.accepted"
-JOB_EVENT = "job.event"
-JOB_RESULT = "job.result"
-JOB_ERROR = "job.error"
-JOB_CANCELLED = "job.cancelled"
-JOB_SUBSCRIBED = "job.subscribed"
-
 CLIENT_TYPES = frozenset({
     SESSION_HELLO, SESSION_PING, SESSION_PONG, SESSION_ACK, SESSION_LIST_JOBS, SESSION_CLOSE,
     SESSION_BYE, JOB_SUBMIT, JOB_CANCEL, JOB_SUBSCRIBE, JOB_UNSUBSCRIBE,
@@ -39,10 +27,6 @@ FEATURES: tuple[str, ...] = (
     "progress", "result_chunk", "agent_versions",
 )
 
-EVENT_KINDS = frozenset({
-    "log", "thought", "tool_call", "tool_result", "status", "metric", "artifact_ref",
-    "delegate", "progress", "result_chunk",
-})
 LOG_LEVELS = frozenset({"debug", "info", "warn", "error"})
 QUEUED = "queued"  # the status phase of a job waiting to start (the supervisor's own)
 RESERVED_PHASES = frozenset({"credential_rotated", "back_pressure", QUEUED})

@@ -115,12 +115,8 @@ def agents_report(config: Any, as_json: bool = False) -> tuple[list[str], bool]:
     from supervisor.runtime import Runtime
 
     async def go() -> list[str]:
-        rt = Runtime(config)
-        try:
-            await rt.start()
+        async with Runtime(config) as rt:
             return await check_agents(rt)
-        finally:
-            await rt.close()
 
     try:
         problems = asyncio.run(go())

@@ -29,7 +29,6 @@ its absence is found once); untraced, every tracing step is a test of `_tracer i
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import os
@@ -38,8 +37,9 @@ import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 from prometheus_client import (
     CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, disable_created_metrics,
 )
@@ -53,7 +53,18 @@ from supervisor.core.jobs import OTEL_KEY
 if TYPE_CHECKING:
     from shared.envelope import Envelope
     from supervisor.core.jobs import Job
-    from supervisor.runtime import Runtime
+
+
+class Scraped(Protocol):
+    """What the scrape-time gauges and /readyz read of a running runtime."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    admission: Any  # .running, .queued
+    sessions: dict[str, Any]  # values: .detached_at, .expired
+    pool: Any  # .idle
+    fork_server: Any  # .ready
 
 log = logging.getLogger("arcp.metrics")
 
@@ -113,35 +124,32 @@ class _StateCollector:
 
 @dataclass
 class _Attached:
-    rt: Runtime
-    lag: asyncio.Task[None]
+    rt: Scraped
 
 
 _attached: dict[int, _Attached] = {}
 REGISTRY.register(_StateCollector())
 
 
-def attach(rt: Runtime) -> None:
-    """The runtime has started: its state is scraped, the lag probe runs, tracing is set up
-    from the environment (once)."""
+def attach(rt: Scraped) -> None:
+    """The runtime has started: its state is scraped and tracing is set up from the
+    environment (once). The runtime runs `probe_lag` in its task group."""
     if id(rt) not in _attached:
-        _attached[id(rt)] = _Attached(rt, asyncio.get_running_loop().create_task(_probe_lag()))
+        _attached[id(rt)] = _Attached(rt)
     configure_tracing_from_env()
 
 
-def detach(rt: Runtime) -> None:
-    """The runtime closes: its lag probe stops and its state is no longer scraped."""
-    a = _attached.pop(id(rt), None)
-    if a is not None:
-        a.lag.cancel()
+def detach(rt: Scraped) -> None:
+    """The runtime closes: its state is no longer scraped."""
+    _attached.pop(id(rt), None)
 
 
-async def _probe_lag() -> None:
-    loop = asyncio.get_running_loop()
+async def probe_lag() -> None:
+    """Measure the event loop's lag: sleep LAG_INTERVAL, record how late the wake-up was."""
     while True:
-        t0 = loop.time()
-        await asyncio.sleep(LAG_INTERVAL)
-        LOOP_LAG.set(max(0.0, loop.time() - t0 - LAG_INTERVAL))
+        t0 = time.monotonic()
+        await anyio.sleep(LAG_INTERVAL)
+        LOOP_LAG.set(max(0.0, time.monotonic() - t0 - LAG_INTERVAL))
 
 
 def render(accept: str | None) -> tuple[bytes, str]:
@@ -150,7 +158,7 @@ def render(accept: str | None) -> tuple[bytes, str]:
     return encoder(REGISTRY), content_type
 
 
-def readiness(rt: Runtime) -> str | None:
+def readiness(rt: Scraped) -> str | None:
     """None when the server takes new work, else why not."""
     if rt.draining:
         return "draining"

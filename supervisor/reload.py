@@ -16,10 +16,11 @@ jobs as the modules known at start are; the check finds out.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import fields, replace
+
+import anyio
 
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
@@ -73,40 +74,33 @@ def describe(old: Config, new: Config) -> str:
 
 class Reloader:
     """Runs reloads one at a time; a SIGHUP during one is taken after it. Requests made
-    before `start()` (the server is not serving yet) wait for it."""
+    before `run()` starts (the server is not serving yet) wait for it; `run()` lives in the
+    server's task group until the server ends."""
 
     def __init__(self, rt: Runtime, load: Callable[[], Config]) -> None:
         self.rt = rt
         self._load = load
-        self._pending = False
-        self._started = False
-        self._task: asyncio.Task[None] | None = None
+        self._wanted = anyio.Event()
 
     def request(self) -> None:
         if self.rt.draining:
             log.info("SIGHUP: the server is draining; configuration not reloaded")
             return
-        self._pending = True
-        self._kick()
+        self._wanted.set()
 
-    def start(self) -> None:
-        self._started = True
-        self._kick()
-
-    def _kick(self) -> None:
-        if self._started and self._pending and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while self._pending and not self.rt.draining:
-            self._pending = False
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted = anyio.Event()
+            if self.rt.draining:
+                continue
             await self.reload()
 
     async def reload(self) -> bool:
         """Read and apply the configuration once; False when the running one was kept."""
         running = self.rt.config
         try:
-            loaded = await asyncio.to_thread(self._load)
+            loaded = await anyio.to_thread.run_sync(self._load)
         except ConfigError as e:
             log.error("SIGHUP: %s; keeping the running configuration", e)
             return False
@@ -125,8 +119,3 @@ class Reloader:
         for name in waiting:
             log.warning("SIGHUP: setting %s changed; it takes effect at the next start", name)
         return True
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)

@@ -1,37 +1,43 @@
-"""One ARCP session: handshake, request dispatch and outbound stamping.
+"""One ARCP session as a state machine: frames and the time in, frames and requests out.
 
-The session does no I/O: frames it produces go into its Outbox (already
-serialised, with `event_seq` stamped when sequenced); jobs are submitted to
-and cancelled through the Runtime it is given.
+The session does no I/O and reads no clock: the connection feeds it each inbound
+frame with the current monotonic time (`receive`) and ticks it (`tick`) for
+heartbeats; it answers session-level messages itself (ping, ack, close) and returns
+the requests that concern jobs (supervisor/core/requests.py) for the runtime to
+carry out. Frames it produces go into its Outbox, already serialised, with
+`event_seq` stamped when sequenced; a sequenced frame to keep for resume goes to the
+`keep` callable it was given (the store's enqueue; a list in tests). Closing the
+transport is asked of the `close` callable of the transport attached.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from shared.envelope import Envelope, frame, parse_envelope, request_id_of
-from shared.errors import ARCPError, InvalidRequest, JobNotFound, PermissionDenied, Unauthenticated
+from shared.errors import ARCPError, HeartbeatLost, InternalError, InvalidRequest, Unauthenticated
 from shared.ids import UUID_RE, new_id, new_resume_token, new_ulid, now_ts
-from shared.messages import CLIENT_TYPES, FEATURES
+from shared.messages import (
+    CLIENT_TYPES, FEATURES, JOB_CANCEL, JOB_SUBMIT, JOB_SUBSCRIBE, JOB_UNSUBSCRIBE, SESSION_ACK, SESSION_BYE,
+    SESSION_CLOSE, SESSION_HELLO, SESSION_LIST_JOBS, SESSION_PING, SESSION_PONG,
+)
 from supervisor import __version__
 from supervisor.core.frames import GO, PY, session_error
 from supervisor.core.outbox import HIGH_WATER_BYTES, Outbox
-from supervisor.state.store import DEFAULT_LOG_BYTES
-
-if TYPE_CHECKING:
-    from supervisor.runtime import Runtime
+from supervisor.core.requests import Cancel, ListJobs, Request, Submit, Subscribe, Unsubscribe, job_id_of
 
 log = logging.getLogger("arcp.session")
 FLAVOUR_KEY = "x-vendor.arcp-supervisor.flavour"
 MAX_ECHO = 128  # longest client value echoed back (ids are at most 128 characters)
 MAX_MESSAGE = 4096
 ANONYMOUS = "anonymous"
+STALL_LIMIT = 60.0  # seconds a client may leave its queue at the high-water mark
 
 
 class FrameTooLarge(Exception):
@@ -79,26 +85,39 @@ def authenticate(tokens: dict[str, str], hello: Envelope) -> str:
     return principal
 
 
-class Session:
-    """A session outlives its transport: detached, it keeps its seq space and logs its
-    frames in the store until a resume attaches a new transport or its window passes."""
+@dataclass(frozen=True)
+class SessionSettings:
+    """What a session needs of the server's configuration, fixed when it opens."""
 
-    def __init__(self, runtime: Runtime, principal: str, flavour: str, features: list[str],
-                 frame_cap: int, close: Callable[[int, str], None]) -> None:
-        self.runtime = runtime
+    resume_window: float
+    heartbeat_interval: float
+    back_pressure_threshold: int
+    log_bytes: int  # the session's frame log in the store, bounded in bytes
+    frame_cap: int
+    admin: bool = False  # an operator ([auth] admins): sees, follows and may cancel every principal's jobs
+
+
+KeepFrame = Callable[[str, int, str, bytes], None]  # (session_id, seq, job_id, frame)
+CloseTransport = Callable[[int, str], None]
+
+
+class Session:
+    """A session outlives its transport: detached, it keeps its seq space and its frames
+    stay in the store until a resume attaches a new transport or its window passes."""
+
+    def __init__(self, settings: SessionSettings, principal: str, flavour: str, features: list[str],
+                 keep: KeepFrame, close: CloseTransport, now: float) -> None:
+        self.settings = settings
         self.id = new_id("sess")
         self.principal = principal
-        # An operator ([auth] admins, as configured when the session opened): sees, follows and
-        # may cancel every principal's jobs.
-        self.admin = principal in getattr(runtime.config, "admins", ())
+        self.admin = settings.admin
         self.flavour = flavour
         self.features = features
         self.resume_token = new_resume_token()
-        self.frame_cap = frame_cap
+        self.frame_cap = settings.frame_cap
         # Past the high-water mark the session's own jobs wait; the hard limit leaves room for a
         # resume's replay of the whole log on top of that before the client counts as not reading.
-        log_bytes = getattr(runtime.config, "session_log_bytes", DEFAULT_LOG_BYTES)
-        self.outbox = Outbox(hard_bytes=log_bytes + 2 * HIGH_WATER_BYTES)
+        self.outbox = Outbox(hard_bytes=settings.log_bytes + 2 * HIGH_WATER_BYTES)
         self.outbox.on_overflow = self._overflow
         self.seq = 0
         self.last_ack = 0
@@ -106,13 +125,16 @@ class Session:
         self.expired = False  # past its resume window: forgotten
         self.detached_at: float | None = None  # monotonic time the transport went away
         self.back_pressure_signalled = False
-        self.last_inbound = [time.monotonic()]  # shared with the connection that reads
+        self.last_inbound = now
         self.last_ping = 0.0
+        self._keep = keep
         self._close = close
 
-    def attach(self, close: Callable[[int, str], None]) -> None:
+    # -- transport ------------------------------------------------------------
+    def attach(self, close: CloseTransport, now: float) -> None:
         self._close = close
         self.detached_at = None
+        self.last_inbound = now
         self.outbox.attach()
 
     def detach(self, now: float) -> None:
@@ -129,6 +151,27 @@ class Session:
                     self.id, queued)
         self._close(1011, "consumer too slow")
 
+    def tick(self, now: float) -> None:
+        """Time passes: end a transport whose client stopped reading or went silent (two
+        heartbeat intervals without traffic, with the heartbeat feature); ping after one."""
+        if self.detached_at is not None or self.expired:
+            return
+        if self.outbox.stalled_for(now) > STALL_LIMIT:
+            self.error(InternalError("consumer too slow: the client stopped reading"))
+            self.close_transport(1011, "consumer too slow")
+            return
+        if "heartbeat" not in self.features:
+            return
+        interval = self.settings.heartbeat_interval
+        idle = now - self.last_inbound
+        if idle >= 2 * interval:
+            self.error(HeartbeatLost(f"no traffic from the client for {idle:.0f} s", retryable=True))
+            self.close_transport(1001, "heartbeat lost")
+        elif idle >= interval and now - self.last_ping >= interval:
+            self.last_ping = now
+            self.send(frame("session.ping", new_ulid(), {"nonce": new_id("p"), "sent_at": now_ts()},
+                            session_id=self.id))
+
     # -- outbound -----------------------------------------------------------
     def encode(self, env: dict[str, Any]) -> bytes:
         data = orjson.dumps(env)
@@ -141,19 +184,22 @@ class Session:
         self.outbox.put(self.encode(env))
 
     def send_seq(self, env: dict[str, Any], job_id: str, log: bool = True) -> int:
-        """Stamp the next event_seq, log for resume, queue; return the seq.
-
-        FrameTooLarge leaves the counter untouched.
-        """
+        """Stamp the next event_seq, keep it for resume (unless `log` is false), queue it;
+        return the seq (0 for a session past its window). FrameTooLarge leaves the counter
+        untouched."""
         if self.expired:
             return 0
         env["event_seq"] = self.seq + 1
         data = self.encode(env)
         self.seq += 1
         if log:
-            self.runtime.store.log_frame(self.id, self.seq, job_id, data)
+            self._keep(self.id, self.seq, job_id, data)
         self.outbox.put(data)
         return self.seq
+
+    def lag(self) -> int:
+        """Sequenced frames sent and not yet acknowledged (with the ack feature)."""
+        return self.seq - self.last_ack if "ack" in self.features else 0
 
     def error(self, err: ARCPError, request_id: str | None = None, job_id: str | None = None) -> None:
         """Answer with session.error; whatever a client echoes into it, it fits one frame."""
@@ -167,116 +213,115 @@ class Session:
             self.send(session_error(type(err)(f"{err.code}: the error's details do not fit one frame"),  # type: ignore[call-arg]
                                     session_id=self.id, request_id=request_id))
 
-    def welcome(self) -> dict[str, Any]:
+    def failed(self, request: Request, exc: Exception) -> None:
+        """A request the runtime could not carry out: answered, whatever went wrong. An
+        ARCPError is the client's answer; anything else is a fault of ours, logged with its
+        traceback and answered INTERNAL_ERROR, and the session goes on."""
+        rid = request.env.id
+        job_id = job_id_of(request)
+        if isinstance(exc, ARCPError):
+            self.error(exc, request_id=rid, job_id=job_id)
+        elif isinstance(exc, FrameTooLarge):
+            log.error("session %s: %s", self.id, exc)
+            self.error(InvalidRequest(f"the reply does not fit one frame: {exc}"), request_id=rid)
+        else:
+            log.error("session %s: %s failed: %r", self.id, request.env.type, exc, exc_info=exc)
+            self.error(InternalError(f"{request.env.type} failed inside the server: {type(exc).__name__}"),
+                       request_id=rid, job_id=job_id)
+
+    def welcome(self, agents: list[dict[str, Any]]) -> dict[str, Any]:
         return frame("session.welcome", new_ulid(), {
             "runtime": {"name": "arcp-supervisor", "version": __version__},
             "session_id": self.id,
             "resume_token": self.resume_token,
-            "resume_window_sec": self.runtime.config.resume_window,
-            "heartbeat_interval_sec": self.runtime.config.heartbeat_interval,
+            "resume_window_sec": self.settings.resume_window,
+            "heartbeat_interval_sec": self.settings.heartbeat_interval,
             "accepted_at": now_ts(),
-            "capabilities": {"encodings": ["json"], "features": self.features,
-                             "agents": self.runtime.registry.inventory()},
+            "capabilities": {"encodings": ["json"], "features": self.features, "agents": agents},
         }, session_id=self.id)
 
     # -- inbound ------------------------------------------------------------
-    def receive(self, data: str | bytes) -> None:
-        """One inbound frame; every failure is answered, none escapes."""
+    def receive(self, data: str | bytes, now: float) -> Request | None:
+        """One inbound frame: answered here, or returned as a request for the runtime. No
+        failure escapes: each is answered with session.error."""
+        self.last_inbound = now
         if isinstance(data, Oversized):
             self.error(InvalidRequest(f"frame larger than the {data.limit}-byte limit; it was dropped"))
-            return
+            return None
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError as e:
             self.error(InvalidRequest(f"frame is not valid JSON: {e}"))
-            return
+            return None
         rid = request_id_of(obj)
         try:
             env = parse_envelope(obj)
-            self.dispatch(env)
+            return self._dispatch(env)
         except ARCPError as e:
             job_id = obj.get("job_id") if isinstance(obj, dict) and isinstance(obj.get("job_id"), str) else None
             self.error(e, request_id=rid, job_id=job_id)
         except FrameTooLarge as e:
             log.error("session %s: %s", self.id, e)
             self.error(InvalidRequest(f"the reply does not fit one frame: {e}"), request_id=rid)
+        return None
 
-    def dispatch(self, env: Envelope) -> None:
+    def _dispatch(self, env: Envelope) -> Request | None:
         t = env.type
-        if t == "job.submit":
-            self.runtime.submit(self, env)
-        elif t == "session.ping":
+        if t == JOB_SUBMIT:
+            return Submit(env)
+        if t == SESSION_PING:
             nonce = env.payload.get("nonce")
             if not isinstance(nonce, str):
                 raise InvalidRequest("session.ping payload needs a string 'nonce'")
             self.send(frame("session.pong", new_ulid(), {"ping_nonce": nonce, "received_at": now_ts()},
                             session_id=self.id))
-        elif t == "session.pong":
+        elif t == SESSION_PONG:
             pass
-        elif t == "session.ack":
-            seq = env.payload.get("last_processed_seq")
-            if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-                raise InvalidRequest("session.ack needs 'last_processed_seq', an integer >= 0")
-            if seq > self.seq:
-                raise InvalidRequest(f"session.ack of seq {seq}, beyond the last sent ({self.seq})")
-            if "ack" in self.features:
-                self.last_ack = max(self.last_ack, seq)
-                if self.seq - self.last_ack < self.runtime.back_pressure_threshold:
-                    self.back_pressure_signalled = False
-        elif t == "job.cancel":
-            self._cancel(env)
-        elif t == "session.list_jobs":
+        elif t == SESSION_ACK:
+            self._ack(env)
+        elif t == JOB_CANCEL:
+            job_id = env.job_id or env.payload.get("job_id")
+            if not isinstance(job_id, str) or not job_id:
+                raise InvalidRequest("job.cancel needs the target job id in the envelope 'job_id'")
+            reason = env.payload.get("reason")
+            return Cancel(env, job_id, reason if isinstance(reason, str) and reason else "cancelled by client")
+        elif t == SESSION_LIST_JOBS:
             self._require("list_jobs", t)
-            self.send(self.runtime.list_jobs(self, env))
-        elif t in ("job.subscribe", "job.unsubscribe"):
+            return ListJobs(env)
+        elif t in (JOB_SUBSCRIBE, JOB_UNSUBSCRIBE):
             self._require("subscribe", t)
             job_id = env.payload.get("job_id") or env.job_id
             if not isinstance(job_id, str) or not job_id:
                 raise InvalidRequest(f"{t} needs a 'job_id'")
-            if t == "job.subscribe":
-                self.runtime.subscribe(self, env, job_id)
-            else:
-                self.runtime.unsubscribe(self, job_id)
-        elif t in ("session.close", "session.bye"):
+            return Subscribe(env, job_id) if t == JOB_SUBSCRIBE else Unsubscribe(env, job_id)
+        elif t in (SESSION_CLOSE, SESSION_BYE):
             reason = env.payload.get("reason")
             self.send(frame("session.closed", new_ulid(),
                             {"reason": reason if isinstance(reason, str) else "closed"}, session_id=self.id))
             self.closed = True
             self._close(1000, "bye")
-        elif t == "session.hello":
+        elif t == SESSION_HELLO:
             raise InvalidRequest("session.hello already sent on this session")
         elif t in CLIENT_TYPES:  # pragma: no cover - every client type is handled above
             raise InvalidRequest(f"message type {t!r} is not handled")
         else:
             raise InvalidRequest(f"unknown envelope type {t[:MAX_ECHO]!r}")
+        return None
+
+    def _ack(self, env: Envelope) -> None:
+        seq = env.payload.get("last_processed_seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidRequest("session.ack needs 'last_processed_seq', an integer >= 0")
+        if seq > self.seq:
+            raise InvalidRequest(f"session.ack of seq {seq}, beyond the last sent ({self.seq})")
+        if "ack" in self.features:
+            self.last_ack = max(self.last_ack, seq)
+            if self.seq - self.last_ack < self.settings.back_pressure_threshold:
+                self.back_pressure_signalled = False
 
     def _require(self, feature: str, t: str) -> None:
         if feature not in self.features:
             raise InvalidRequest(f"{t} needs the {feature!r} feature, which this session did not negotiate")
-
-    def _cancel(self, env: Envelope) -> None:
-        job_id = env.job_id or env.payload.get("job_id")
-        if not isinstance(job_id, str) or not job_id:
-            raise InvalidRequest("job.cancel needs the target job id in the envelope 'job_id'")
-        reason = env.payload.get("reason")
-        reason = reason if isinstance(reason, str) and reason else "cancelled by client"
-        job = self.runtime.jobs.jobs.get(job_id)
-        if job is None:
-            raise JobNotFound(f"no job {job_id[:MAX_ECHO]!r}")
-        if self.admin and (job.principal != self.principal or job.owner_id != self.id):
-            if not job.done:
-                log.info("session %s (admin %s) cancels job %s of %s", self.id, self.principal, job_id,
-                         job.principal)
-                job.runner.request_stop("cancel", reason)
-            return
-        if job.principal != self.principal or job.owner_id != self.id:
-            if self.flavour == GO:
-                raise PermissionDenied(f"only the submitting session may cancel job {job_id[:MAX_ECHO]!r}")
-            log.info("session %s: cancel of %s refused (not the submitter)", self.id, job_id)
-            return
-        if job.done:
-            return  # a finished job: silent no-op
-        job.runner.request_stop("cancel", reason)
 
 
 def negotiate(hello: Envelope, supported: tuple[str, ...] = FEATURES) -> list[str]:
@@ -291,7 +336,7 @@ def negotiate(hello: Envelope, supported: tuple[str, ...] = FEATURES) -> list[st
 
 def check_hello(obj: Any) -> Envelope:
     env = parse_envelope(obj)
-    if env.type != "session.hello":
+    if env.type != SESSION_HELLO:
         raise InvalidRequest(f"the first frame must be session.hello, not {env.type!r}")
     client = env.payload.get("client")
     if client is not None and not isinstance(client, dict):

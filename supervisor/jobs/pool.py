@@ -18,7 +18,6 @@ closed is retired.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 from collections import deque
@@ -57,7 +56,6 @@ class WorkerPool:
         self._tg: TaskGroup | None = None  # run()'s, while it runs
         self._closing = anyio.Event()
         self._closed = False
-        self._bridge: asyncio.Task[None] | None = None
 
     # -- its life --------------------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -76,12 +74,6 @@ class WorkerPool:
         finally:
             self._tg = None
 
-    def start(self) -> None:
-        """For an owner that does not run `run()` in a task group of its own: `run()` in a
-        task that `close()` ends and `aclose()` waits for."""
-        if self._tg is None and self._bridge is None and not self._closed:
-            self._bridge = asyncio.get_running_loop().create_task(self.run(), name="worker pool")
-
     def close(self) -> None:
         """Retire the idle workers and end `run()` (its spawns in flight are cancelled)."""
         self._closed = True
@@ -94,12 +86,6 @@ class WorkerPool:
                 self.retire(h)
         self._reused.clear()
         self._reused_count = 0
-
-    async def aclose(self) -> None:
-        """`close()`, and until the task `start()` made has ended."""
-        self.close()
-        if self._bridge is not None:
-            await self._bridge
 
     # -- workers ----------------------------------------------------------------------------
     @property

@@ -41,7 +41,7 @@ from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, Wo
 
 if TYPE_CHECKING:
     from supervisor.core.jobs import Job
-    from supervisor.runtime import Runtime
+    from supervisor.jobs.host import RunnerHost
 
 log = logging.getLogger("arcp.jobs")
 POLL_INTERVAL = 0.1  # seconds between looks at a running job: limits the kernel does not hold alone, usage
@@ -53,7 +53,7 @@ class _Died:
 
 
 class JobRunner:
-    def __init__(self, runtime: Runtime, job: Job) -> None:
+    def __init__(self, runtime: RunnerHost, job: Job) -> None:
         self.rt = runtime
         self.job = job
         assert job.request is not None and job.owner is not None

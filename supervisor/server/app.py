@@ -17,6 +17,8 @@ import resource
 import signal
 from collections.abc import Callable
 
+import anyio
+
 from supervisor.agent_check import check_agents
 from supervisor.config import Config, ConfigError
 from supervisor.server.connection import SHUTDOWN_DRAIN
@@ -44,8 +46,8 @@ class Stop:
     """SIGTERM/SIGINT: the first asks for a drain, the second for the jobs' end now."""
 
     def __init__(self) -> None:
-        self.drain = asyncio.Event()
-        self.now = asyncio.Event()
+        self.drain = anyio.Event()
+        self.now = anyio.Event()
 
     def signalled(self, sig: signal.Signals) -> None:
         if not self.drain.is_set():
@@ -83,47 +85,42 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
     for line in report(as_json=False, job_uids=config.job_uids)[0].splitlines():
         if line:
             log.info("isolation: %s", line)
-    rt = Runtime(config, STDIO_FRAME_CAP if config.stdio else WS_FRAME_CAP)
     stop = Stop()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.signalled, sig)
-    reloader = Reloader(rt, reload) if reload is not None else None
-    loop.add_signal_handler(signal.SIGHUP, reloader.request if reloader is not None else
-                            lambda: log.info("SIGHUP: no --config to reload"))
-    try:
-        await rt.start()
+    async with Runtime(config, STDIO_FRAME_CAP if config.stdio else WS_FRAME_CAP) as rt:
+        reloader = Reloader(rt, reload) if reload is not None else None
+        loop.add_signal_handler(signal.SIGHUP, reloader.request if reloader is not None else
+                                lambda: log.info("SIGHUP: no --config to reload"))
         problems = await check_agents(rt)
         if problems:
             raise ConfigError("; ".join(problems))
-        if reloader is not None:
-            reloader.start()
-        if config.stdio:
-            await _serve_stdio(rt, stop)
-        else:
-            await _serve_ws(rt, stop)
-    finally:
-        if reloader is not None:
-            await reloader.close()
-        await rt.close()
+        async with anyio.create_task_group() as tg:
+            if reloader is not None:
+                tg.start_soon(reloader.run)
+            if config.stdio:
+                await _serve_stdio(rt, stop)
+            else:
+                await _serve_ws(rt, stop)
+            tg.cancel_scope.cancel()
 
 
 async def _serve_stdio(rt: Runtime, stop: Stop) -> None:
     """One session; it ends when its input has ended and its jobs have (or on a drain)."""
     from supervisor.server.transport_stdio import serve_stdio
 
-    session = asyncio.create_task(serve_stdio(rt))
-    stopper = asyncio.create_task(stop.drain.wait())
-    try:
-        await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not session.done():
-            await drain(rt, stop)
-            await asyncio.wait({session}, timeout=SHUTDOWN_DRAIN + STOP_SLACK)
-    finally:
-        stopper.cancel()
-        session.cancel()
-        with contextlib.suppress(BaseException):
-            await session
+    async with anyio.create_task_group() as tg:
+        async def session() -> None:
+            await serve_stdio(rt)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(session)
+        await stop.drain.wait()
+        await drain(rt, stop)
+        with anyio.move_on_after(SHUTDOWN_DRAIN + STOP_SLACK):
+            await anyio.sleep_forever()  # the session ends the group when its last frames are out
+        tg.cancel_scope.cancel()
 
 
 async def _serve_ws(rt: Runtime, stop: Stop) -> None:
@@ -142,15 +139,32 @@ async def _serve_ws(rt: Runtime, stop: Stop) -> None:
         await drain(rt, stop)  # the listener stays open meanwhile: new clients hear why they are refused
     finally:
         server.close(close_connections=False)  # no new connections; each handler writes its last frames
-        try:
-            await asyncio.wait_for(server.wait_closed(), SHUTDOWN_DRAIN + STOP_SLACK)
-        except TimeoutError:  # a client that neither reads nor closes, or never said hello
-            for conn in list(server.connections):
-                conn.transport.abort()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), 2.0)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(SHUTDOWN_DRAIN + STOP_SLACK) as waited:
+                await server.wait_closed()
+            if waited.cancelled_caught:  # a client that neither reads nor closes, or never said hello
+                for conn in list(server.connections):
+                    conn.transport.abort()
+                with anyio.move_on_after(2.0):
+                    await server.wait_closed()
 
 
 def run(config: Config, reload: Callable[[], Config] | None = None) -> None:
     configure_logs(config.log_format, config.log_level)
-    asyncio.run(serve(config, reload))
+    try:
+        asyncio.run(serve(config, reload))
+    except BaseExceptionGroup as group:  # the task groups' way to raise one error: raise it as itself
+        raise _sole(group) from None
+
+
+def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a group holds (however deeply nested), else the group itself."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    return leaves[0] if len(leaves) == 1 else group

@@ -1,28 +1,29 @@
-"""One client connection, whatever the transport: handshake (new or resumed session),
-then the read loop, the write loop and the heartbeat."""
+"""One client connection, whatever the transport: the handshake (a new or a resumed
+session), then a task group of three: the reader (this task), the writer and the
+heartbeat ticker. The session itself is pure (supervisor/core/session.py): this module
+feeds it frames and the time, carries its requests to the runtime, and writes what it
+queues."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from typing import Protocol
 
+import anyio
 import orjson
 
-from shared.envelope import frame, request_id_of
-from shared.errors import ARCPError, HeartbeatLost, InternalError, InvalidRequest
-from shared.ids import new_id, new_ulid, now_ts
+from shared.envelope import request_id_of
+from shared.errors import ARCPError, InternalError, InvalidRequest
 from supervisor.core.frames import session_error
-from supervisor.runtime import Runtime
-from supervisor.core.session import Session, authenticate, check_hello, detect_flavour, negotiate
+from supervisor.core.session import Session, authenticate, check_hello
+from supervisor.server.host import ConnectionHost
 
 log = logging.getLogger("arcp.connection")
 HANDSHAKE_TIMEOUT = 30.0
 CLOSE_DRAIN = 2.0
 SHUTDOWN_DRAIN = 10.0  # for the last frames (terminals, session.bye) when the server or a stdio session ends
-STALL_LIMIT = 60.0  # seconds a client may leave its queue at the high-water mark
+CLOSE_TIMEOUT = 5.0  # for the transport's closing handshake
 
 
 class Transport(Protocol):
@@ -31,25 +32,88 @@ class Transport(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
-async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *, linger: bool = False,
+class _Closer:
+    """How the session asks for its transport to close: the first reason stands (a
+    shutdown's 1001, not the bye a client answers it with); the reader stops."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.code_reason: tuple[int, str] = (1000, "bye")
+        self.reader = anyio.CancelScope()
+
+    def __call__(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.code_reason = (code, reason)
+        self.closing = True
+        self.reader.cancel()
+
+
+async def serve_connection(rt: ConnectionHost, transport: Transport, frame_cap: int, *, linger: bool = False,
                            peer: str = "stdio") -> None:
     """Serve one client until its transport ends. With `linger` (stdio, where the process
     ends with its one session), the end of the client's input (or its bye) does not end
     the session's jobs: they run to their terminals, which are written before the close.
     `peer` (the client's address) is for the log."""
     log.debug("connection open", extra={"remote": peer})
-    try:
-        first = await asyncio.wait_for(transport.recv(), HANDSHAKE_TIMEOUT)
-    except TimeoutError:
+    first: str | bytes | None = None
+    with anyio.move_on_after(HANDSHAKE_TIMEOUT) as handshake:
+        first = await transport.recv()
+    if handshake.cancelled_caught:
         await transport.close(1008, "no session.hello")
         return
     if first is None:
         return
+    closer = _Closer()
+    session = await _handshake(rt, transport, first, frame_cap, closer, peer)
+    if session is None:
+        return
+    sending = [False]  # the writer is in the middle of a batch
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_write_loop, session, transport, sending)
+            heart = anyio.CancelScope()
+            tg.start_soon(_heartbeat, rt, session, heart)
+            with closer.reader:
+                while True:
+                    data = await transport.recv()
+                    if data is None:
+                        break
+                    request = session.receive(data, time.monotonic())
+                    if request is not None:
+                        # A close (bye, shutdown, a stalled client) stops the reader, not a
+                        # request half carried out: a submit is accepted whole or not at all.
+                        with anyio.CancelScope(shield=True):
+                            try:
+                                await rt.handle(session, request)
+                            except Exception as e:  # answered; the connection goes on
+                                session.failed(request, e)
+            if linger:
+                heart.cancel()  # no more input is coming: not a lost heartbeat
+                if rt.unfinished_jobs(session.id):
+                    log.info("session %s: input ended; waiting for its jobs to end", session.id)
+                    await rt.wait_jobs(None, owner_id=session.id)
+                await _drain(session, sending, SHUTDOWN_DRAIN)
+            elif closer.closing:
+                await _drain(session, sending, SHUTDOWN_DRAIN if rt.draining else CLOSE_DRAIN)
+            tg.cancel_scope.cancel()
+    finally:
+        rt.session_detached(session)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+            await transport.close(*closer.code_reason)
+        log.debug("session %s transport closed (%s)", session.id, closer.code_reason[1],
+                  extra={"remote": peer, "session_id": session.id, "reason": closer.code_reason[1]})
+
+
+async def _handshake(rt: ConnectionHost, transport: Transport, first: str | bytes, frame_cap: int,
+                     closer: _Closer, peer: str) -> Session | None:
+    """The session the first frame opens or resumes, its welcome queued; None when it was
+    refused (and the refusal sent)."""
     try:
         obj = orjson.loads(first)
     except orjson.JSONDecodeError as e:
         await _refuse(transport, InvalidRequest(f"frame is not valid JSON: {e}"), None, None)
-        return
+        return None
     resume_sid = None
     principal: str | None = None
     try:
@@ -61,116 +125,39 @@ async def serve_connection(rt: Runtime, transport: Transport, frame_cap: int, *,
             # A resume is still taken while its session has jobs running: their terminals go to it.
             raise InternalError("the server is shutting down and takes no new sessions", retryable=True,
                                 details={"reason": "draining"})
-        resumed = rt.resume(hello, principal) if hello.payload.get("resume") is not None else None
+        if hello.payload.get("resume") is None:
+            session = rt.open_session(hello, principal, frame_cap, closer)
+            log.debug("session %s opened for %s (%s flavour)", session.id, principal, session.flavour,
+                      extra={"remote": peer, "session_id": session.id, "principal": principal})
+        else:
+            session, replayed = await rt.resume_session(hello, principal, closer)
+            log.debug("session %s resumed; %d frames replayed", session.id, replayed,
+                      extra={"remote": peer, "session_id": session.id, "principal": principal})
+        return session
     except ARCPError as e:
         if e.code == "UNAUTHENTICATED":  # never the token: who (if known), from where, why
             log.warning("authentication failed: %s", e.message, extra={
                 "remote": peer, "principal": principal, "session_id": resume_sid, "reason": e.message})
         await _refuse(transport, e, request_id_of(obj), resume_sid)
         log.debug("connection closed", extra={"remote": peer, "reason": e.code.lower()})
-        return
-
-    closing = False
-    close_as: tuple[int, str] = (1000, "bye")
-    reader: asyncio.Task[None] | None = None
-
-    def close(code: int, reason: str) -> None:
-        nonlocal close_as, closing
-        if closing:  # the first reason stands (a shutdown's 1001, not the bye a client answers it with)
-            return
-        close_as = (code, reason)
-        closing = True
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-
-    if resumed is None:
-        session = Session(rt, principal, detect_flavour(hello), negotiate(hello, rt.features), frame_cap, close)
-        rt.open_session(session)
-        session.send(session.welcome())
-        log.debug("session %s opened for %s (%s flavour)", session.id, principal, session.flavour,
-                  extra={"remote": peer, "session_id": session.id, "principal": principal})
-    else:
-        session, last = resumed
-        session.features = negotiate(hello, rt.features)
-        session.attach(close)
-        session.send(session.welcome())
-        n = rt.replay(session, last)
-        log.debug("session %s resumed after seq %d; %d frames replayed", session.id, last, n,
-                  extra={"remote": peer, "session_id": session.id, "principal": principal})
-
-    sending = [False]  # the writer is in the middle of a batch
-    writer = asyncio.create_task(_write_loop(session, transport, sending))
-    heart = asyncio.create_task(_heartbeat(rt, session))
-    last_in = [time.monotonic()]
-    session.last_inbound = last_in
-
-    async def read_loop() -> None:
-        while not closing:
-            data = await transport.recv()
-            if data is None:
-                return
-            last_in[0] = time.monotonic()
-            session.receive(data)
-
-    reader = asyncio.create_task(read_loop())
-    try:
-        try:
-            await reader
-        except asyncio.CancelledError:
-            if not closing:  # our own task is being cancelled (shutdown): let it through
-                raise
-        if linger:
-            heart.cancel()  # no more input is coming: not a lost heartbeat
-            if rt.unfinished_jobs(session.id):
-                log.info("session %s: input ended; waiting for its jobs to end", session.id)
-                await rt.wait_jobs(None, owner_id=session.id)
-            await _drain(session, sending, SHUTDOWN_DRAIN)
-        elif closing:
-            await _drain(session, sending, SHUTDOWN_DRAIN if rt.draining else CLOSE_DRAIN)
-    finally:
-        heart.cancel()
-        writer.cancel()
-        for t in (heart, writer):
-            with contextlib.suppress(BaseException):
-                await t
-        rt.session_detached(session)
-        await transport.close(*close_as)
-        log.debug("session %s transport closed (%s)", session.id, close_as[1],
-                  extra={"remote": peer, "session_id": session.id, "reason": close_as[1]})
+        return None
 
 
-async def _heartbeat(rt: Runtime, session: Session) -> None:
-    """Ping after an idle interval; end a silent session with HEARTBEAT_LOST after two."""
-    interval = rt.config.heartbeat_interval
-    enabled = "heartbeat" in session.features
-    tick = min(interval / 2, 5.0)
-    while True:
-        await asyncio.sleep(tick)
-        now = time.monotonic()
-        if session.outbox.stalled_for(now) > STALL_LIMIT:
-            session.error(InternalError("consumer too slow: the client stopped reading"))
-            session.close_transport(1011, "consumer too slow")
-            return
-        if not enabled:
-            continue
-        idle = now - session.last_inbound[0]
-        if idle >= 2 * interval:
-            session.error(HeartbeatLost(f"no traffic from the client for {idle:.0f} s", retryable=True))
-            session.close_transport(1001, "heartbeat lost")
-            return
-        if idle >= interval and now - session.last_ping >= interval:
-            session.last_ping = now
-            session.send(frame("session.ping", new_ulid(), {"nonce": new_id("p"), "sent_at": now_ts()},
-                               session_id=session.id))
+async def _heartbeat(rt: ConnectionHost, session: Session, scope: anyio.CancelScope) -> None:
+    """Tick the session: it pings an idle client and ends a silent or non-reading one."""
+    tick = min(rt.config.heartbeat_interval / 2, 5.0)
+    with scope:
+        while True:
+            await anyio.sleep(tick)
+            session.tick(time.monotonic())
 
 
 async def _drain(session: Session, sending: list[bool], limit: float) -> None:
     """Give the writer a bounded moment to send what is queued (e.g. session.closed),
     including the batch it is writing."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(limit):
-            while len(session.outbox) or sending[0]:
-                await asyncio.sleep(0.005)
+    with anyio.move_on_after(limit):
+        while len(session.outbox) or sending[0]:
+            await anyio.sleep(0.005)
 
 
 async def _write_loop(session: Session, transport: Transport, sending: list[bool]) -> None:
@@ -187,8 +174,10 @@ async def _write_loop(session: Session, transport: Transport, sending: list[bool
 
 async def _refuse(transport: Transport, err: ARCPError, request_id: str | None, session_id: str | None) -> None:
     data = orjson.dumps(session_error(err, session_id=session_id, request_id=request_id))
-    with contextlib.suppress(Exception):
+    try:
         await transport.send_many([data])
+    except Exception as e:  # the peer may be gone already: the close below is what matters
+        log.debug("refusal not sent: %r", e)
     if err.code == "UNAUTHENTICATED":
         await transport.close(1008, "unauthenticated")
     elif (err.details or {}).get("reason") == "draining":

@@ -92,9 +92,10 @@ class StdioTransport:
             protocol = transport.get_protocol()
             transport.close()  # closes once its buffer is written
             if isinstance(protocol, _Writer):
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(asyncio.shield(protocol.closed), FLUSH_TIMEOUT)
-            transport.abort()
+                except TimeoutError:  # a reader that does not read: drop what is left
+                    transport.abort()
         else:
             with contextlib.suppress(OSError, ValueError):
                 await asyncio.to_thread(self.writer.flush)

@@ -47,7 +47,7 @@ def _check_replies(h: Harness) -> None:
 def test_envelope_shaped_frames(objs: list[dict[str, Any]]) -> None:
     h = Harness()
     for obj in objs:
-        h.session.receive(orjson.dumps(obj))
+        h.session.receive(orjson.dumps(obj), h.now)
         _check_replies(h)
 
 
@@ -55,5 +55,5 @@ def test_envelope_shaped_frames(objs: list[dict[str, Any]]) -> None:
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_arbitrary_bytes(data: bytes) -> None:
     h = Harness()
-    h.session.receive(data)
+    h.session.receive(data, h.now)
     _check_replies(h)

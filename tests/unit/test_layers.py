@@ -220,7 +220,7 @@ def test_doctors_text_lists_every_row(tmp_path: Path) -> None:
 
 def test_doctors_prediction_is_what_a_real_fork_server_confirms_here() -> None:
     """On this host: doctor's measurement against the fork server the runtime starts."""
-    from supervisor.runtime import ForkServer
+    from supervisor.jobs.fork_server import ForkServer
 
     host = Host.read()
     measured = layers.measure(host)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -165,30 +166,44 @@ class FakeRuntime:
         self.fork_server = _ForkServer()
 
 
-def test_state_gauges_readiness_and_the_lag_probe() -> None:
+def test_state_gauges_readiness_and_the_lag_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     rt: Any = FakeRuntime()
 
     async def go() -> None:
+        sampled = asyncio.Event()
+        set_lag = metrics.LOOP_LAG.set
+
+        def record(lag: float) -> None:
+            set_lag(lag)
+            sampled.set()
+        monkeypatch.setattr(metrics.LOOP_LAG, "set", record)
+
+        async def next_sample() -> float:
+            sampled.clear()
+            await asyncio.wait_for(sampled.wait(), metrics.LAG_INTERVAL + 10)
+            return value("arcp_event_loop_lag_seconds")
+
         metrics.attach(rt)
         try:
-            assert value("arcp_jobs_running") == 3 and value("arcp_jobs_queued") == 7
-            assert value("arcp_sessions_active") == 2 and value("arcp_workers_warm") == 2
-            await asyncio.sleep(metrics.LAG_INTERVAL + 0.2)
-            assert 0 <= value("arcp_event_loop_lag_seconds") < 0.2  # an idle loop wakes on time
-            await asyncio.sleep(0.05)  # the probe sleeps now: block the loop through its wake-up
-            time.sleep(metrics.LAG_INTERVAL + 0.3)
-            await asyncio.sleep(0.05)
-            assert value("arcp_event_loop_lag_seconds") >= 0.2
-            assert metrics.readiness(rt) is None
-            rt.fork_server.ready = False
-            assert metrics.readiness(rt) == "the fork server is not running"
-            rt.draining = True
-            assert metrics.readiness(rt) == "draining"
+            async with anyio.create_task_group() as tg:  # as the runtime runs it: in its task group
+                tg.start_soon(metrics.probe_lag)
+                assert value("arcp_jobs_running") == 3 and value("arcp_jobs_queued") == 7
+                assert value("arcp_sessions_active") == 2 and value("arcp_workers_warm") == 2
+                assert 0 <= await next_sample() < 0.3  # an idle loop wakes on time
+                # The probe went back to sleep as it took that sample: block the loop through its
+                # wake-up, 0.6 s past it.
+                time.sleep(metrics.LAG_INTERVAL + 0.6)
+                assert await next_sample() >= 0.5
+                assert metrics.readiness(rt) is None
+                rt.fork_server.ready = False
+                assert metrics.readiness(rt) == "the fork server is not running"
+                rt.draining = True
+                assert metrics.readiness(rt) == "draining"
+                tg.cancel_scope.cancel()
         finally:
             metrics.detach(rt)
-        probe = [t for t in asyncio.all_tasks() if t.get_coro().__name__ == "_probe_lag"]  # type: ignore[union-attr]
-        await asyncio.sleep(0)
-        assert all(t.done() for t in probe), "the lag probe outlived detach"
+        assert not [t for t in asyncio.all_tasks() if "probe_lag" in repr(t.get_coro())], \
+            "the lag probe outlived its task group"
         assert value("arcp_jobs_running") == 0  # a closed runtime is no longer read
 
     asyncio.run(go())

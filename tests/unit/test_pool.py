@@ -74,19 +74,6 @@ def test_closing_a_running_pool_cancels_its_spawns_and_leaves_no_task() -> None:
     asyncio.run(go())
 
 
-def test_the_pool_started_without_a_task_group_leaves_no_task_after_close() -> None:
-    async def go() -> None:
-        pool, fs = _fake_pool(ready=1, warm=3)
-        pool.start()
-        await anyio.sleep(0.05)
-        assert pool.idle == 1
-        pool.close()
-        assert await _others_end() == set()
-        assert fs.cancelled == 2
-        await pool.aclose()
-    asyncio.run(go())
-
-
 def test_a_real_fork_servers_pool_leaves_no_task_and_no_process_after_close() -> None:
     async def go() -> None:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,28 +15,21 @@ from shared.envelope import Envelope, frame
 from shared.errors import InvalidRequest, Unauthenticated
 from shared.messages import FEATURES
 from supervisor.core.frames import GO, PY
+from supervisor.core.requests import Cancel, ListJobs, Request, Submit, Subscribe, Unsubscribe
 from supervisor.core.session import (
-    ANONYMOUS, FLAVOUR_KEY, FrameTooLarge, Session, authenticate, check_hello, detect_flavour, negotiate,
+    ANONYMOUS, FLAVOUR_KEY, STALL_LIMIT, FrameTooLarge, Session, SessionSettings, authenticate, check_hello, detect_flavour,
+    negotiate,
 )
+from supervisor.jobs.service import JobService
 
 MiB = 1024 * 1024
 ULID_ID = "01ARZ3NDEKTSV4RRFFQ69G5FAV"
 UUID_ID = "123e4567-e89b-42d3-a456-426614174000"
 
 
-# -- the fake runtime -------------------------------------------------------------------------------
+# -- the harness: a session fed frames and a fake clock; requests and frames read back ----------------
 
-@dataclass
-class FakeConfig:
-    resume_window: int = 600
-    heartbeat_interval: int = 30
-    tokens: dict[str, str] = field(default_factory=dict)
-    admins: tuple[str, ...] = ()
-
-
-class FakeRegistry:
-    def inventory(self) -> list[dict[str, Any]]:
-        return [{"name": "echo", "versions": ["1.0.0"], "default": "1.0.0"}]
+AGENTS = [{"name": "echo", "versions": ["1.0.0"], "default": "1.0.0"}]
 
 
 @dataclass
@@ -57,52 +51,35 @@ class FakeJob:
     owner_id: str
     done: bool = False
     runner: FakeRunner = field(default_factory=FakeRunner)
-
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.logged: list[tuple[str, int, str, bytes]] = []
-
-    def log_frame(self, session_id: str, seq: int, job_id: str, data: bytes) -> None:
-        self.logged.append((session_id, seq, job_id, data))
-
-
-class FakeRuntime:
-    def __init__(self, tokens: dict[str, str] | None = None) -> None:
-        self.config = FakeConfig(tokens=tokens or {})
-        self.registry = FakeRegistry()
-        self.jobs = FakeJobs()
-        self.store = FakeStore()
-        self.back_pressure_threshold = 1000
-        self.calls: list[tuple[Any, ...]] = []
-
-    def submit(self, session: Session, env: Envelope) -> None:
-        self.calls.append(("submit", env.id))
-
-    def list_jobs(self, session: Session, env: Envelope) -> dict[str, Any]:
-        self.calls.append(("list_jobs", env.id))
-        return frame("session.jobs", "jobs-1", {"request_id": env.id, "jobs": []}, session_id=session.id)
-
-    def subscribe(self, session: Session, env: Envelope, job_id: str) -> None:
-        self.calls.append(("subscribe", job_id))
-
-    def unsubscribe(self, session: Session, job_id: str) -> None:
-        self.calls.append(("unsubscribe", job_id))
+    id: str = "job_1"
 
 
 class Harness:
     def __init__(self, features: list[str] | None = None, flavour: str = PY, principal: str = "alice",
-                 frame_cap: int = MiB, admins: tuple[str, ...] = ()) -> None:
-        self.rt = FakeRuntime()
-        self.rt.config.admins = admins
+                 frame_cap: int = MiB, admins: tuple[str, ...] = (), heartbeat: float = 30) -> None:
+        self.now = 1000.0
         self.closes: list[tuple[int, str]] = []
-        self.session = Session(self.rt, principal, flavour, list(FEATURES if features is None else features),  # type: ignore[arg-type]
-                               frame_cap, lambda code, reason: self.closes.append((code, reason)))
+        self.kept: list[tuple[str, int, str, bytes]] = []
+        self.requests: list[Request] = []
+        settings = SessionSettings(resume_window=600, heartbeat_interval=heartbeat, back_pressure_threshold=1000,
+                                   log_bytes=64 * MiB, frame_cap=frame_cap, admin=principal in admins)
+        self.session = Session(settings, principal, flavour, list(FEATURES if features is None else features),
+                               lambda *row: self.kept.append(row),
+                               lambda code, reason: self.closes.append((code, reason)), self.now)
+        self.jobs = FakeJobs()
+        self.service = JobService(self.jobs, None, None, None, None, None, None, None, None)  # type: ignore[arg-type]
 
     def send(self, data: str | bytes | dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(data, dict):
             data = orjson.dumps(data)
-        self.session.receive(data)
+        req = self.session.receive(data, self.now)
+        if req is not None:
+            self.requests.append(req)
+            if isinstance(req, Cancel):  # carried out as the runtime does
+                try:
+                    self.service.cancel(self.session, req)
+                except Exception as e:
+                    self.session.failed(req, e)
         return self.drain()
 
     def drain(self) -> list[dict[str, Any]]:
@@ -183,14 +160,14 @@ def test_list_jobs_needs_feature() -> None:
     h = Harness(features=["heartbeat"])
     p = assert_invalid(h.send(env("session.list_jobs")), "req-1")
     assert "list_jobs" in p["message"]
-    assert h.rt.calls == []
+    assert h.requests == []
 
 
 def test_list_jobs_with_feature() -> None:
     h = Harness()
-    (f,) = h.send(env("session.list_jobs", id_="lj"))
-    assert f["type"] == "session.jobs" and f["payload"]["request_id"] == "lj"
-    assert h.rt.calls == [("list_jobs", "lj")]
+    assert h.send(env("session.list_jobs", id_="lj")) == []
+    (req,) = h.requests
+    assert isinstance(req, ListJobs) and req.env.id == "lj"
 
 
 @pytest.mark.parametrize("t", ["job.subscribe", "job.unsubscribe"])
@@ -201,7 +178,8 @@ def test_subscribe_needs_feature_and_job_id(t: str) -> None:
     assert "job_id" in p["message"]
     assert h.send(env(t, {"job_id": "job_1"})) == []
     assert h.send(env(t, job_id="job_2")) == []
-    assert h.rt.calls == [(t.split(".")[1], "job_1"), (t.split(".")[1], "job_2")]
+    kind = Subscribe if t == "job.subscribe" else Unsubscribe
+    assert [(type(r), r.job_id) for r in h.requests] == [(kind, "job_1"), (kind, "job_2")]  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("payload", [{}, {"job_id": ""}, {"job_id": 5}])
@@ -276,7 +254,8 @@ def test_ack_ignored_without_feature() -> None:
 def test_submit_goes_to_runtime() -> None:
     h = Harness()
     assert h.send(env("job.submit", {"agent": "echo"}, id_="sub")) == []
-    assert h.rt.calls == [("submit", "sub")]
+    (req,) = h.requests
+    assert isinstance(req, Submit) and req.env.id == "sub"
 
 
 @pytest.mark.parametrize("t", ["session.bye", "session.close"])
@@ -299,7 +278,7 @@ def test_bye_default_reason() -> None:
 def test_cancel_own_job() -> None:
     h = Harness()
     job = FakeJob("alice", h.session.id)
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     assert h.send(env("job.cancel", {"reason": "enough"}, job_id="job_1")) == []
     assert job.runner.stops == [("cancel", "enough")]
     assert h.send(env("job.cancel", {"job_id": "job_1"})) == []
@@ -309,7 +288,7 @@ def test_cancel_own_job() -> None:
 def test_cancel_finished_job_is_noop() -> None:
     h = Harness()
     job = FakeJob("alice", h.session.id, done=True)
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     assert h.send(env("job.cancel", job_id="job_1")) == []
     assert job.runner.stops == []
 
@@ -326,7 +305,7 @@ def test_cancel_foreign_job_go_flavour_denied() -> None:
     h = Harness(flavour=GO)
     other = Harness()
     job = FakeJob("alice", other.session.id)
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     (f,) = h.send(env("job.cancel", job_id="job_1"))
     assert f["payload"]["code"] == "PERMISSION_DENIED"
     assert job.runner.stops == []
@@ -335,7 +314,7 @@ def test_cancel_foreign_job_go_flavour_denied() -> None:
 def test_cancel_foreign_job_py_flavour_silent() -> None:
     h = Harness(flavour=PY)
     job = FakeJob("bob", h.session.id)
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     assert h.send(env("job.cancel", job_id="job_1")) == []
     assert job.runner.stops == []
 
@@ -345,11 +324,11 @@ def test_an_admin_cancels_any_job(flavour: str) -> None:
     h = Harness(flavour=flavour, principal="root", admins=("root",))
     assert h.session.admin
     job = FakeJob("bob", "sess_other")
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     assert h.send(env("job.cancel", {"reason": "operator"}, job_id="job_1")) == []
     assert job.runner.stops == [("cancel", "operator")]
     done = FakeJob("bob", "sess_other", done=True)
-    h.rt.jobs.jobs["job_2"] = done
+    h.jobs.jobs["job_2"] = done
     assert h.send(env("job.cancel", job_id="job_2")) == [] and done.runner.stops == []
     (f,) = h.send(env("job.cancel", job_id="job_404"))
     assert f["payload"]["code"] == "JOB_NOT_FOUND"
@@ -359,7 +338,7 @@ def test_admins_of_the_config_only() -> None:
     assert not Harness(principal="alice", admins=("root",)).session.admin
     h = Harness(flavour=GO, principal="alice", admins=("root",))
     job = FakeJob("bob", "sess_other")
-    h.rt.jobs.jobs["job_1"] = job
+    h.jobs.jobs["job_1"] = job
     (f,) = h.send(env("job.cancel", job_id="job_1"))
     assert f["payload"]["code"] == "PERMISSION_DENIED" and job.runner.stops == []
 
@@ -374,15 +353,15 @@ def test_send_seq_numbers_from_one() -> None:
     assert got == [1, 2, 3]
     assert [f.get("event_seq") for f in frames] == [1, 2, 3, None]
     assert h.session.seq == 3
-    assert [(sid, seq, job) for sid, seq, job, _ in h.rt.store.logged] == [
+    assert [(sid, seq, job) for sid, seq, job, _ in h.kept] == [
         (h.session.id, 1, "job_1"), (h.session.id, 2, "job_1"), (h.session.id, 3, "job_1")]
-    assert orjson.loads(h.rt.store.logged[0][3])["event_seq"] == 1
+    assert orjson.loads(h.kept[0][3])["event_seq"] == 1
 
 
 def test_send_seq_unlogged() -> None:
     h = Harness()
     assert h.session.send_seq(frame("job.event", "e", {}), "job_1", log=False) == 1
-    assert h.rt.store.logged == []
+    assert h.kept == []
 
 
 def test_send_seq_too_large_leaves_counter() -> None:
@@ -392,7 +371,7 @@ def test_send_seq_too_large_leaves_counter() -> None:
         h.session.send_seq(frame("job.event", "e", {"big": "x" * 500}), "job_1")
     h.session.send_seq(frame("job.event", "e", {}), "job_1")
     assert [f["event_seq"] for f in h.drain()] == [1, 2]
-    assert [seq for _, seq, _, _ in h.rt.store.logged] == [1, 2]
+    assert [seq for _, seq, _, _ in h.kept] == [1, 2]
 
 
 def test_reply_too_large_answered_with_error() -> None:
@@ -416,21 +395,21 @@ def test_huge_echo_still_answered(e: dict[str, Any]) -> None:
 
 def test_outbox_get_batch() -> None:
     h = Harness()
-    h.session.receive(orjson.dumps(env("session.ping", {"nonce": "a"})))
-    h.session.receive(orjson.dumps(env("session.ping", {"nonce": "b"})))
+    h.session.receive(orjson.dumps(env("session.ping", {"nonce": "a"})), h.now)
+    h.session.receive(orjson.dumps(env("session.ping", {"nonce": "b"})), h.now)
     batch = asyncio.run(h.session.outbox.get_batch())
     assert [orjson.loads(b)["payload"]["ping_nonce"] for b in batch] == ["a", "b"]
 
 
 def test_welcome() -> None:
     h = Harness(features=["heartbeat", "ack"])
-    w = h.session.welcome()
+    w = h.session.welcome(AGENTS)
     p = w["payload"]
     assert w["type"] == "session.welcome" and w["session_id"] == h.session.id
     assert p["session_id"] == h.session.id and p["resume_token"].startswith("rtk_")
     assert p["resume_window_sec"] == 600 and p["heartbeat_interval_sec"] == 30
     assert p["capabilities"]["features"] == ["heartbeat", "ack"]
-    assert p["capabilities"]["agents"] == FakeRegistry().inventory()
+    assert p["capabilities"]["agents"] == AGENTS
     assert p["runtime"]["name"] == "arcp-supervisor"
     orjson.dumps(w)
 
@@ -497,3 +476,76 @@ def test_check_hello() -> None:
     with pytest.raises(InvalidRequest):
         check_hello([1])
     assert hello({"client": {"name": "c"}}).type == "session.hello"
+
+
+# -- time: heartbeats and stalled clients, on a fake clock ---------------------------------------------
+
+def test_heartbeat_pings_after_an_idle_interval_then_ends_a_silent_client() -> None:
+    h = Harness(features=["heartbeat"], heartbeat=10)
+    h.session.tick(h.now + 9.9)
+    assert h.drain() == [] and h.closes == []
+    h.session.tick(h.now + 10)
+    (ping,) = h.drain()
+    assert ping["type"] == "session.ping" and ping["payload"]["nonce"]
+    h.session.tick(h.now + 15)  # no second ping within the interval
+    assert h.drain() == []
+    h.session.tick(h.now + 20)
+    (err,) = h.drain()
+    assert err["payload"]["code"] == "HEARTBEAT_LOST" and err["payload"]["retryable"] is True
+    assert h.closes == [(1001, "heartbeat lost")]
+
+
+def test_traffic_resets_the_heartbeat() -> None:
+    h = Harness(features=["heartbeat"], heartbeat=10)
+    h.now += 15
+    h.send(env("session.pong"))
+    h.session.tick(h.now + 9)
+    assert h.drain() == [] and h.closes == []
+
+
+def test_no_heartbeat_feature_no_ping() -> None:
+    h = Harness(features=[], heartbeat=10)
+    h.session.tick(h.now + 100)
+    assert h.drain() == [] and h.closes == []
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_stall_limit() -> None:
+    h = Harness(features=[])
+    ob = h.session.outbox
+    for _ in range(ob.high_water):
+        h.session.send(frame("session.pong", "p", {}))
+    assert ob.stalled_for(time.monotonic()) >= 0 and not ob._writable.is_set()
+    h.session.tick(time.monotonic() + STALL_LIMIT - 1)
+    assert h.closes == []
+    h.session.tick(time.monotonic() + STALL_LIMIT + 1)
+    assert h.closes == [(1011, "consumer too slow")]
+
+
+def test_a_detached_session_does_not_tick() -> None:
+    h = Harness(features=["heartbeat"], heartbeat=10)
+    h.session.detach(h.now)
+    h.session.tick(h.now + 100)
+    assert h.closes == []
+
+
+# -- a request the runtime fails on is answered, never dropped ------------------------------------------
+
+def test_an_unexpected_failure_is_answered_internal_error() -> None:
+    h = Harness()
+    h.send(env("job.submit", {"agent": "echo"}, id_="sub"))
+    (req,) = h.requests
+    h.session.failed(req, KeyError("boom"))
+    (f,) = h.drain()
+    assert f["type"] == "session.error" and f["payload"]["code"] == "INTERNAL_ERROR"
+    assert f["payload"]["request_id"] == "sub" and "KeyError" in f["payload"]["message"]
+    assert "boom" not in f["payload"]["message"]  # no internals to the client
+
+
+def test_an_arcp_error_keeps_its_code_and_job_id() -> None:
+    h = Harness()
+    h.send(env("job.subscribe", {"job_id": "job_9"}, id_="s1"))
+    (req,) = h.requests
+    from shared.errors import JobNotFound
+    h.session.failed(req, JobNotFound("no job 'job_9'"))
+    (f,) = h.drain()
+    assert f["payload"]["code"] == "JOB_NOT_FOUND" and f["payload"]["job_id"] == "job_9"

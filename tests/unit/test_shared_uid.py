@@ -7,22 +7,23 @@ import json
 
 import pytest
 
-from supervisor import doctor, runtime
+from supervisor import doctor
+from supervisor.sandbox import host
 from supervisor.config import DEFAULT_JOB_UIDS, Config, ConfigError, check_uid_range
 
 
 def test_run_refuses_a_shared_uid_unless_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
     with pytest.raises(ConfigError) as ei:
-        runtime.job_uid_range(Config())
+        host.job_uid_range(Config())
     assert "--allow-shared-uid" in str(ei.value) and "not root" in str(ei.value)
-    assert runtime.job_uid_range(Config(allow_shared_uid=True)) is None
+    assert host.job_uid_range(Config(allow_shared_uid=True)) is None
 
 
 def test_root_uses_the_default_range_or_the_configured_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime.os, "geteuid", lambda: 0)
-    assert runtime.job_uid_range(Config()) == DEFAULT_JOB_UIDS
-    assert runtime.job_uid_range(Config(job_uids=(70000, 70009))) == (70000, 70009)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 0)
+    assert host.job_uid_range(Config()) == DEFAULT_JOB_UIDS
+    assert host.job_uid_range(Config(job_uids=(70000, 70009))) == (70000, 70009)
     check_uid_range(DEFAULT_JOB_UIDS, "default")  # nobody on this host holds it
 
 

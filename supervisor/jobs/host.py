@@ -1,0 +1,41 @@
+"""What a job runner needs of the runtime (supervisor/runtime.py provides it): the worker
+pool and fork server, the job's spec and temp dir, and the way back for its frames."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, Protocol
+
+from supervisor.config import Config
+from supervisor.core.jobs import Job
+from supervisor.jobs.fork_server import ForkServer
+from supervisor.jobs.pool import WorkerPool
+from supervisor.jobs.worker_handle import WorkerHandle
+from supervisor.sandbox.job_uids import UidPool
+
+
+class RunnerHost(Protocol):
+    config: Config
+    frame_cap: int
+    pool: WorkerPool
+    fork_server: ForkServer
+    uids: UidPool | None
+    egress_unavailable: str | None
+
+    def reuse_key(self, job: Job) -> Hashable: ...
+
+    def job_spec(self, job: Job, egress_port: int | None = None) -> dict[str, Any]: ...
+
+    def job_tmp_dir(self, job: Job, worker: WorkerHandle) -> None: ...
+
+    def emit_event(self, job: Job, kind: str, body: dict[str, Any]) -> None: ...
+
+    def emit_cancelled(self, job: Job, reason: str) -> None: ...
+
+    def finish(self, job: Job, status: str, err: dict[str, Any] | None, *, value: Any = None,
+               result_id: str | None = None, result_size: int | None = None,
+               usage: dict[str, Any] | None = None) -> None: ...
+
+    def delegate(self, parent: Job, agent: Any, input: Any, lease: Any) -> str: ...
+
+    async def rotate_credential(self, job: Job, credential_id: str, new_value: str) -> None: ...

@@ -1,0 +1,38 @@
+"""Each worker's HOME/TMPDIR (supervisor/sandbox/job_dirs.py makes them): given at spawn,
+emptied when the worker is kept for another job, sized for each job, removed with it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from supervisor.core.jobs import Job
+from supervisor.jobs.worker_handle import WorkerHandle
+from supervisor.sandbox.job_dirs import JobDirs
+
+
+class WorkerDirs:
+    def __init__(self, job_dirs: JobDirs, tmp_size: Callable[[], int]) -> None:
+        self.job_dirs = job_dirs
+        self._tmp_size = tmp_size  # the operator's cap, as currently configured
+
+    def give(self, worker: WorkerHandle) -> None:
+        size = self._tmp_size()
+        path, capped = self.job_dirs.create(f"w{worker.pid}", size)
+        worker.tmp_dir, worker.tmp_capped, worker.tmp_size = path, capped, size
+        worker.on_close.append(lambda: self.job_dirs.remove(path, capped))
+
+    def empty(self, worker: WorkerHandle) -> None:
+        if worker.tmp_dir is not None:
+            self.job_dirs.empty(worker.tmp_dir)
+
+    def for_job(self, job: Job, worker: WorkerHandle) -> None:
+        """The job's HOME/TMPDIR: its worker's directory, capped at the operator's size or
+        half the job's memory limit if that is smaller (its pages count as the job's memory)."""
+        assert job.request is not None
+        if worker.tmp_dir is None:
+            self.give(worker)
+        size = min(self._tmp_size(), job.request.limits.memory // 2)
+        if worker.tmp_capped and worker.tmp_size != size and self.job_dirs.resize(worker.tmp_dir or "", size):
+            worker.tmp_size = size
+        job.tmp_dir, job.tmp_capped = worker.tmp_dir, worker.tmp_capped
+        job.tmp_size = worker.tmp_size if worker.tmp_capped else None
