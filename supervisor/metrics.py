@@ -65,6 +65,7 @@ class Scraped(Protocol):
     sessions: dict[str, Any]  # values: .detached_at, .expired
     pool: Any  # .idle
     fork_server: Any  # .ready
+    store: Any  # .healthy
 
 log = logging.getLogger("arcp.metrics")
 
@@ -164,6 +165,8 @@ def readiness(rt: Scraped) -> str | None:
         return "draining"
     if not rt.fork_server.ready:
         return "the fork server is not running"
+    if not rt.store.healthy:
+        return "the state store cannot write (see the log)"
     return None
 
 

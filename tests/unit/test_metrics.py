@@ -164,6 +164,11 @@ class FakeRuntime:
         self.sessions = {"a": _Session(False), "b": _Session(False), "c": _Session(True)}
         self.draining = False
         self.fork_server = _ForkServer()
+        self.store = _Store()
+
+
+class _Store:
+    healthy = True
 
 
 def test_state_gauges_readiness_and_the_lag_probe(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -195,6 +200,9 @@ def test_state_gauges_readiness_and_the_lag_probe(monkeypatch: pytest.MonkeyPatc
                 time.sleep(metrics.LAG_INTERVAL + 0.6)
                 assert await next_sample() >= 0.5
                 assert metrics.readiness(rt) is None
+                rt.store.healthy = False
+                assert metrics.readiness(rt) == "the state store cannot write (see the log)"
+                rt.store.healthy = True
                 rt.fork_server.ready = False
                 assert metrics.readiness(rt) == "the fork server is not running"
                 rt.draining = True
