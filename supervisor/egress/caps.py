@@ -14,14 +14,12 @@ import logging
 import resource
 import socket
 import time
+from collections.abc import Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from supervisor import metrics
 from supervisor.egress.messages import MAX_HEAD, error_response
-
-if TYPE_CHECKING:
-    from supervisor.egress.proxy import EgressJob
 
 log = logging.getLogger("arcp.egress")
 
@@ -30,6 +28,15 @@ FDS_PER_CONNECTION = 6  # the job's socket, the origin's, and a splice pipe (2) 
 EGRESS_SHARE = 2  # the proxy may hold 1/EGRESS_SHARE of the supervisor's descriptors
 JOB_SHARE = 8  # and one job at most 1/JOB_SHARE of the proxy's connections
 CAP_WARN_INTERVAL = 10.0  # seconds between supervisor log lines about the global cap
+
+
+class CappedJob(Protocol):
+    """What the caps need of a job's side of the proxy (`proxy.EgressJob`)."""
+
+    @property
+    def exchanges(self) -> Sized: ...  # the job's connections that hold a slot
+
+    def over_cap(self, which: str, message: str) -> None: ...
 
 
 @dataclass
@@ -78,7 +85,7 @@ def connection_caps() -> ConnectionCaps:
     return _caps
 
 
-def refused_over_cap(job: EgressJob, conn: socket.socket) -> bool:
+def refused_over_cap(job: CappedJob, conn: socket.socket) -> bool:
     """Answer 429 on `conn` (non-blocking) when the job or the whole proxy is at its cap;
     False when the connection may be served. The caller closes a refused one."""
     global _cap_warned

@@ -22,16 +22,19 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
 
 import anyio
 
+from supervisor.core.authority import Authority
 from supervisor.egress.caps import connection_caps
 from supervisor.egress.messages import (
     MAX_HEAD,
     MAX_REQUEST_LINE,
+    Destination,
     HeadError,
+    IPAddress,
     RequestHead,
     RequestParser,
     ResponseParser,
@@ -41,8 +44,6 @@ from supervisor.egress.messages import (
     upstream_head,
 )
 from supervisor.egress.policy import (
-    Destination,
-    IPAddress,
     Refusal,
     check_host_header,
     check_lease,
@@ -50,9 +51,6 @@ from supervisor.egress.policy import (
     usable_addresses,
 )
 from supervisor.egress.relay import Relay
-
-if TYPE_CHECKING:
-    from supervisor.egress.proxy import EgressJob
 
 log = logging.getLogger("arcp.egress")
 
@@ -62,6 +60,44 @@ READ_CHUNK = 64 * 1024
 LOOP_COPY = 256 * 1024  # bytes a stream is copied on the loop before a relay thread takes over
 LINGER = 1.0  # seconds an error response waits for the job to stop sending
 RELAY_STOP = 5.0  # seconds an ending exchange waits for its relay threads once their sockets are shut down
+
+
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+class JobSide(Protocol):
+    """What an exchange needs of its job's side of the proxy (`proxy.EgressJob`)."""
+
+    requests: int  # requests let through to an origin
+
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def authority(self) -> Authority: ...
+
+    @property
+    def emit(self) -> Emit: ...
+
+    @property
+    def header_timeout(self) -> float: ...
+
+    @property
+    def resolver(self) -> Callable[[str, int], Awaitable[Iterable[IPAddress]]]: ...
+
+    @property
+    def exchanges(self) -> set[Exchange]: ...  # an exchange leaves it when its slot is given back
+
+    @property
+    def closed(self) -> bool: ...
+
+    def count_in(self, n: int) -> None: ...
+
+    def count_out(self, n: int) -> None: ...
+
+    def report(self) -> None: ...
+
+    def refuse(self, url: str, reason: str) -> None: ...
 
 
 class IncompleteRead(Exception):
@@ -116,7 +152,7 @@ class SocketReader:
 class Exchange:
     """One proxy connection from a job; `serve()` is its task."""
 
-    def __init__(self, job: EgressJob, client: socket.socket) -> None:
+    def __init__(self, job: JobSide, client: socket.socket) -> None:
         self.job = job
         self.loop = asyncio.get_running_loop()
         self.client = client

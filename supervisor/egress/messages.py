@@ -12,14 +12,11 @@ about where a request may go are in `policy`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import h11
-
-if TYPE_CHECKING:
-    from supervisor.egress.policy import Destination
 
 MAX_REQUEST_LINE = 8192
 MAX_HEAD = 64 * 1024
@@ -31,6 +28,8 @@ CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 414: "URI Too Long",
            429: "Too Many Requests", 431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
            505: "HTTP Version Not Supported"}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class HeadError(Exception):
@@ -52,6 +51,20 @@ class RequestHead:
     def values(self, name: str) -> list[str]:
         name = name.lower()
         return [v for k, v in self.headers if k.lower() == name]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a request goes: its target as `policy.destination_of` parsed and checked it."""
+
+    tunnel: bool  # CONNECT
+    scheme: str
+    host: str  # lowercase; an IPv6 literal without brackets
+    port: int
+    authority: str  # host[:port] as matched (default port dropped, IPv6 in brackets)
+    url: str  # what the lease is matched against and what messages name
+    origin_form: str = "/"  # the request target sent upstream (plain HTTP)
+    ip: IPAddress | None = None  # set when the host is an IP literal
 
 
 # -- the request head (h11) --------------------------------------------------------------

@@ -30,12 +30,11 @@ import ipaddress
 import re
 import socket
 import string
-from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from shared.lease import canonical_target, glob_match, glob_match_prefix
 from supervisor.core.authority import Authority
-from supervisor.egress.messages import HeadError, RequestHead
+from supervisor.egress.messages import Destination, HeadError, IPAddress, RequestHead
 
 METADATA = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 DEFAULT_PORT = {"http": 80, "https": 443}
@@ -45,8 +44,6 @@ PCHAR = UNRESERVED | frozenset("!$&'()*+,;=:@")
 MAX_DECODINGS = 4  # percent-decodings of a path after the first before it counts as ambiguous
 HOSTNAME_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*\.?$")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
 
 class Refusal(Exception):
     """The lease does not allow the request: answered 403, logged as a `warn` event."""
@@ -55,18 +52,6 @@ class Refusal(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class Destination:
-    tunnel: bool  # CONNECT
-    scheme: str
-    host: str  # lowercase; an IPv6 literal without brackets
-    port: int
-    authority: str  # host[:port] as matched (default port dropped, IPv6 in brackets)
-    url: str  # what the lease is matched against and what messages name
-    origin_form: str = "/"  # the request target sent upstream (plain HTTP)
-    ip: IPAddress | None = None  # set when the host is an IP literal
 
 
 # -- the request target: one meaning for every origin ---------------------------------------

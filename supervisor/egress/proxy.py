@@ -48,16 +48,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from supervisor import metrics
 from supervisor.core.authority import Authority
 from supervisor.egress.caps import connection_caps, refused_over_cap
-from supervisor.egress.exchange import Exchange
-from supervisor.egress.policy import IPAddress
+from supervisor.egress.exchange import Emit, Exchange
+from supervisor.egress.messages import IPAddress
 
 log = logging.getLogger("arcp.egress")
 
 METRIC_INTERVAL = 0.5  # seconds between byte-count metrics while data flows
 ACCEPT_BATCH = 64  # connections accepted per wake-up of the listener, before others get the loop
 ACCEPT_BACKOFF = 0.1  # seconds the listener rests after accept() failed (EMFILE and the like)
-
-Emit = Callable[[str, dict[str, Any]], None]
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
