@@ -25,10 +25,11 @@ import anyio
 from anyio.abc import TaskGroup
 
 from shared import pipe_messages as pm
-from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest, LeaseExpired, Timeout
-from shared.messages import CANCELLED, ERROR, RUNNING, SUCCESS, TIMED_OUT
+from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest
+from shared.messages import ERROR, RUNNING, SUCCESS
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.sandbox.cgroups import LimitNotApplied, WorkerCgroup
+from supervisor.core.lifecycle import Deadline, JobLifecycle, died_terminal
 from supervisor.core.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress.proxy import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
@@ -60,7 +61,7 @@ class JobRunner:
         self.request = job.request
         self.owner = job.owner
         self.worker: WorkerHandle | None = None
-        self.stop_kind: str | None = None
+        self.life = JobLifecycle(job.request.limits.max_runtime, job.request.max_runtime_sec, job.request.expires_at)
         self.started = False  # admitted (see admission.py); until then the job waits in the queue
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
         self._pump_done = asyncio.Event()
@@ -71,13 +72,11 @@ class JobRunner:
         self.limit_logged = False  # a limit kill was logged when it happened
         self._cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
         self._cpu_exceeded = False
-        self._ending = False  # the worker reported the job's end: its terminal is decided
         self._cpu_unreadable: LimitNotApplied | None = None
         self._tg: TaskGroup | None = None  # _life()'s, while it runs: the stopper's
         self._helpers: TaskGroup | None = None  # the pump's, while it runs: the watch, calls answered later
         self._waiting: dict[str, int] = {}  # calls answered later, by kind, waiting for their answer
         self._paths = PathChecks(job)
-        self._final: tuple[str, dict[str, Any]] | None = None
         self.egress: EgressJob | None = None
         self._egress_tasks: TaskGroup | None = None  # holds the egress proxy's task while the job runs
         self._timers: list[asyncio.TimerHandle] = []
@@ -88,11 +87,13 @@ class JobRunner:
     # -- control --------------------------------------------------------------
     def arm_timers(self) -> None:
         """At acceptance: the lease's expiry, which ends a job still waiting to start too."""
-        loop = asyncio.get_running_loop()
-        req = self.request
-        if req.expires_at is not None:
-            self._timers.append(loop.call_at(loop.time() + max(0.0, req.expires_at - time.time()),
-                                             self.request_stop, "expired", "lease expired during execution"))
+        self._arm(self.life.lease_deadline(time.time(), time.monotonic()))
+
+    def _arm(self, deadline: Deadline | None) -> None:
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timers.append(loop.call_at(loop.time() + deadline.at - time.monotonic(), self.request_stop,
+                                             deadline.kind, deadline.error.message, deadline.error))
 
     def start(self, order: int) -> None:
         """Admitted: the runtime ceiling and the client's max_runtime_sec count from now (the
@@ -103,43 +104,28 @@ class JobRunner:
         job = self.job
         log.info("job started", extra={"job_id": job.id, "session_id": job.owner_id, "principal": job.principal,
                                        "agent": job.agent_ref})
-        ceiling = self.request.limits.max_runtime
-        asked = self.request.max_runtime_sec
-        err: ARCPError
-        if asked and asked < ceiling:
-            after, err = asked, Timeout(f"job exceeded max_runtime_sec={asked}")
-        else:
-            after, err = ceiling, Timeout(f"runtime limit {ceiling} s exceeded", retryable=False,
-                                          details={"limit": "runtime_sec", "value": ceiling})
-        self._timers.append(asyncio.get_running_loop().call_later(
-            after, self.request_stop, "timeout", err.message, err))
+        self._arm(self.life.admitted(self.started_at))
 
     def refuse(self, error: ARCPError) -> None:
         """End a job that has not started with `error` (its job.accepted could not be sent)."""
         if not self.started and not self.job.done:
-            self.stop_kind = "refused"
+            self.life.finished()
             self._finish(ERROR, error.to_wire())
 
     def request_stop(self, kind: str, reason: str, error: ARCPError | None = None) -> None:
         """Cancel, timeout or expiry: decide the terminal now, end the worker after grace. A job
         still waiting to start ends at once. `error` replaces the terminal error `kind` implies."""
         job = self.job
-        if job.done or self.stop_kind is not None or self._ending:
+        if job.done:
             return
-        self.stop_kind = kind
-        err: ARCPError
-        if kind == "cancel":
-            status, err = CANCELLED, Cancelled(reason)
-        elif kind == "timeout":
-            status, err = TIMED_OUT, Timeout(reason)
-        else:
-            status, err = ERROR, LeaseExpired(reason)
-        self._final = (status, (error or err).to_wire())
-        if kind == "cancel":
+        stop = self.life.request_stop(kind, reason, error)
+        if stop is None:  # too late: the job's terminal is decided
+            return
+        if stop.cancelled_frame:
             self.rt.emit_cancelled(job, reason)
-        job.status = status  # nothing of the job is sent from here on but its terminal
-        if not self.started:  # nothing runs yet: the terminal now
-            self._finish(*self._final)
+        job.status = stop.status  # nothing of the job is sent from here on but its terminal
+        if stop.finish_now:  # nothing runs yet: the terminal now
+            self._finish(stop.status, stop.error)
         elif self.worker is not None and self._tg is not None:  # the worker is _life()'s until it ends
             self._tg.start_soon(self._stopping, self.worker, name=f"stop {job.id}")
 
@@ -178,7 +164,7 @@ class JobRunner:
             self._finish(ERROR, InternalError(f"could not start a worker: {e}").to_wire())
             return
         self.worker = worker
-        if self.stop_kind is not None:  # stopped while waiting for a worker
+        if self.life.stopping:  # stopped while waiting for a worker
             self.rt.pool.retire(worker)
             self._finish(*self._final_or_internal())
             return
@@ -218,7 +204,7 @@ class JobRunner:
                 self._helpers = None
                 self._pump_done.set()
                 helpers.cancel_scope.cancel()  # calls still waiting: their job is over, nobody waits for them
-        if self.stop_kind is None:
+        if not self.life.stopping:
             await self._ended(worker, outcome)
         # else the stopper, in _life()'s group, sends the terminal once the worker is gone
 
@@ -289,7 +275,7 @@ class JobRunner:
             await worker.kill(1.0)
             outcome = _Died()
         if isinstance(outcome, Done | Fail):  # its terminal is decided: a stop from now on comes too late
-            self._ending = True
+            self.life.end_reported()
             await self._last_sample(worker)
         if isinstance(outcome, Done):
             await self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
@@ -310,26 +296,12 @@ class JobRunner:
         else:  # the pipe closed without an outcome: the worker died
             oom = worker.cgroup is not None and worker.cgroup.memory_exceeded()
             await worker.kill(1.0)
-            limits = self.request.limits.as_wire()
-            if self._memory_exceeded or oom:
-                mib = limits["memory_mb"]
-                self._finish(ERROR, InternalError(
-                    f"memory limit {mib} MiB exceeded", retryable=False,
-                    details={"limit": "memory_mb", "value": mib,
-                             "enforced_by": "cgroup" if oom else "watchdog"}).to_wire())
-            elif self._cpu_unreadable is not None:
-                e = self._cpu_unreadable
-                self._finish(ERROR, InternalError(str(e), retryable=True, details=e.details).to_wire())
-            elif self._cpu_exceeded or (worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU)):
-                sec = limits["cpu_sec"]
-                self._finish(TIMED_OUT, Timeout(
-                    f"cpu time limit {sec} s exceeded", retryable=False,
-                    details={"limit": "cpu_sec", "value": sec}).to_wire())
-            else:
-                why = worker.exit_reason()
-                self._finish(ERROR, InternalError(
-                    f"worker process ended unexpectedly: {why}", retryable=True,
-                    details={"exit": why}).to_wire())
+            e = self._cpu_unreadable
+            self._finish(*died_terminal(
+                self.request.limits.as_wire(), memory_exceeded=self._memory_exceeded, oom=oom,
+                cpu_unreadable=(str(e), e.details) if e is not None else None, cpu_exceeded=self._cpu_exceeded,
+                killed_by_sigxcpu=worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU),
+                exit_reason=worker.exit_reason()))
 
     async def _watch(self, worker: WorkerHandle) -> None:
         """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
@@ -351,7 +323,7 @@ class JobRunner:
                 if self._watch_memory and tree is not None and self._memory_over(worker, tree.rss):
                     return
                 cg = worker.cgroup
-                if cg is not None and cg.counts_cpu and self.stop_kind is None and not self._pump_done.is_set() \
+                if cg is not None and cg.counts_cpu and not self.life.stopping and not self._pump_done.is_set() \
                         and self._cpu_over(worker):
                     worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
                     return
@@ -416,7 +388,7 @@ class JobRunner:
         try:
             assert worker.writer is not None
             with contextlib.suppress(OSError, RuntimeError, CodecError):
-                worker.writer.write(encode([pm.CANCEL, self.stop_kind or "cancel"]))
+                worker.writer.write(encode([pm.CANCEL, self.life.stop.kind if self.life.stop else "cancel"]))
             await worker.stop(self.rt.config.grace, ended=self._pump_done, kill_wait=EXIT_WAIT)
         except Exception:  # the terminal still goes, once
             log.exception("job %s: stopping its worker failed", self.job.id)
@@ -426,7 +398,8 @@ class JobRunner:
             self._finish(*self._final_or_internal())
 
     def _final_or_internal(self) -> tuple[str, dict[str, Any]]:
-        return self._final or (ERROR, InternalError("job stopped").to_wire())
+        stop = self.life.stop
+        return (stop.status, stop.error) if stop is not None else (ERROR, InternalError("job stopped").to_wire())
 
     # -- frames from the worker -------------------------------------------------
     async def _pump(self, worker: WorkerHandle) -> Any:
@@ -535,6 +508,7 @@ class JobRunner:
     # -- the end ------------------------------------------------------------------
     def _finish(self, status: str, err: dict[str, Any] | None, *, value: Any = None,
                 result_id: str | None = None, result_size: int | None = None) -> None:
+        self.life.finished()
         for t in self._timers:
             t.cancel()
         net = (0, 0)

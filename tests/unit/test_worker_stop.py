@@ -108,9 +108,11 @@ def test_a_cancel_ends_a_worker_that_ignores_it_and_sigterm_through_the_one_esca
 
         handle.stop = stop  # type: ignore[method-assign]
         rt = _Runtime()
-        job = SimpleNamespace(id="job_1", request=SimpleNamespace(), owner=SimpleNamespace(outbox=None), done=False)
+        request = SimpleNamespace(limits=SimpleNamespace(max_runtime=60), max_runtime_sec=None, expires_at=None)
+        job = SimpleNamespace(id="job_1", request=request, owner=SimpleNamespace(outbox=None), done=False)
         runner = JobRunner(rt, job)  # type: ignore[arg-type]
         runner.started = True
+        runner.life.admitted(time.monotonic())
         on_worker = anyio.Event()
 
         async def run() -> None:  # the job's life from the moment it has a worker: its pump
