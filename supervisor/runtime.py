@@ -68,7 +68,7 @@ class Runtime:
         self.job_uid_range = job_uid_range(config)
         want_uids = self.job_uid_range is not None
         self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
-        self.worker_dirs = WorkerDirs(self.job_dirs, lambda: self.config.tmp_size)
+        self.worker_dirs = WorkerDirs(self.job_dirs, lambda: self.config.tmp_size, self.spawn)
         self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
         self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
         # Warm workers are for jobs about to start: never more of them than jobs may run at once.
@@ -149,25 +149,29 @@ class Runtime:
 
     async def _close(self) -> None:
         """The end: whatever a drain left running is cancelled (its terminal kept for its
-        session) and waited for (bounded), then the workers, the fork server and the
-        store go; every task of the runtime's group has ended when this returns."""
+        session) and waited for (bounded), then the workers, the fork server and the job
+        dirs go; last, the task group's remaining tasks (sweeps, retries) are cancelled and
+        waited for, and the store closes when the stack unwinds."""
         self.begin_drain()
         metrics.detach(self)
         self.service.cancel_jobs("server shutting down")
         await self.service.wait_jobs(self.config.grace + 1.0)
         self.pool.close()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
         await self.fork_server.aclose()
         self.fork_server.sweep_cgroups()
         self.cgroups.close()
         self.job_dirs.close()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
 
-    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        """Run `fn` in the runtime's task group (a job, a retry, a subscriber's history). A
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> bool:
+        """Run `fn` in the runtime's task group (a job, a retry, a subscriber's history, a
+        removal); False, and `fn` is not run, once the group has ended (the runtime closed). A
         failure of one is logged with its traceback and ends only that task: the group, and
         the server with it, go on."""
-        assert self._tg is not None, "the runtime has not started"
+        if self._tg is None or self._tg.cancel_scope.cancel_called:
+            log.debug("not started, the runtime has closed: %s", getattr(fn, "__qualname__", fn))
+            return False
 
         async def guarded() -> None:
             try:
@@ -176,6 +180,7 @@ class Runtime:
                 log.exception("task %s failed", getattr(fn, "__qualname__", fn))
 
         self._tg.start_soon(guarded, name=getattr(fn, "__qualname__", None))
+        return True
 
     def _restore(self, stored: list[StoredJob], interrupted: int) -> None:
         for sj in stored:

@@ -23,7 +23,7 @@ from supervisor.state.base import StateStore
 
 log = logging.getLogger("arcp.runtime")
 SUBSCRIBE_PAUSE = 0.02  # protocol.md rule 11: let the Python client register the subscription
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]  # False: not run (closing)
 
 
 class Delivery:

@@ -112,12 +112,13 @@ class WorkerPool:
                 return h
             h.close_pipe()
         self._refill()
-        return self._prepared(await self._fs.spawn(self._reuse))
+        return await self._prepared(await self._fs.spawn(self._reuse))
 
-    def _prepared(self, h: WorkerHandle) -> WorkerHandle:
+    async def _prepared(self, h: WorkerHandle) -> WorkerHandle:
+        """The new worker made ready by `on_spawn`, on a thread (a mkdir, a tmpfs mount)."""
         if self._on_spawn is not None:
             try:
-                self._on_spawn(h)
+                await anyio.to_thread.run_sync(self._on_spawn, h)
             except OSError as e:
                 self.retire(h)
                 raise WorkerSpawnError(f"cannot prepare worker {h.pid}: {e}") from e
@@ -148,8 +149,11 @@ class WorkerPool:
             return
         if self._reused_count >= self._max_idle_reused:
             self._evict_one()
-        if self._on_keep is not None:
-            self._on_keep(handle)
+        if self._on_keep is not None:  # on a thread: it empties the worker's temp dir
+            await anyio.to_thread.run_sync(self._on_keep, handle)
+            if not self._keeps(handle):
+                self.retire(handle)
+                return
         self._reused.setdefault(key, deque()).append(handle)
         self._reused_count += 1
 
@@ -200,7 +204,7 @@ class WorkerPool:
 
     async def _spawn_one(self) -> None:
         try:
-            h = self._prepared(await self._fs.spawn(self._reuse))
+            h = await self._prepared(await self._fs.spawn(self._reuse))
         except (WorkerSpawnError, TimeoutError, OSError) as e:
             log.error("could not start a warm worker: %s", e)
             return

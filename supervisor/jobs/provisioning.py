@@ -18,7 +18,7 @@ from supervisor.state.base import StateStore
 
 log = logging.getLogger("arcp.runtime")
 REVOKE_BACKOFF = (0.05, 0.25, 1.0, 5.0)
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]  # False: not run (closing)
 
 
 class Credentials:

@@ -176,8 +176,8 @@ class JobRunner:
             except LimitNotApplied as e:
                 self._limit_not_applied(worker, e)
                 return
-        try:
-            self.rt.job_tmp_dir(job, worker)
+        try:  # on a thread: a mkdir, a tmpfs mount or remount
+            await anyio.to_thread.run_sync(self.rt.job_tmp_dir, job, worker)
         except OSError as e:
             self.rt.pool.retire(worker)
             self._finish(ERROR, InternalError(f"could not make the job's temp dir: {e}").to_wire())

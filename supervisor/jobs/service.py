@@ -30,7 +30,7 @@ from supervisor.state.base import StateStore
 
 log = logging.getLogger("arcp.runtime")
 INLINE_KEPT = 4096  # terminal values larger than this live only in the store
-Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]  # False: not run (closing)
 MakeRunner = Callable[[Job], Any]  # a JobRunner for an accepted job
 
 
@@ -141,10 +141,13 @@ class JobService:
                 log.error("admission started job %s, which is not waiting", job_id)
                 self.start_jobs(self.admission.finish(job_id))
                 continue
+            if not self._spawn(job.runner.run):  # (run() begins after this: it is started below)
+                job.runner.refuse(InternalError("the server is shutting down", retryable=True,
+                                                details={"reason": "draining"}))
+                continue
             self._starts += 1
             metrics.job_started(job)
             job.runner.start(self._starts)
-            self._spawn(job.runner.run)
 
     # -- cancel ------------------------------------------------------------------
     def cancel(self, session: Session, req: Cancel) -> None:

@@ -1,25 +1,40 @@
 """Each worker's HOME/TMPDIR (supervisor/sandbox/job_dirs.py makes them): given at spawn,
-emptied when the worker is kept for another job, sized for each job, removed with it."""
+emptied when the worker is kept for another job, sized for each job, removed with it.
+Every one of these is file-system work (mkdir, tmpfs mounts, rmtree): the callers run
+`give`, `empty` and `for_job` on threads, and a removal is a task of its own on one."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
 
 from supervisor.core.jobs import Job
 from supervisor.jobs.worker_handle import WorkerHandle
 from supervisor.sandbox.job_dirs import JobDirs
 
+Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]  # False: not run (closing)
+
 
 class WorkerDirs:
-    def __init__(self, job_dirs: JobDirs, tmp_size: Callable[[], int]) -> None:
+    def __init__(self, job_dirs: JobDirs, tmp_size: Callable[[], int], spawn: Spawn) -> None:
         self.job_dirs = job_dirs
         self._tmp_size = tmp_size  # the operator's cap, as currently configured
+        self._spawn = spawn
 
     def give(self, worker: WorkerHandle) -> None:
         size = self._tmp_size()
         path, capped = self.job_dirs.create(f"w{worker.pid}", size)
         worker.tmp_dir, worker.tmp_capped, worker.tmp_size = path, capped, size
-        worker.on_close.append(lambda: self.job_dirs.remove(path, capped))
+        worker.on_close.append(lambda: self._remove(path, capped))
+
+    def _remove(self, path: str, capped: bool) -> None:
+        async def remove() -> None:
+            await anyio.to_thread.run_sync(self.job_dirs.remove, path, capped)
+
+        if not self._spawn(remove):  # the runtime's task group has ended (its close): here and now
+            self.job_dirs.remove(path, capped)
 
     def empty(self, worker: WorkerHandle) -> None:
         if worker.tmp_dir is not None:
