@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,9 @@ class Server:
         self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.url = ""
+        self.stderr_closed = False
         self.stderr_lines: list[str] = []
+        self._stderr_changed = threading.Condition()
         ready = threading.Event()
 
         def read_stdout() -> None:
@@ -52,13 +56,43 @@ class Server:
         def read_stderr() -> None:
             assert self.proc.stderr is not None
             for raw in self.proc.stderr:
-                self.stderr_lines.append(raw.decode(errors="replace"))
+                with self._stderr_changed:
+                    self.stderr_lines.append(raw.decode(errors="replace"))
+                    self._stderr_changed.notify_all()
+            with self._stderr_changed:
+                self.stderr_closed = True
+                self._stderr_changed.notify_all()
 
         threading.Thread(target=read_stdout, daemon=True).start()
         threading.Thread(target=read_stderr, daemon=True).start()
         if not ready.wait(30) or not self.url:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.stderr_lines[-30:]))
+
+    def wait_stderr(self, pred: Callable[[str], bool] | str, timeout: float = 15.0, start: int = 0) -> str:
+        """The first stderr line from index `start` on that `pred` accepts (or that contains
+        `pred`, a string), waiting for the server to write it."""
+        def matches(line: str) -> bool:
+            return pred in line if isinstance(pred, str) else pred(line)
+
+        deadline = time.monotonic() + timeout
+        i = start
+        with self._stderr_changed:
+            while True:
+                while i < len(self.stderr_lines):
+                    if matches(self.stderr_lines[i]):
+                        return self.stderr_lines[i]
+                    i += 1
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stderr_closed:
+                    raise AssertionError(f"no such line ({pred!r}) within {timeout} s on the server's stderr "
+                                         f"({'it ended' if self.stderr_closed else 'still open'}):\n"
+                                         + "".join(self.stderr_lines[-30:]))
+                self._stderr_changed.wait(left)
+
+    async def wait_stderr_async(self, pred: Callable[[str], bool] | str, timeout: float = 15.0,
+                                start: int = 0) -> str:
+        return await asyncio.to_thread(self.wait_stderr, pred, timeout, start)
 
     @property
     def pid(self) -> int:

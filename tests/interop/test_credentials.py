@@ -13,7 +13,7 @@ from arcp import ClientInfo, WebSocketTransport
 from arcp.client import ARCPClient
 
 from tests.conftest import Server
-from tests.interop.client import FEATURES, Recorder
+from tests.interop.client import FEATURES, Recorder, listed, poll
 
 WITH_CREDS = FEATURES + ("provisioned_credentials", "model.use")
 
@@ -64,8 +64,8 @@ def test_issue_rotate_revoke(make_server: type[Server], tmp_path: Path) -> None:
             body = rot["payload"]["body"]
             assert body["id"] == creds[0]["id"] and body["value"] == "sk-rotated"
             assert body["details"] == {"id": creds[0]["id"], "value": "sk-rotated"}
-            listed = (await client.list_jobs()).jobs
-            assert "credentials" not in str([j.model_dump() for j in listed])
+            entries = (await client.list_jobs()).jobs
+            assert "credentials" not in str([j.model_dump() for j in entries])
         finally:
             await client.close()
         assert _unrevoked(db) == [], "credentials outlived their job"
@@ -83,7 +83,7 @@ def test_failed_revocations_are_retried(make_server: type[Server], tmp_path: Pat
         finally:
             await client.close()
     asyncio.run(go())
-    assert _wait_until(lambda: _unrevoked(db) == [], 5), "a failed revocation was not retried"
+    assert _wait_until(lambda: _unrevoked(db) == [], 15), "a failed revocation was not retried"
 
 
 def test_a_restart_still_revokes(make_server: type[Server], tmp_path: Path) -> None:
@@ -91,14 +91,17 @@ def test_a_restart_still_revokes(make_server: type[Server], tmp_path: Path) -> N
 
     async def go() -> None:
         client, _ = await _connect(srv.url)
-        await client.submit(agent="creds", input={"wait": 30})
-        await asyncio.sleep(0.3)
+        h = await client.submit(agent="creds", input={"wait": 30})
+
+        async def running() -> bool | None:
+            return (await listed(client, h.job_id))[h.job_id].status == "running" or None
+        await poll(running, "the job to start")
     asyncio.run(go())
     assert len(_unrevoked(db)) == 1
     os.killpg(srv.pid, signal.SIGKILL)
     srv.proc.wait(5)
     _server(make_server, tmp_path)
-    assert _wait_until(lambda: _unrevoked(db) == [], 5), "the restart did not revoke the running job's credential"
+    assert _wait_until(lambda: _unrevoked(db) == [], 15), "the restart did not revoke the running job's credential"
 
 
 def test_no_credentials_without_negotiation(make_server: type[Server], tmp_path: Path) -> None:

@@ -21,18 +21,15 @@ from arcp.client import ARCPClient
 from websockets.asyncio.client import connect
 
 from tests.conftest import EXE, ROOT, Server, agent_flags
-from tests.interop.client import FEATURES, Recorder, sdk_session
+from tests.interop.client import FEATURES, Recorder, resume_once_detached, sdk_session
 
 
 def _wait_stderr(srv: Server, text: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(text in line for line in srv.stderr_lines):
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n" + "".join(srv.stderr_lines[-30:])
-        time.sleep(0.05)
+    srv.wait_stderr(text, timeout)
 
 
 async def _wait_stderr_async(srv: Server, text: str, timeout: float = 15.0) -> None:
-    await asyncio.to_thread(_wait_stderr, srv, text, timeout)
+    await srv.wait_stderr_async(text, timeout)
 
 
 def _exit_status(srv: Server, timeout: float = 20.0) -> int:
@@ -72,7 +69,8 @@ def test_sigterm_drains_a_running_job_then_exits_0(tmp_path: Path, make_server: 
 
     async def go() -> str:
         async with sdk_session(srv.url) as (a, rec_a), sdk_session(srv.url) as (b, _):
-            h = await a.submit(agent="sleep", input={"seconds": 2.5})
+            # long enough to be running through the refusals below on a loaded host
+            h = await a.submit(agent="sleep", input={"seconds": 5})
             await rec_a.wait_for(_running(h.job_id))
             os.kill(srv.pid, signal.SIGTERM)
             await _wait_stderr_async(srv, "SIGTERM: draining")
@@ -146,17 +144,15 @@ def test_a_resume_during_a_drain_is_taken_while_its_jobs_run(make_server: type[S
         rec = Recorder(WebSocketTransport(conn))
         client = ARCPClient(client=arcp.ClientInfo(name="tests", version="1"), token="", features=FEATURES)
         welcome = await client.connect(rec)
-        h = await client.submit(agent="sleep", input={"seconds": 2.5})
+        # long enough to be running when the resume comes, on a loaded host too
+        h = await client.submit(agent="sleep", input={"seconds": 5})
         await rec.wait_for(_running(h.job_id))
         last = max(f["event_seq"] for f in rec.frames if "event_seq" in f)
         conn.transport.abort()  # a network cut: the session waits to be resumed
         os.kill(srv.pid, signal.SIGTERM)
         await _wait_stderr_async(srv, "SIGTERM: draining")
-        rec2 = Recorder(await WebSocketTransport.connect(srv.url))
-        again = await ARCPClient(client=arcp.ClientInfo(name="tests", version="1"), token="",
-                                 features=FEATURES).resume(rec2, resume=arcp.SessionResume(
-                                     session_id=welcome.session_id, resume_token=welcome.resume_token,
-                                     last_event_seq=last))
+        _, again, rec2, _ = await resume_once_detached(srv.url, arcp.SessionResume(
+            session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=last))
         assert again.session_id == welcome.session_id
         term = await rec2.terminal(h.job_id, timeout=15)
         assert term["type"] == "job.result" and term["payload"]["result"] == {"slept": True}
@@ -217,7 +213,7 @@ def test_sighup_applies_admins_and_quotas_to_new_sessions_and_jobs(
     async def go() -> None:
         async with sdk_session(srv.url, token="tok-alice") as (a, rec), \
                 sdk_session(srv.url, token="tok-ops") as (ops, _):
-            first = await a.submit(agent="sleep", input={"seconds": 3})
+            first = await a.submit(agent="sleep", input={"seconds": 60})  # cancelled below
             assert first.job_id not in {j.job_id for j in (await ops.list_jobs()).jobs}
             _config(tmp_path, tokens, {}, head='[auth]\nadmins = ["ops"]\n[quotas]\nmax_jobs = 1\n')
             os.kill(srv.pid, signal.SIGHUP)
@@ -228,8 +224,9 @@ def test_sighup_applies_admins_and_quotas_to_new_sessions_and_jobs(
             second = await a.submit(agent="echo", input=2)  # alice is at her new quota of 1
             queued = await rec.wait_for(lambda f: f.get("job_id") == second.job_id and f.get("type") == "job.event")
             assert queued["payload"]["body"]["phase"] == "queued", queued
+            await a.cancel_job(first.job_id)  # her one running job ends: the queued one starts
             assert (await asyncio.wait_for(second.done, 15)).result == {"echo": 2}
-            assert (await asyncio.wait_for(first.done, 15)).result == {"slept": True}
+            assert (await rec.terminal(first.job_id))["payload"]["code"] == "CANCELLED"
 
     asyncio.run(go())
 
@@ -311,9 +308,10 @@ def test_stdio_sigterm_drains_the_session(tmp_path: Path) -> None:
             start_new_session=True, limit=16 * 1024 * 1024)
         try:
             client = ARCPClient(client=arcp.ClientInfo(name="stdio", version="1"), token="")
-            await asyncio.wait_for(client.connect(await arcp.StdioTransport.from_process_pipes(proc)), 15)
+            rec = Recorder(await arcp.StdioTransport.from_process_pipes(proc))
+            await asyncio.wait_for(client.connect(rec), 15)
             h = await client.submit(agent="sleep", input={"seconds": 1.5})
-            await asyncio.sleep(0.3)
+            await rec.wait_for(_running(h.job_id))
             proc.send_signal(signal.SIGTERM)
             r = await asyncio.wait_for(h.done, 15)
             assert r.result == {"slept": True}

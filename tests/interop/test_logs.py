@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,23 +28,19 @@ def json_server() -> Iterator[Server]:
     s.stop()
 
 
+def _record(line: str) -> dict[str, Any]:
+    obj = json.loads(line)  # every line, whoever wrote it
+    assert isinstance(obj, dict) and {"ts", "level", "logger", "msg"} <= set(obj), line
+    return obj
+
+
 def _records(srv: Server) -> list[dict[str, Any]]:
-    out = []
-    for line in list(srv.stderr_lines):
-        obj = json.loads(line)  # every line, whoever wrote it
-        assert isinstance(obj, dict) and {"ts", "level", "logger", "msg"} <= set(obj), line
-        out.append(obj)
-    return out
+    return [_record(line) for line in list(srv.stderr_lines)]
 
 
-def _wait_for(srv: Server, pred: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [r for r in _records(srv) if pred(r)]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, "no such record in:\n" + "".join(srv.stderr_lines[-20:])
-        time.sleep(0.05)
+def _wait_for(srv: Server, pred: Callable[[dict[str, Any]], bool], timeout: float = 15) -> dict[str, Any]:
+    """The first record `pred` accepts, waiting for the server to write it."""
+    return _record(srv.wait_stderr(lambda line: pred(_record(line)), timeout))
 
 
 async def _job(url: str, agent: str, input: Any, lease: dict[str, Any] | None = None) -> tuple[str, str, dict]:

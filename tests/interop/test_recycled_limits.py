@@ -13,11 +13,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.interop.client import sdk_session
+from tests.interop.client import poll, sdk_session
 
 CG = "/sys/fs/cgroup"
 LIMITS = "x-vendor.arcp-supervisor.limits"
 MiB = 1 << 20
+# How long the supervisor keeps a dead worker's cgroup for its job to read before the next
+# worker may take it (its CGROUP_LINGER); nothing tells a client when that has happened.
+CGROUP_LINGER = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,27 @@ def _in_force(groups: dict[str, str]) -> dict[str, str]:
     if "pids" in groups:
         out["pids"] = _read(f"{CG}/pids{groups['pids']}/pids.max")
     return out
+
+
+def _procs(ctl: str, path: str) -> list[str]:
+    """The tasks in the group `path` of controller `ctl` (none if the group is gone)."""
+    base = f"{CG}/{ctl}"
+    if ctl == "unified" and not os.path.isdir(base):
+        base = CG  # cgroup v2 alone, mounted at the top
+    try:
+        return _read(f"{base}{path}/cgroup.procs").split()
+    except FileNotFoundError:
+        return []
+
+
+async def recycled(groups: dict[str, str], *ctls: str) -> None:
+    """Return once the groups (of controllers `ctls`) of a job that has ended can go to the
+    next worker: its worker has left them, and the time the supervisor keeps a dead worker's
+    group for its job to read has passed (it tells no one when it hands the group on)."""
+    async def empty() -> bool | None:
+        return not any(_procs(c, groups[c]) for c in ctls) or None
+    await poll(empty, f"the worker to leave its groups {[groups[c] for c in ctls]}")
+    await asyncio.sleep(CGROUP_LINGER + 0.2)
 
 
 async def _job(url: str, agent: str, input: Any, limits: list[str] | None = None) -> dict[str, Any]:
@@ -77,7 +101,7 @@ def test_memory_limits_follow_each_job_on_recycled_groups(small: Server) -> None
             want = str(mib * MiB)
             assert r["in_force"]["memory"] == want and r["in_force"].get("memsw", want) == want, r
             used.setdefault(r["groups"]["memory"], []).append(mib)
-            await asyncio.sleep(0.6)  # the worker's group is recycled 0.5 s after it exits
+            await recycled(r["groups"], "memory")
         assert any(100 in v and 512 in v for v in used.values()), f"no group was recycled: {used}"
     asyncio.run(go())
 
@@ -85,8 +109,8 @@ def test_memory_limits_follow_each_job_on_recycled_groups(small: Server) -> None
 def test_the_memory_message_names_the_limit_in_force(small: Server) -> None:
     async def go() -> None:
         for _ in range(3):  # tight groups to recycle
-            await _job(small.url, "cgrouphog", {"mb": 10}, ["memory_mb:100"])
-            await asyncio.sleep(0.6)
+            r = await _job(small.url, "cgrouphog", {"mb": 10}, ["memory_mb:100"])
+            await recycled(r["groups"], "memory")
         r = await _job(small.url, "cgrouphog", {"mb": 250}, ["memory_mb:300"])
         assert r["terminal"]["type"] == "job.result", r["terminal"]
         assert r["in_force"]["memory"] == str(300 * MiB)
@@ -114,7 +138,7 @@ def test_process_limits_follow_each_job_on_recycled_groups(small: Server) -> Non
             else:
                 assert res == {"forked": 20, "refused": None, "threads": res["threads"]}, res
             used.setdefault(r["groups"]["pids"], []).append(procs)
-            await asyncio.sleep(0.6)
+            await recycled(r["groups"], "memory", "pids")
         assert any(8 in v and 64 in v for v in used.values()), f"no group was recycled: {used}"
     asyncio.run(go())
 

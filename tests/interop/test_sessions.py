@@ -15,7 +15,7 @@ from arcp.client import ARCPClient
 from websockets.asyncio.client import connect
 
 from tests.conftest import Server
-from tests.interop.client import FEATURES, Recorder, sdk_session
+from tests.interop.client import FEATURES, Recorder, job_ended, listed, resume_once_detached, sdk_session
 
 
 def _client() -> ARCPClient:
@@ -38,12 +38,9 @@ def test_resume_replays_every_missed_event_in_order(server: Server) -> None:
         await rec.wait_for(lambda f: f.get("type") == "job.event" and f["payload"]["body"].get("message") == "tick 3")
         last = max(f["event_seq"] for f in rec.frames if "event_seq" in f)
         conn.transport.abort()  # a network cut: no close, no bye
-        await asyncio.sleep(1.0)  # the job goes on and finishes while we are away
+        await job_ended(server.url, h.job_id)  # the job goes on and finishes while we are away
 
-        conn2 = await connect(server.url)
-        rec2 = Recorder(WebSocketTransport(conn2))
-        client2 = _client()
-        w2 = await client2.resume(rec2, resume=SessionResume(
+        _, w2, rec2, conn2 = await resume_once_detached(server.url, SessionResume(
             session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=last))
         assert w2.session_id == welcome.session_id and w2.resume_token != welcome.resume_token
         term = await rec2.terminal(h.job_id)
@@ -56,12 +53,11 @@ def test_resume_replays_every_missed_event_in_order(server: Server) -> None:
 
         # the old token is dead, and a wrong one fails without consuming the session
         conn2.transport.abort()
-        await asyncio.sleep(0.2)
         for token, err in ((welcome.resume_token, arcp.UnauthenticatedError), ("rtk_bogus", arcp.UnauthenticatedError)):
             with pytest.raises(err):
-                await _client().resume(await WebSocketTransport.connect(server.url), resume=SessionResume(
+                await resume_once_detached(server.url, SessionResume(
                     session_id=welcome.session_id, resume_token=token, last_event_seq=0))
-        w3 = await _client().resume(await WebSocketTransport.connect(server.url), resume=SessionResume(
+        _, w3, _, _ = await resume_once_detached(server.url, SessionResume(
             session_id=welcome.session_id, resume_token=w2.resume_token, last_event_seq=0))
         assert w3.session_id == welcome.session_id
     asyncio.run(go())
@@ -110,8 +106,8 @@ def test_subscribe_from_another_session_and_principals(make_server: type[Server]
             assert await _events(recb, h.job_id) == [f"tick {i}" for i in range(10)]
             seqs = [f["event_seq"] for f in recb.frames if "event_seq" in f]
             assert seqs == list(range(1, len(seqs) + 1))
-            listed = await bob.list_jobs()
-            assert h.job_id not in {j.job_id for j in listed.jobs}
+            bobs = await bob.list_jobs()
+            assert h.job_id not in {j.job_id for j in bobs.jobs}
     asyncio.run(go())
 
 
@@ -120,10 +116,9 @@ def test_close_keeps_jobs_running(server: Server) -> None:
         async with sdk_session(server.url) as (a, _):
             h = await a.submit(agent="sleep", input={"seconds": 0.5})
             job_id = h.job_id
-        await asyncio.sleep(1.0)
+        await job_ended(server.url, job_id)  # a session of its own sees the end
         async with sdk_session(server.url) as (b, recb):
-            listed = await b.list_jobs()
-            entry = next(j for j in listed.jobs if j.job_id == job_id)
+            entry = (await listed(b, job_id))[job_id]
             assert entry.status == "success"
             await b.subscribe(job_id, history=False)
             term = await recb.terminal(job_id)
@@ -136,11 +131,12 @@ def test_state_survives_kill_9(tmp_path: Path, make_server: type[Server]) -> Non
     srv = make_server("--state-dir", state)
 
     async def before() -> tuple[str, str, dict[str, object]]:
-        async with sdk_session(srv.url) as (c, _):
+        async with sdk_session(srv.url) as (c, rec):
             done = await c.submit(agent="echo", input={"k": 1}, idempotency_key="key-1")
             await asyncio.wait_for(done.done, 15)
             running = await c.submit(agent="sleep", input={"seconds": 60})
-            await asyncio.sleep(0.3)
+            await rec.wait_for(lambda f: f.get("job_id") == running.job_id and f.get("type") == "job.event"
+                               and f["payload"]["kind"] == "log")  # "sleeping": it runs
             return done.job_id, running.job_id, done.accepted.model_dump(mode="json", exclude={"request_id"})
 
     done_id, running_id, accepted = asyncio.run(before())
@@ -150,9 +146,9 @@ def test_state_survives_kill_9(tmp_path: Path, make_server: type[Server]) -> Non
 
     async def after() -> None:
         async with sdk_session(srv2.url) as (c, rec):
-            listed = {j.job_id: j for j in (await c.list_jobs()).jobs}
-            assert listed[done_id].status == "success"
-            assert listed[running_id].status == "error"
+            entries = await listed(c, done_id, running_id)
+            assert entries[done_id].status == "success"
+            assert entries[running_id].status == "error"
             again = await c.submit(agent="echo", input={"k": 1}, idempotency_key="key-1")
             assert again.job_id == done_id
             assert again.accepted.model_dump(mode="json", exclude={"request_id"}) == accepted
@@ -240,14 +236,11 @@ def test_resume_from_before_the_kept_log_is_window_expired(make_server: type[Ser
         await rec.terminal(h.job_id)
         last = max(f["event_seq"] for f in rec.frames if "event_seq" in f)
         conn.transport.abort()
-        await asyncio.sleep(0.3)
         resume = SessionResume(session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=2)
         with pytest.raises(arcp.ARCPError) as ei:
-            await _client().resume(await WebSocketTransport.connect(srv.url), resume=resume)
+            await resume_once_detached(srv.url, resume)
         assert ei.value.code == "RESUME_WINDOW_EXPIRED" and "no longer kept" in ei.value.message
-        await asyncio.sleep(0.3)
-        rec2 = Recorder(await WebSocketTransport.connect(srv.url))  # within the kept log: replayed
-        await _client().resume(rec2, resume=SessionResume(
+        _, _, rec2, _ = await resume_once_detached(srv.url, SessionResume(  # within the kept log: replayed
             session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=last - 3))
         await rec2.terminal(h.job_id)
         assert [f["event_seq"] for f in rec2.frames if "event_seq" in f] == [last - 2, last - 1, last]

@@ -29,7 +29,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import EXE, ROOT, Server
-from tests.interop.client import sdk_session
+from tests.interop.client import listed, poll, sdk_session
 from tests.shell_agents import REGISTRY as SHELL_AGENTS
 
 JOB_ID = re.compile(r"\bjob_[0-9A-HJKMNP-TV-Z]{26}\b")
@@ -379,7 +379,11 @@ def test_top_off_a_terminal_prints_one_snapshot(srv: Server) -> None:
         async with sdk_session(srv.url) as (client, rec):
             h = await client.submit(agent="busy", input={})
             await rec.wait_for(lambda f: f.get("type") == "job.event" and f["payload"].get("kind") == "log")
-            await asyncio.sleep(1.0)
+
+            async def measuring() -> bool | None:  # its usage so far is in the listing top reads
+                entry = (await listed(client, h.job_id))[h.job_id]
+                return USAGE in (entry.model_extra or {}) or None
+            await poll(measuring, "the running job's usage in session.list_jobs")
             started = time.monotonic()
             try:
                 p = await asyncio.to_thread(shell, "top", url=srv.url)

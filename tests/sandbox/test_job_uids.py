@@ -120,10 +120,10 @@ def test_the_uid_pool_reuses_late_and_waits_when_empty() -> None:
         got = [await pool.acquire() for _ in range(3)]
         assert got == [10, 11, 12] and pool.free == 0
         waiter = asyncio.ensure_future(pool.acquire())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the waiter runs up to its wait
         assert not waiter.done()
         pool.release(11)
-        assert await asyncio.wait_for(waiter, 1) == 11
+        assert await asyncio.wait_for(waiter, 5) == 11
         pool.release(10)
         pool.release(12)
         assert [await pool.acquire(), await pool.acquire()] == [10, 12]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-import time
 from pathlib import Path
 
 import arcp
@@ -15,7 +14,7 @@ from arcp import ClientInfo, WebSocketTransport
 from arcp.client import ARCPClient
 
 from tests.conftest import Server
-from tests.interop.client import FEATURES, Recorder, sdk_session
+from tests.interop.client import FEATURES, Recorder, poll, sdk_session
 
 MiB = 1024 * 1024
 
@@ -100,11 +99,12 @@ def test_a_subscriber_that_does_not_read_is_disconnected_not_buffered(make_serve
             assert (await done)["payload"]["result"] == {"n": n}
             assert _log_numbers(rec, h.job_id) == list(range(n))
             assert peak - base < 128 * MiB, f"the supervisor grew by {(peak - base) >> 20} MiB"
-            assert any("does not read: closing its transport" in line for line in srv.stderr_lines)
+            await srv.wait_stderr_async("does not read: closing its transport")
             wrec.gate.set()
-            async with asyncio.timeout(10):
-                while not wrec.is_closed:
-                    await asyncio.sleep(0.05)
+
+            async def closed() -> bool | None:
+                return wrec.is_closed or None
+            await poll(closed, "the watcher's transport, closed by the server, to end once read")
     asyncio.run(go())
 
 
@@ -140,11 +140,10 @@ def test_a_forged_traceback_cannot_flood_or_forge_the_supervisor_log(server: Ser
             except arcp.ARCPError as e:
                 assert e.code == "INTERNAL_ERROR"
     asyncio.run(go())
-    deadline = time.monotonic() + 5
-    while not any("agent raised" in line for line in server.stderr_lines[before:]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    server.wait_stderr("agent raised", start=before)
+    start = next(i for i, line in enumerate(server.stderr_lines[before:]) if "agent raised" in line)
+    server.wait_stderr(lambda line: not line.startswith("    | "), start=before + start + 1)  # its end
     new = server.stderr_lines[before:]
-    start = next(i for i, line in enumerate(new) if "agent raised" in line)
     record = [new[start]]
     for line in new[start + 1:]:
         if not line.startswith("    | "):

@@ -17,11 +17,11 @@ def test_waiters_are_served_in_start_order_not_arrival_order() -> None:
         await asyncio.sleep(0)
         assert not (late.done() or early.done() or same.done())
         pool.release(10)
-        assert await asyncio.wait_for(early, 1) == 10 and not late.done()
+        assert await asyncio.wait_for(early, 5) == 10 and not late.done()
         pool.release(10)
-        assert await asyncio.wait_for(late, 1) == 10 and not same.done()
+        assert await asyncio.wait_for(late, 5) == 10 and not same.done()
         pool.release(10)
-        assert await asyncio.wait_for(same, 1) == 10
+        assert await asyncio.wait_for(same, 5) == 10
     asyncio.run(go())
 
 
@@ -35,5 +35,5 @@ def test_a_cancelled_waiter_is_skipped() -> None:
         gone.cancel()
         await asyncio.sleep(0)
         pool.release(7)
-        assert await asyncio.wait_for(next_, 1) == 7 and pool.free == 0
+        assert await asyncio.wait_for(next_, 5) == 7 and pool.free == 0
     asyncio.run(go())

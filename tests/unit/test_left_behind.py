@@ -55,7 +55,7 @@ def test_nothing_left() -> None:
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    time.sleep(0.05)  # exited, not reaped: left_behind reaps it
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: left_behind reaps it
     assert left_behind(threads, modules) == []
     assert not os.path.exists(f"/proc/{pid}")
 

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -95,17 +97,23 @@ def test_configure_replaces_the_handler_and_sets_the_level() -> None:
 
 
 def test_a_childs_output_becomes_one_escaped_record_per_line(caplog: pytest.LogCaptureFixture) -> None:
+    def relayed() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "arcp.forkserver"]
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        """The relay is a reader callback of this loop: nothing tells of its progress."""
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline, f"{what}: not within 10 s; relayed {relayed()!r}"
+            await asyncio.sleep(0.01)
+
     async def go() -> None:
         r, w = os.pipe()
         relay = logs.OutputRelay(r, "arcp.forkserver", asyncio.get_running_loop())
         os.write(w, b"first line\nsecond \x1b[2J line\n" + b"x" * (logs.LOG_TEXT_MAX + 10) + b"\npartial")
-        await asyncio.sleep(0.05)
+        await until(lambda: len(relayed()) == 3, "the three whole lines relayed")  # "partial" waits for more
         os.close(w)
-        for _ in range(100):
-            if relay.fd < 0:
-                break
-            await asyncio.sleep(0.01)
-        assert relay.fd < 0
+        await until(lambda: relay.fd < 0, "the relay closed at the end of its input")
 
     with caplog.at_level(logging.WARNING, logger="arcp.forkserver"):
         asyncio.run(go())

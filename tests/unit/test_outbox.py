@@ -14,16 +14,16 @@ def test_bytes_past_the_high_water_mark_pause_producers() -> None:
         box = Outbox(high_bytes=4 * MiB)
         for _ in range(3):
             box.put(b"x" * MiB)
-        await asyncio.wait_for(box.wait_writable(), 1)  # 3 MiB: below the mark
+        await asyncio.wait_for(box.wait_writable(), 5)  # 3 MiB: below the mark
         box.put(b"x" * MiB)  # 4 frames only, but 4 MiB
         waiter = asyncio.ensure_future(box.wait_writable())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the waiter runs up to its wait
         assert not waiter.done() and box.stalled_for(10**9) > 0
         assert len(await box.get_batch()) == 1  # 3 MiB left: above the low-water mark (2 MiB)
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # a wake-up, had there been one, would have run now
         assert not waiter.done()
         await box.get_batch()  # 2 MiB: at the low-water mark
-        await asyncio.wait_for(waiter, 1)
+        await asyncio.wait_for(waiter, 5)
         assert box.queued_bytes == 2 * MiB and box.stalled_for(10**9) == 0
     asyncio.run(go())
 
