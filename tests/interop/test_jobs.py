@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Iterator
 
 import arcp
 import psutil
@@ -74,21 +75,32 @@ def test_agent_errors_keep_code_and_hide_traceback(server: Server) -> None:
     run(go())
 
 
+LONG_GRACE = 30.0
+
+
+@pytest.fixture(scope="module")
+def long_grace() -> Iterator[Server]:
+    """A server whose stop grace is long: a cancel that is not cooperative shows by its time."""
+    s = Server("--grace", str(LONG_GRACE))
+    yield s
+    s.stop()
+
+
 @pytest.mark.parametrize("agent", ["busy", "sleep"])
-def test_cancel_interrupts_python_code(server: Server, agent: str) -> None:
+def test_cancel_interrupts_python_code(long_grace: Server, agent: str) -> None:
     """Cancel reaches a spinning sync agent and a sleeping async one well within the grace."""
     async def go() -> None:
-        async with sdk_session(server.url) as (client, rec):
+        async with sdk_session(long_grace.url) as (client, rec):
             h = await client.submit(agent=agent, input={"seconds": 60})
             await rec.wait_for(lambda f: f.get("job_id") == h.job_id and f.get("type") == "job.event")
             t0 = time.monotonic()
             await client.cancel_job(h.job_id, reason="stop it")
-            term = await rec.terminal(h.job_id, timeout=5)
+            term = await rec.terminal(h.job_id, timeout=LONG_GRACE + 10)
             took = time.monotonic() - t0
             assert term["type"] == "job.error" and term["payload"]["code"] == "CANCELLED"
             assert term["payload"]["final_status"] == "error"  # Python flavour
             assert any(f.get("type") == "job.cancelled" for f in rec.frames)
-            assert took < 1.0, f"cooperative cancel took {took:.2f}s (grace is 1 s)"
+            assert took < LONG_GRACE / 3, f"cooperative cancel took {took:.2f}s (grace is {LONG_GRACE:g} s)"
     run(go())
 
 
@@ -103,10 +115,12 @@ def test_cancel_kills_a_job_that_ignores_it_after_grace(make_server: type[Server
             assert psutil.pid_exists(pid)
             t0 = time.monotonic()
             await client.cancel_job(h.job_id)
-            term = await rec.terminal(h.job_id, timeout=5)
+            term = await rec.terminal(h.job_id, timeout=15)
             took = time.monotonic() - t0
             assert term["payload"]["code"] == "CANCELLED"
-            assert 0.4 <= took <= 0.5 + 0.5 + 0.3, f"terminal after {took:.2f}s, grace 0.5 s"
+            # not before the grace; the kill follows within 0.5 s of it, given a few more
+            # seconds here for a loaded host (the job itself would never end)
+            assert 0.4 <= took <= 0.5 + 0.5 + 3, f"terminal after {took:.2f}s, grace 0.5 s"
             assert not psutil.pid_exists(pid), "the worker outlived its terminal frame"
     run(go())
 
@@ -116,7 +130,7 @@ def test_timeout(server: Server) -> None:
         async with sdk_session(server.url) as (client, rec):
             h = await client.submit(agent="sleep", input={"seconds": 30}, max_runtime_sec=1)
             with pytest.raises(arcp.TimeoutError):
-                await asyncio.wait_for(h.done, 5)
+                await asyncio.wait_for(h.done, 20)
             term = await rec.terminal(h.job_id)
             assert term["payload"]["code"] == "TIMEOUT" and term["payload"]["retryable"] is False
     run(go())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +91,18 @@ def test_oversized_arguments_are_refused_naming_the_bound(server: Server) -> Non
 
 def test_a_job_spamming_path_checks_stalls_no_other_session(server: Server) -> None:
     """While one job sends 600 KB paths, link chains and /proc links, many in flight, another
-    session's job runs to its end in bounded time."""
+    session's job runs to its end before the spam does."""
     async def go() -> None:
         async with sdk_session(server.url) as (c1, rec1), sdk_session(server.url) as (c2, _):
             spam = await c1.submit(agent="leasespam", input={"rounds": 25}, lease_request={"fs.read": ["/**"]})
             await rec1.wait_for(lambda f: f.get("job_id") == spam.job_id and f.get("type") == "job.event"
                                 and f["payload"]["body"].get("phase") == "spamming", timeout=15)
             for i in range(3):
-                start = time.monotonic()
                 h = await c2.submit(agent="echo", input=i)
-                assert (await asyncio.wait_for(h.done, 5)).result == {"echo": i}
-                assert time.monotonic() - start < 5
+                assert (await asyncio.wait_for(h.done, 15)).result == {"echo": i}
+                # in order, not in seconds (a loaded host slows both): it did not wait for the spam
+                assert not [f for f in rec1.frames if f.get("job_id") == spam.job_id
+                            and f.get("type") in ("job.result", "job.error")], f"echo {i} ended only after the spam"
             counts = (await asyncio.wait_for(spam.done, 60)).result
             assert counts.get("INVALID_REQUEST", 0) == 2 * 25, counts
             assert counts.get("PERMISSION_DENIED", 0) >= 35 * 25, counts  # link chains, /proc
