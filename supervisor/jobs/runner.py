@@ -423,7 +423,12 @@ class JobRunner:
                             await anyio.lowlevel.checkpoint()  # a call's work is bounded; others' turn between calls
                         else:
                             return action
-                    await outbox.wait_writable()  # past the session's high-water mark: no next frame until below
+                    # Past a session's high-water mark (the submitter's, or a follower's): no next
+                    # frame until it is below. A follower that stops reading is closed by its own
+                    # limits (hard bytes, stall time), which releases the job.
+                    await outbox.wait_writable()
+                    for w in self.job.watchers:
+                        await w.session.outbox.wait_writable()
         except (WorkerProtocolError, CodecError) as e:
             return e
         except (ConnectionError, OSError):
