@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from shared import pipe_messages as pm
 from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.sandbox.cgroups import LimitNotApplied
+from supervisor.sandbox.worker_cgroup import LimitNotApplied
 from supervisor.config import AgentSpec, Limits
 from supervisor.jobs.worker_handle import CGROUP_LINGER, WorkerSpawnError
 from supervisor.jobs.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError

@@ -107,7 +107,7 @@ sys.path.insert(0, str(ROOT))  # as the fork server puts its working directory f
 
 # Warm like the fork server: the same imports (importing it runs nothing but imports).
 import worker.forkserver  # noqa: F401
-from supervisor.sandbox import cgroups
+from supervisor.sandbox import cgroup_host, cgroups, worker_cgroup
 from supervisor.config import Limits
 from worker import idmap, sandbox, seccomp_filter, seccomp_self
 from worker.agent_loader import precompile
@@ -169,7 +169,7 @@ class BenchCgroups(cgroups.Cgroups):
         self.bases = {}
         self._free = []
         self._made = 0
-        if os.path.exists(os.path.join(cgroups.V2_ROOT, "cgroup.controllers")):
+        if os.path.exists(os.path.join(cgroup_host.V2_ROOT, "cgroup.controllers")):
             self._init_v2(name)
         else:
             self._init_v1(name)
@@ -255,8 +255,8 @@ class Bench:
         by the caller, who removes it if this fails); `lease_root`: the uid variants' leased
         directory (0700, root's). Cgroups are made last: nothing else here needs undoing."""
         self.base = base
-        self.current: cgroups.WorkerCgroup | None = None
-        self.stuck: list[cgroups.WorkerCgroup] = []
+        self.current: worker_cgroup.WorkerCgroup | None = None
+        self.stuck: list[worker_cgroup.WorkerCgroup] = []
         self.mount_n = 0
         os.chmod(base, 0o711)  # as the supervisor's job dirs' root: a job uid reaches its own dir only
         self.job_tmp = os.path.join(base, "job")
@@ -418,7 +418,7 @@ class Bench:
         return self._clone(CLONE_NEWPID)
 
     # -- in the parent ----------------------------------------------------------
-    def _join(self, cgs: BenchCgroups, pid: int) -> tuple[cgroups.WorkerCgroup, int]:
+    def _join(self, cgs: BenchCgroups, pid: int) -> tuple[worker_cgroup.WorkerCgroup, int]:
         if not cgs.bases:
             raise OSError(0, "no writable cgroup hierarchy (memory/pids)")
         t0 = time.perf_counter_ns()

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from shared.messages import CANCELLED, SUCCESS, TIMED_OUT
-from supervisor.sandbox.cgroups import WorkerCgroup
+from supervisor.sandbox.worker_cgroup import WorkerCgroup
 from supervisor.core.frames import USAGE_KEY
 
 MiB = 1 << 20

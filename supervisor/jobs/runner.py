@@ -28,7 +28,7 @@ from shared import pipe_messages as pm
 from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest
 from shared.messages import ERROR, RUNNING, SUCCESS
 from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.sandbox.cgroups import LimitNotApplied, WorkerCgroup
+from supervisor.sandbox.worker_cgroup import LimitNotApplied, WorkerCgroup
 from supervisor.core.lifecycle import Deadline, JobLifecycle, died_terminal
 from supervisor.core.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress.proxy import EgressJob, EgressListener

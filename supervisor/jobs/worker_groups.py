@@ -16,7 +16,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from supervisor.jobs.worker_handle import CGROUP_LINGER
-from supervisor.sandbox.cgroups import Cgroups, WorkerCgroup
+from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_cgroup import WorkerCgroup
 
 log = logging.getLogger("arcp.workers")
 

@@ -20,7 +20,7 @@ import anyio
 
 from shared.exit_codes import describe_wait_status
 from supervisor.egress.proxy import EgressListener
-from supervisor.sandbox.cgroups import WorkerCgroup
+from supervisor.sandbox.worker_cgroup import WorkerCgroup
 
 log = logging.getLogger("arcp.workers")
 

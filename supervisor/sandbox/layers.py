@@ -24,7 +24,7 @@ from typing import Protocol
 
 from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
-from supervisor.sandbox.cgroups import CgroupHost, detect
+from supervisor.sandbox.cgroup_host import CgroupHost, detect
 from supervisor.sandbox.job_dirs import tmp_base, tmp_cap_here
 
 PR_GET_SECCOMP = 21

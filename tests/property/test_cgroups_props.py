@@ -9,7 +9,8 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.sandbox.cgroups import MiB, Cgroups
+from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_cgroup import MiB
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 steps = st.lists(st.tuples(st.integers(1, 64 * 1024), st.integers(1, 4096)), min_size=1, max_size=12)

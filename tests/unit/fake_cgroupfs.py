@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import os
 
-from supervisor.sandbox.cgroups import PAGE, V1_CONTROLLERS, CgroupFS
+from supervisor.sandbox.cgroup_host import V1_CONTROLLERS, CgroupFS
+from supervisor.sandbox.worker_cgroup import PAGE
 
 UNLIMITED = str((1 << 63) - PAGE)  # what v1 reads for "no limit"
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sandbox import cgroups as cgroups_module
-from supervisor.sandbox.cgroups import MiB, CgroupHost, Cgroups, LimitNotApplied, WorkerCgroup, detect
+from supervisor.sandbox import cgroup_host
+from supervisor.sandbox.cgroup_host import CgroupHost, detect
+from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_cgroup import MiB, LimitNotApplied, WorkerCgroup
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 
@@ -233,7 +235,7 @@ def test_detect_v1_skips_a_controller_that_may_not_be_written(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     fs = FakeCgroupFS(str(tmp_path))
     real_access = os.access
-    monkeypatch.setattr(cgroups_module.os, "access",
+    monkeypatch.setattr(cgroup_host.os, "access",
                         lambda p, mode: False if p == str(tmp_path / "pids") else real_access(p, mode))
     found = detect(str(tmp_path), fs)
     assert found.controllers == ("memory", "cpuacct") and "pids may not be written" in found.why

@@ -17,7 +17,8 @@ import pytest
 
 from supervisor import doctor
 from supervisor.sandbox import layers
-from supervisor.sandbox.cgroups import CgroupHost, Cgroups, detect
+from supervisor.sandbox.cgroup_host import CgroupHost, detect
+from supervisor.sandbox.cgroups import Cgroups
 from supervisor.sandbox.layers import Host, Setup
 from tests.unit.fake_cgroupfs import FakeCgroupFS
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sandbox.cgroups import MiB, Cgroups, WorkerCgroup
+from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_cgroup import MiB, WorkerCgroup
 from supervisor.core.frames import error_payload, result_payload
 from supervisor.core.usage import USAGE_KEY, UsageMeter, outcome_of, sample_tree, usage_wire
 from tests.unit.fake_cgroupfs import FakeCgroupFS
