@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.sandbox import path_resolve
-from supervisor.sandbox.path_resolve import PathRefused, ResolverBusy, ResolveTimeout, resolve, resolve_as, walk
+from supervisor.sandbox import path_resolve, path_walk
+from supervisor.sandbox.path_resolve import PathRefused, ResolverBusy, ResolveTimeout, resolve, resolve_as
+from supervisor.sandbox.path_walk import walk
 
 JOB_UID = 1_900_000_123  # no user has it (config.DEFAULT_JOB_UIDS)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="resolving with a job's uid needs root")
@@ -131,7 +132,7 @@ def test_credentials_change_on_the_resolving_thread_only(tree: Path) -> None:
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with path_resolve._as_job(JOB_UID):
+        with path_walk._as_job(JOB_UID):
             inside.set()
             release.wait(5)
 
@@ -231,7 +232,7 @@ def test_resolver_threads_are_reused_and_a_tainted_one_ends(monkeypatch: pytest.
 
         def taint(path: str, uid: int | None, root_pid: int | None) -> str:
             served.append(threading.current_thread())
-            path_resolve._thread.tainted = True  # as when its credentials could not be restored
+            path_walk.this_thread.tainted = True  # as when its credentials could not be restored
             return path
 
         monkeypatch.setattr(path_resolve, "resolve_as", taint)
