@@ -320,7 +320,7 @@ def submit(
     stderr), 2 on a usage error, 3 when the server cannot be reached or refuses the
     session, 130 on Ctrl-C (the job is cancelled first).
     """
-    from supervisor.shell.commands import SubmitArgs, submit as run_submit
+    from supervisor.shell.follow import SubmitArgs, submit as run_submit
 
     raise typer.Exit(run_submit(SubmitArgs(
         url=url or _default_url(), token=token, agent=agent, input=input_, lease=lease, limits=limit or [],
@@ -337,7 +337,7 @@ def jobs(
     token: Annotated[Optional[str], _token_option()] = None,
 ) -> None:
     """List the jobs this principal may see (every principal's, for an admin)."""
-    from supervisor.shell.commands import jobs as run_jobs
+    from supervisor.shell.jobs import jobs as run_jobs
 
     raise typer.Exit(run_jobs(url or _default_url(), token, status or [], as_json))
 
@@ -354,7 +354,7 @@ def watch(
 
     Ctrl-C stops following (exit 130) and leaves the job running.
     """
-    from supervisor.shell.commands import watch as run_watch
+    from supervisor.shell.follow import watch as run_watch
 
     raise typer.Exit(run_watch(url or _default_url(), token, job_id, as_json))
 
@@ -371,7 +371,7 @@ def cancel(
     Exits 0 once the job has ended, 1 if the server refuses (e.g. JOB_NOT_FOUND) or the
     job has not ended 10 s after the cancel.
     """
-    from supervisor.shell.commands import cancel as run_cancel
+    from supervisor.shell.jobs import cancel as run_cancel
 
     raise typer.Exit(run_cancel(url or _default_url(), token, job_id, reason))
 
@@ -385,7 +385,7 @@ def top(
 
     Refreshed every second; q or Ctrl-C quits. Off a terminal: one snapshot.
     """
-    from supervisor.shell.commands import top as run_top
+    from supervisor.shell.top import top as run_top
 
     raise typer.Exit(run_top(url or _default_url(), token))
 

@@ -1,8 +1,9 @@
 """The shell client: `arcp-supervisor submit | jobs | watch | cancel | top`.
 
 Built on the official Python ARCP client (`arcp`): `connection` opens the session,
-`commands` runs each subcommand, `render` draws what it shows (rich on a terminal,
-plain text without control characters elsewhere).
+`interrupts` runs each subcommand (Ctrl-C, exit status), `follow` is `submit` and `watch`,
+`jobs` is `jobs` and `cancel`, `top` is `top`, and `render` draws what they show (rich on a
+terminal, plain text without control characters elsewhere).
 """
 
 from __future__ import annotations

@@ -1,124 +1,28 @@
-"""The subcommands of the shell client. Each returns its exit status (supervisor.shell)."""
+"""Following a job: the `submit` and `watch` subcommands of the shell client, their
+arguments, and the follow of a job to its terminal (supervisor.shell)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import os
 import re
-import signal
 import sys
-import termios
-import tty
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
-from arcp import ARCPError, ListJobsFilter, TransportClosed, parse_agent_ref
+from arcp import ARCPError, TransportClosed, parse_agent_ref
 from arcp.client import ARCPClient, JobHandle
 
 from supervisor.shell import INTERRUPTED, JOB_FAILED, OK, UNREACHABLE, USAGE
-from supervisor.shell.connection import (
-    TERMINAL_TYPES, ShellExit, Tap, close_session, error_text, open_session,
-)
-from supervisor.shell.render import (
-    JOBS_STATUS_STYLE, LIMITS_KEY, USAGE_KEY, JobView, Lines, TopSampler, clean, console_for, dump_json,
-    is_terminal, jobs_rows, plain_table, rich_table, top_rows, top_title,
-)
+from supervisor.shell.connection import TERMINAL_TYPES, ShellExit, Tap, close_session, error_text, open_session
+from supervisor.shell.interrupts import Interrupts, run
+from supervisor.shell.jobs import CANCEL_WAIT, SHELL_REASON
+from supervisor.shell.render import LIMITS_KEY, USAGE_KEY, JobView, Lines, clean, dump_json, is_terminal
 
-TERMINAL_STATUSES = ("success", "error", "cancelled", "timed_out")
-CANCEL_WAIT = 10.0  # seconds a Ctrl-C or `cancel` waits for the job's terminal
-TOP_INTERVAL = 1.0
-MAX_PAGES = 100
-SHELL_REASON = "cancelled from the shell"
 _LIMIT_KEY = re.compile(r"^[a-z][a-z0-9_]*$")
-
-T = TypeVar("T")
-
-
-# -- running a subcommand ---------------------------------------------------------------
-class Interrupts:
-    """Ctrl-C while a subcommand runs: the first sets `event` and cancels the waits under
-    `interruptible()` (the subcommand winds down in its own way), a second one cancels the
-    subcommand outright (`scope`)."""
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.count = 0
-        self.scope = anyio.CancelScope()
-        self._waits: set[anyio.CancelScope] = set()
-
-    def on_sigint(self) -> None:
-        self.count += 1
-        if self.count == 1:
-            self.event.set()
-            for wait in list(self._waits):
-                wait.cancel()
-        else:
-            self.scope.cancel()
-
-    @contextlib.contextmanager
-    def interruptible(self) -> Iterator[anyio.CancelScope]:
-        """A cancel scope that Ctrl-C cancels (at once if it came already)."""
-        with anyio.CancelScope() as wait:
-            if self.event.is_set():
-                wait.cancel()
-            self._waits.add(wait)
-            try:
-                yield wait
-            finally:
-                self._waits.discard(wait)
-
-    async def race(self, aw: Awaitable[T]) -> T:
-        """`aw`'s value, or ShellExit(130) if Ctrl-C comes first (`aw` is then cancelled)."""
-        with self.interruptible():
-            return await aw
-        raise ShellExit(INTERRUPTED, "interrupted")
-
-
-@contextlib.contextmanager
-def _sigint(handler: Callable[[], None]) -> Iterator[None]:
-    """`handler` called in the event loop on each SIGINT while in here (instead of
-    KeyboardInterrupt)."""
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-
-
-def run(command: Callable[[Interrupts], Awaitable[int]]) -> int:
-    """Run one subcommand to its exit status; its messages go to stderr, never a traceback."""
-
-    async def main() -> int:
-        intr = Interrupts()
-        with _sigint(intr.on_sigint):
-            with intr.scope:
-                try:
-                    return await command(intr)
-                except ShellExit as e:
-                    if e.message:
-                        prefix = "arcp-supervisor: error: " if e.status == USAGE else "arcp-supervisor: "
-                        Lines().say(prefix + e.message, "red" if e.status != INTERRUPTED else None)
-                    return e.status
-            # A second Ctrl-C cancelled the subcommand where it was.
-            Lines().say("arcp-supervisor: interrupted")
-            return INTERRUPTED
-
-    status = INTERRUPTED
-    try:
-        status = asyncio.run(main())
-    except* KeyboardInterrupt:  # a Ctrl-C before the handler above is in place, or after it
-        status = INTERRUPTED
-    except* BrokenPipeError:  # whoever read stdout went away (a task group's raise it in a group)
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = JOB_FAILED
-    return status
 
 
 # -- arguments ------------------------------------------------------------------------
@@ -394,174 +298,4 @@ async def follow(client: ARCPClient, tap: Tap, handle: JobHandle, intr: Interrup
     return OK
 
 
-# -- cancel ---------------------------------------------------------------------------
-def cancel(url: str, token: str | None, job_id: str, reason: str | None) -> int:
-    async def go(intr: Interrupts) -> int:
-        lines = Lines()
-        client, tap = await intr.race(open_session(url, token))
-        try:
-            try:
-                await client.cancel_job(job_id, reason=reason or SHELL_REASON)
-                # The answer to a cancel is its effect: follow the job to its terminal. A
-                # refused cancel (unknown job, ...) is a session.error that fails this too.
-                sub = await intr.race(client.subscribe(job_id, history=False))
-            except ARCPError as e:
-                raise ShellExit(JOB_FAILED, f"{e.code}: {e.message}") from None
-            except (TransportClosed, OSError) as e:
-                raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
-            for err in tap.errors:
-                p = err.get("payload") or {}
-                if err.get("job_id") == job_id or p.get("job_id") == job_id:
-                    raise ShellExit(JOB_FAILED, f"{p.get('code')}: {p.get('message')}")
-            status = tap.subscribed.get(job_id, {}).get("current_status")
-            if status not in TERMINAL_STATUSES and not await intr.race(_is_admin(client)):
-                # This server ignores, without an answer, the cancel of another session's job
-                # (protocol.md §6.6, Python clients): say so rather than wait for nothing.
-                await close_session(client, sub.handle)
-                raise ShellExit(JOB_FAILED, f"PERMISSION_DENIED: job {job_id} belongs to another session; "
-                                            "only an admin may cancel it")
-            try:
-                with anyio.fail_after(CANCEL_WAIT):
-                    result = await intr.race(sub.handle.done)
-            except TimeoutError:
-                raise ShellExit(JOB_FAILED, f"job {job_id} did not end within {CANCEL_WAIT:g} s of the cancel "
-                                            "(only the session that submitted it, or an admin, may cancel "
-                                            "it)") from None
-            except ARCPError as e:
-                if e.code == "CANCELLED":
-                    lines.say(f"job {job_id} cancelled")
-                else:
-                    lines.say(f"job {job_id} had ended: {e.code}: {clean(e.message)}")
-                return OK
-            except (TransportClosed, OSError) as e:
-                raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
-            lines.say(f"job {job_id} had ended: {result.final_status}")
-            return OK
-        finally:
-            await close_session(client)
-
-    return run(go)
-
-
-async def _is_admin(client: ARCPClient) -> bool:
-    """Whether this session is an operator's: its job listings name each job's principal."""
-    try:
-        page = await client.list_jobs(limit=1)
-    except ARCPError:
-        return False
-    return any("principal" in (j.model_extra or {}) for j in page.jobs)
-
-
-# -- jobs and top ---------------------------------------------------------------------
-async def _list(client: ARCPClient, statuses: tuple[str, ...] | None) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    cursor: str | None = None
-    flt = ListJobsFilter(status=statuses) if statuses else None
-    for _ in range(MAX_PAGES):
-        try:
-            page = await client.list_jobs(filter=flt, limit=1000, cursor=cursor)
-        except ARCPError as e:
-            raise ShellExit(JOB_FAILED, f"{e.code}: {e.message}") from None
-        except (TransportClosed, OSError) as e:
-            raise ShellExit(UNREACHABLE, f"connection lost ({e})") from None
-        out += [j.model_dump(mode="json", exclude_none=True) for j in page.jobs]
-        cursor = page.next_cursor
-        if not cursor:
-            break
-    return out
-
-
-def jobs(url: str, token: str | None, statuses: list[str], as_json: bool) -> int:
-    wanted = tuple(s.strip() for item in statuses for s in item.split(",") if s.strip())
-
-    async def go(intr: Interrupts) -> int:
-        client, _ = await intr.race(open_session(url, token))
-        try:
-            entries = await intr.race(_list(client, wanted or None))
-        finally:
-            await close_session(client)
-        if as_json:
-            for e in entries:
-                sys.stdout.write(dump_json(e) + "\n")
-        else:
-            headers, rows = jobs_rows(entries)
-            if is_terminal(sys.stdout):
-                styles = [JOBS_STATUS_STYLE.get(str(e.get("status")), None) for e in entries]
-                console_for(sys.stdout).print(rich_table(headers, rows, styles=styles))
-            else:
-                sys.stdout.write(plain_table(headers, rows) + "\n")
-        sys.stdout.flush()
-        return OK
-
-    return run(go)
-
-
-@contextlib.contextmanager
-def _keys(on_key: Callable[[bytes], None]) -> Iterator[None]:
-    """Single keys from a terminal stdin (cbreak: no echo, Ctrl-C still a signal)."""
-    fd = sys.stdin.fileno() if is_terminal(sys.stdin) else -1
-    if fd < 0:
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    loop = asyncio.get_running_loop()
-    try:
-        tty.setcbreak(fd)
-        loop.add_reader(fd, lambda: on_key(os.read(fd, 64)))
-        yield
-    finally:
-        loop.remove_reader(fd)
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def top(url: str, token: str | None) -> int:
-    from rich.console import Group
-    from rich.live import Live
-    from rich.text import Text
-
-    async def go(intr: Interrupts) -> int:
-        client, _ = await intr.race(open_session(url, token))
-        sampler = TopSampler()
-
-        async def snapshot() -> tuple[str, list[str], list[list[str]], list[bool], list[str | None]]:
-            entries = await intr.race(_list(client, ("running", "pending")))
-            headers, rows, right, styles = top_rows(entries, sampler)
-            return top_title(url, entries), headers, rows, right, styles
-
-        try:
-            if not is_terminal(sys.stdout):
-                title, headers, rows, right, _ = await snapshot()
-                sys.stdout.write(title + "\n" + plain_table(headers, rows, right) + "\n")
-                sys.stdout.flush()
-                return OK
-            quit_ = anyio.Event()
-
-            def on_key(data: bytes) -> None:
-                if b"q" in data.lower():
-                    quit_.set()
-
-            console = console_for(sys.stdout)
-            with _keys(on_key), Live(console=console, auto_refresh=False, transient=False) as live:
-                while True:
-                    try:
-                        title, headers, rows, right, styles = await snapshot()
-                    except ShellExit as e:
-                        if e.status == INTERRUPTED:
-                            return INTERRUPTED
-                        raise
-                    hint = Text("q or Ctrl-C to quit", style="dim")
-                    live.update(Group(rich_table(headers, rows, right, title=title, styles=styles), hint),
-                                refresh=True)
-                    with anyio.move_on_after(TOP_INTERVAL), intr.interruptible():
-                        await quit_.wait()
-                    if quit_.is_set():
-                        return OK
-                    if intr.event.is_set():
-                        return INTERRUPTED
-        finally:
-            await close_session(client)
-
-    return run(go)
-
-
-__all__ = ("SubmitArgs", "cancel", "jobs", "submit", "top", "watch")
+__all__ = ("SubmitArgs", "follow", "parse_input", "parse_lease", "submit", "watch")
