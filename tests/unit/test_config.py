@@ -1,4 +1,4 @@
-"""supervisor/config.py and supervisor/cli.py build_config: every problem names its flag or key."""
+"""supervisor/config/ and supervisor/cli.py build_config: every problem names its flag or key."""
 
 from __future__ import annotations
 
