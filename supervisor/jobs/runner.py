@@ -7,8 +7,8 @@ then SIGTERM and SIGKILL (WorkerHandle.stop), and sends the terminal when the
 worker is gone: never later than grace + 0.5 s.
 
 Every task of a job belongs to its runner: the stopper to `_life()`'s task group, and,
-while the worker runs the job, the watch (limits and usage, every POLL_INTERVAL) and
-the calls answered later (calls.Later) to the pump's. None outlives `run()`.
+while the worker runs the job, the watch (limits and usage, limit_watch.py) and the calls
+answered later (calls.Later, frame_pump.py) to the pump's. None outlives `run()`.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ import anyio
 from anyio.abc import TaskGroup
 
 from shared import pipe_messages as pm
-from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest
+from shared.errors import ARCPError, InternalError
 from shared.messages import ERROR, RUNNING, SUCCESS
-from shared.pipe_codec import CodecError, FrameDecoder, encode
-from supervisor.sandbox.worker_cgroup import LimitNotApplied, WorkerCgroup
+from shared.pipe_codec import CodecError, encode
+from supervisor.sandbox.worker_cgroup import LimitNotApplied
 from supervisor.core.lifecycle import Deadline, JobLifecycle, died_terminal
 from supervisor.core.usage import UsageMeter, outcome_of, sample_tree, usage_wire
 from supervisor.egress.proxy import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
 from supervisor import metrics
 from supervisor.core.authority import Authority
-from supervisor.jobs import calls
+from supervisor.jobs.frame_pump import Died, FramePump
+from supervisor.jobs.limit_watch import LimitWatch, limit_fields
 from supervisor.jobs.path_checks import PathChecks
 from supervisor.jobs.worker_handle import CGROUP_LINGER, EXIT_WAIT, WorkerHandle, WorkerSpawnError
 from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
@@ -45,12 +46,6 @@ if TYPE_CHECKING:
     from supervisor.jobs.host import RunnerHost
 
 log = logging.getLogger("arcp.jobs")
-POLL_INTERVAL = 0.1  # seconds between looks at a running job: limits the kernel does not hold alone, usage
-MAX_WAITING = 256  # calls of one kind (calls.Later.name) of one job waiting for their answer
-
-
-class _Died:
-    pass
 
 
 class JobRunner:
@@ -65,17 +60,10 @@ class JobRunner:
         self.started = False  # admitted (see admission.py); until then the job waits in the queue
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
         self._pump_done = asyncio.Event()
-        self._memory_exceeded = False
-        self._watch_memory = False  # no memory cgroup: the watch holds the memory limit
         self.started_at: float | None = None  # (monotonic) when admitted
         self.meter: UsageMeter | None = None  # its usage, once it has a worker
-        self.limit_logged = False  # a limit kill was logged when it happened
-        self._cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
-        self._cpu_exceeded = False
-        self._cpu_unreadable: LimitNotApplied | None = None
+        self.limit_watch = LimitWatch(job, job.request, self.life, self._pump_done)
         self._tg: TaskGroup | None = None  # _life()'s, while it runs: the stopper's
-        self._helpers: TaskGroup | None = None  # the pump's, while it runs: the watch, calls answered later
-        self._waiting: dict[str, int] = {}  # calls answered later, by kind, waiting for their answer
         self._paths = PathChecks(job)
         self.egress: EgressJob | None = None
         self._egress_tasks: TaskGroup | None = None  # holds the egress proxy's task while the job runs
@@ -83,6 +71,12 @@ class JobRunner:
         cap = runtime.frame_cap
         self.frames = WorkerFrames(job.id, runtime.config.max_result_bytes,
                                    max(1024, min(runtime.config.chunk_size * 4 // 3 + 4, cap - 4096)))
+        self._frame_pump = FramePump(runtime, job, job.owner, self.frames, self)
+
+    @property
+    def limit_logged(self) -> bool:
+        """A limit kill was logged when it happened (else the end logs the limit)."""
+        return self.limit_watch.logged
 
     # -- control --------------------------------------------------------------
     def arm_timers(self) -> None:
@@ -172,7 +166,7 @@ class JobRunner:
         watch = True  # the supervisor's own memory check, where no memory cgroup enforces it
         if worker.cgroup is not None:
             try:  # cgroupfs writes and reads back: 0.1 ms and more (a lower limit reclaims)
-                watch = await anyio.to_thread.run_sync(self._apply_limits, worker, worker.cgroup)
+                watch = await anyio.to_thread.run_sync(self.limit_watch.apply, worker, worker.cgroup)
             except LimitNotApplied as e:
                 self._limit_not_applied(worker, e)
                 return
@@ -189,36 +183,23 @@ class JobRunner:
         meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
         # the counters' values now, on a thread (cgroupfs reads, a write; the process tree where it counts)
         await anyio.to_thread.run_sync(
-            meter.begin, self._cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
+            meter.begin, self.limit_watch.cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
         self.meter = meter
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
         metrics.job_phase(job, "agent.run")
-        self._watch_memory = watch
         async with anyio.create_task_group() as helpers:
-            self._helpers = helpers
-            helpers.start_soon(self._watch, worker, name=f"watch {job.id}")
+            self._frame_pump.group = helpers
+            helpers.start_soon(self.limit_watch.run, worker, meter, watch, name=f"watch {job.id}")
             try:
                 outcome = await self._pump(worker)
             finally:
-                self._helpers = None
+                self._frame_pump.group = None
                 self._pump_done.set()
                 helpers.cancel_scope.cancel()  # calls still waiting: their job is over, nobody waits for them
         if not self.life.stopping:
             await self._ended(worker, outcome)
         # else the stopper, in _life()'s group, sends the terminal once the worker is gone
-
-    def _apply_limits(self, worker: WorkerHandle, cg: WorkerCgroup) -> bool:
-        """On a thread: the job's memory and process limits in the worker's group, and the
-        group's CPU time now; whether the watch must hold the memory limit (no memory cgroup).
-        LimitNotApplied when a limit does not hold or the CPU time cannot be read."""
-        cg.set_limits(self.request.limits.memory, self.request.limits.max_procs)
-        if cg.counts_cpu:  # CPU time of the whole tree; RLIMIT_CPU stays, per process
-            try:
-                self._cpu_base = cg.cpu_usage_ns()
-            except (OSError, ValueError) as e:
-                raise self._cpu_limit_error(worker, e) from None
-        return not cg.limits_memory
 
     def _limit_not_applied(self, worker: WorkerHandle, e: LimitNotApplied) -> None:
         """A layer could not apply a limit: the job does not run, and neither its worker nor
@@ -270,10 +251,10 @@ class JobRunner:
 
     async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
         job = self.job
-        if isinstance(outcome, Done | Fail) and self._cpu_over(worker):
+        if isinstance(outcome, Done | Fail) and self.limit_watch.cpu_over(worker):
             # The job's tree passed its CPU time between two reads, or since the last one.
             await worker.kill(1.0)
-            outcome = _Died()
+            outcome = Died()
         if isinstance(outcome, Done | Fail):  # its terminal is decided: a stop from now on comes too late
             self.life.end_reported()
             await self._last_sample(worker)
@@ -296,91 +277,19 @@ class JobRunner:
         else:  # the pipe closed without an outcome: the worker died
             oom = worker.cgroup is not None and worker.cgroup.memory_exceeded()
             await worker.kill(1.0)
-            e = self._cpu_unreadable
+            watched = self.limit_watch
+            e = watched.cpu_unreadable
             self._finish(*died_terminal(
-                self.request.limits.as_wire(), memory_exceeded=self._memory_exceeded, oom=oom,
-                cpu_unreadable=(str(e), e.details) if e is not None else None, cpu_exceeded=self._cpu_exceeded,
+                self.request.limits.as_wire(), memory_exceeded=watched.memory_exceeded, oom=oom,
+                cpu_unreadable=(str(e), e.details) if e is not None else None, cpu_exceeded=watched.cpu_exceeded,
                 killed_by_sigxcpu=worker.exited.done() and _killed_by(worker.exited.result(), signal.SIGXCPU),
                 exit_reason=worker.exit_reason()))
-
-    async def _watch(self, worker: WorkerHandle) -> None:
-        """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
-        it, the CPU time limit of the whole tree (from its cgroup), and the usage samples. The
-        process tree is walked on a thread (psutil reads /proc: milliseconds); the group's
-        counters are read here (a pread each, about 2 µs)."""
-        try:
-            while True:
-                await anyio.sleep(POLL_INTERVAL)
-                if not worker.alive or self.job.done:
-                    return
-                meter = self.meter
-                tree = None
-                if self._watch_memory or (meter is not None and meter.needs_tree):
-                    tree = await anyio.to_thread.run_sync(sample_tree, worker.pid)
-                    await anyio.lowlevel.checkpoint_if_cancelled()  # the pump has ended meanwhile
-                    if not worker.alive or self.job.done:
-                        return
-                if self._watch_memory and tree is not None and self._memory_over(worker, tree.rss):
-                    return
-                cg = worker.cgroup
-                if cg is not None and cg.counts_cpu and not self.life.stopping and not self._pump_done.is_set() \
-                        and self._cpu_over(worker):
-                    worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
-                    return
-                if meter is not None:
-                    meter.sample(tree)
-        except Exception:  # the job goes on; its limits stay with the kernel's own layers
-            log.exception("job %s: the watch failed", self.job.id)
 
     async def _last_sample(self, worker: WorkerHandle) -> None:
         """The process tree's last sample, for the usage figures that come from it (on a thread)."""
         meter = self.meter
         if meter is not None and meter.needs_tree and worker.alive:
             meter.sample(await anyio.to_thread.run_sync(sample_tree, meter.pid))
-
-    def _memory_over(self, worker: WorkerHandle, rss: int) -> bool:
-        """The last line for the memory limit: the resident size of the job's process tree."""
-        limit = self.request.limits.memory
-        if rss <= limit:
-            return False
-        log.warning("job %s: %d MiB resident, over its %d MiB limit: killing it", self.job.id, rss >> 20,
-                    limit >> 20, extra=self._limit_fields("memory_mb", limit >> 20))
-        self.limit_logged = True
-        self._memory_exceeded = True
-        worker.signal(signal.SIGKILL)
-        return True
-
-    def _limit_fields(self, key: str, value: Any) -> dict[str, Any]:
-        return {"job_id": self.job.id, "limit": key, "value": value}
-
-    def _cpu_over(self, worker: WorkerHandle) -> bool:
-        """Has the job's tree used more CPU time than its limit (or can that no longer be told)?"""
-        if self._cpu_exceeded or self._cpu_unreadable is not None:
-            return True
-        cg = worker.cgroup
-        if cg is None or not cg.counts_cpu:
-            return False
-        limit = self.request.limits.cpu_time
-        try:
-            used = cg.cpu_usage_ns() - self._cpu_base
-        except (OSError, ValueError) as e:
-            self._cpu_unreadable = self._cpu_limit_error(worker, e)
-            cg.retired = True
-            log.error("job %s: %s; killing it", self.job.id, self._cpu_unreadable)
-            return True
-        if used > limit * 1_000_000_000:
-            log.warning("job %s: %.2f s of CPU time in its process tree, over its %d s limit: killing it",
-                        self.job.id, used / 1e9, limit, extra=self._limit_fields("cpu_sec", limit))
-            self.limit_logged = True
-            self._cpu_exceeded = True
-            return True
-        return False
-
-    def _cpu_limit_error(self, worker: WorkerHandle, e: Exception) -> LimitNotApplied:
-        assert worker.cgroup is not None
-        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
-        return LimitNotApplied("cpu_sec", self.request.limits.cpu_time, worker.cgroup.cpu_layer,
-                               f"its CPU time cannot be read: {why}")
 
     async def _stopping(self, worker: WorkerHandle) -> None:
         """Tell the worker, then end it (WorkerHandle.stop): the agent has `grace` to unwind and
@@ -401,93 +310,15 @@ class JobRunner:
         stop = self.life.stop
         return (stop.status, stop.error) if stop is not None else (ERROR, InternalError("job stopped").to_wire())
 
-    # -- frames from the worker -------------------------------------------------
+    # -- frames from the worker (frame_pump.py) ----------------------------------
     async def _pump(self, worker: WorkerHandle) -> Any:
-        reader, writer = worker.reader, worker.writer
-        assert reader is not None and writer is not None
-        decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
-        frames = self.frames
-        outbox = self.owner.outbox
-        try:
-            while True:
-                data = await reader.read(1 << 18)
-                if not data:
-                    decoder.eof()
-                    return _Died()
-                for f in decoder.feed(data):
-                    for action in frames.actions(f):
-                        if isinstance(action, Event):
-                            self._event(action)
-                        elif isinstance(action, Call):
-                            self._answer(writer, action)
-                            await anyio.lowlevel.checkpoint()  # a call's work is bounded; others' turn between calls
-                        else:
-                            return action
-                    # Past a session's high-water mark (the submitter's, or a follower's): no next
-                    # frame until it is below. A follower that stops reading is closed by its own
-                    # limits (hard bytes, stall time), which releases the job.
-                    await outbox.wait_writable()
-                    for w in self.job.watchers:
-                        await w.session.outbox.wait_writable()
-        except (WorkerProtocolError, CodecError) as e:
-            return e
-        except (ConnectionError, OSError):
-            return _Died()
+        return await self._frame_pump.run(worker)
 
     def _event(self, ev: Event) -> None:
-        job = self.job
-        if job.done:
-            return  # after a stop: discarded
-        self.rt.emit_event(job, ev.kind, ev.body)
-        if ev.kind == "metric":
-            b = ev.body
-            for name, value, unit in job.authority.debit_metric(b["name"], b["value"], b.get("unit")):
-                self.rt.emit_event(job, "metric", {"name": name, "value": value, "unit": unit})
+        self._frame_pump.event(ev)
 
-    # -- calls (calls.py) -------------------------------------------------------
     def _answer(self, writer: asyncio.StreamWriter, call: Call) -> None:
-        try:
-            value = calls.answer(self, call.op, call.args)  # every argument bounded before any work
-            if isinstance(value, calls.Later):
-                self._answer_later(writer, call, value)
-                return
-            reply = [pm.REPLY, call.call_id, True, value]
-        except ARCPError as e:
-            reply = [pm.REPLY, call.call_id, False, e.to_wire()]
-        except (TypeError, ValueError) as e:
-            reply = [pm.REPLY, call.call_id, False,
-                     InvalidRequest(f"bad arguments to {call.op}: {e}").to_wire()]
-        self._reply(writer, reply)
-
-    def _reply(self, writer: asyncio.StreamWriter, reply: list[Any]) -> None:
-        if self.job.done:
-            reply = [pm.REPLY, reply[1], False, Cancelled("job has ended").to_wire()]
-        if not writer.is_closing():
-            writer.write(encode(reply))
-
-    def _answer_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
-        """A call whose answer waits: answered from a task of the pump's group (cancelled, with
-        its answer, when the pump ends); at most MAX_WAITING of a kind wait at once."""
-        assert self._helpers is not None  # calls come from the pump
-        waiting = self._waiting.get(later.name, 0)
-        if waiting >= MAX_WAITING:
-            raise InvalidRequest(f"{call.op}: more than {MAX_WAITING} {later.name}s of this job "
-                                 "are waiting for their answer", retryable=True)
-        self._waiting[later.name] = waiting + 1
-        self._helpers.start_soon(self._answered_later, writer, call, later)
-
-    async def _answered_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
-        try:
-            reply = [pm.REPLY, call.call_id, True, await later.answer()]
-        except ARCPError as e:
-            reply = [pm.REPLY, call.call_id, False, e.to_wire()]
-        except Exception as e:  # a supervisor fault: the job hears of it, the loop goes on
-            log.exception("job %s: %s failed", self.job.id, later.name)
-            reply = [pm.REPLY, call.call_id, False,
-                     InternalError(f"the {later.name} failed: {type(e).__name__}").to_wire()]
-        finally:
-            self._waiting[later.name] -= 1
-        self._reply(writer, reply)
+        self._frame_pump.answer(writer, call)
 
     # what answering a call needs of the runner (calls.CallHost)
     @property
@@ -527,7 +358,7 @@ class JobRunner:
         if not self.limit_logged and outcome_of(status, err) == "limit":
             details = (err or {}).get("details") or {}
             log.warning("job %s: ended by its %s limit (%s)", self.job.id, details.get("limit"), details.get("value"),
-                        extra=self._limit_fields(str(details.get("limit")), details.get("value")))
+                        extra=limit_fields(self.job.id, str(details.get("limit")), details.get("value")))
         self.rt.finish(self.job, status, err, value=value, result_id=result_id, result_size=result_size,
                        usage=usage)
 
@@ -538,7 +369,7 @@ class JobRunner:
         if meter is None:  # it never had a worker
             return usage_wire(now - self.started_at if self.started_at is not None else 0.0,
                               net_bytes_in=net_in, net_bytes_out=net_out)
-        return meter.read(now, net_in, net_out)  # the tree as last sampled (_watch, _last_sample)
+        return meter.read(now, net_in, net_out)  # the tree as last sampled (the watch, _last_sample)
 
     def usage_so_far(self) -> dict[str, Any]:
         """For `session.list_jobs`: the figures of a running job until now."""
