@@ -16,6 +16,8 @@ from supervisor.jobs.runner import JobRunner
 from supervisor.jobs.worker_rpc import Call, WorkerFrames, WorkerProtocolError
 
 
+_REQUEST = SimpleNamespace(limits=SimpleNamespace(max_runtime=60), max_runtime_sec=None, expires_at=None)
+
 def test_the_table_answers_every_call_of_the_pipe_protocol() -> None:
     assert set(calls.CALLS) == pm.CALL_OPS
     assert calls.CALL_ARITY == {"budget": 0, "reserve_budget": 1, "validate_lease_op": 2, "tool_call": 2,
@@ -111,7 +113,8 @@ class _Writer:
 
 def test_the_runner_replies_to_an_unknown_op_with_the_same_error_as_before() -> None:
     rt = SimpleNamespace(frame_cap=1 << 20, config=SimpleNamespace(max_result_bytes=1 << 20, chunk_size=1 << 16))
-    job = SimpleNamespace(id="job_1", request=SimpleNamespace(), owner=SimpleNamespace(), done=False)
+    job = SimpleNamespace(id="job_1", request=_REQUEST,
+                          owner=SimpleNamespace(), done=False)
     runner = JobRunner(rt, job)  # type: ignore[arg-type]
     writer = _Writer()
     runner._answer(writer, Call(7, "nope", []))  # type: ignore[arg-type]

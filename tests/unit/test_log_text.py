@@ -16,6 +16,8 @@ from supervisor.jobs.worker_rpc import Fail, WorkerProtocolError
 FORGED = "\n2099-01-01 00:00:00,000 WARNING arcp.jobs: job forged\x1b[2J\r\u2028\u202e\ud800"
 
 
+_REQUEST = SimpleNamespace(limits=SimpleNamespace(max_runtime=60), max_runtime_sec=None, expires_at=None)
+
 def _records_are_genuine(text: str) -> None:
     """Every line after the first is indented: none can pass for a record of its own."""
     lines = text.split("\n")
@@ -79,7 +81,8 @@ class _Worker:
 
 def _runner() -> tuple[JobRunner, _Runtime]:
     rt = _Runtime()
-    job = SimpleNamespace(id="job_1", request=SimpleNamespace(), owner=SimpleNamespace())
+    job = SimpleNamespace(id="job_1", request=_REQUEST,
+                          owner=SimpleNamespace())
     return JobRunner(rt, job), rt  # type: ignore[arg-type]
 
 
