@@ -1,5 +1,6 @@
-"""supervisor/metrics.py in-process: outcome classification, the exposition, the lag probe, and
-the job traces (driven through the hook functions, exported to the SDK's in-memory exporter)."""
+"""supervisor/metrics.py and supervisor/tracing.py in-process: outcome classification, the
+exposition, the lag probe, and the job traces (driven through the hook functions, exported to
+the SDK's in-memory exporter)."""
 
 from __future__ import annotations
 
