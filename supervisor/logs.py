@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -39,6 +40,7 @@ RESERVED = ("ts", "level", "logger", "msg")
 # What every LogRecord has: anything else in its __dict__ came from `extra`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _PLAIN = (str, int, float, bool, type(None), list, dict)
+_QUOTED = re.compile(r'[\s"=\\]')  # a text value with any of these (or unprintable) is JSON-quoted
 _state = {"format": "text"}
 
 
@@ -63,7 +65,7 @@ def fields(record: logging.LogRecord) -> dict[str, Any]:
 
 def _text_value(v: Any) -> str:
     if isinstance(v, str):
-        if v and not any(c.isspace() or c in '"=\\' or not c.isprintable() for c in v):
+        if v and v.isprintable() and _QUOTED.search(v) is None:
             return v
         return orjson.dumps(v).decode()
     return orjson.dumps(v, default=str).decode()  # numbers, booleans, null, lists and objects as JSON
@@ -74,6 +76,18 @@ class TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As logging.Formatter's (local time, `YYYY-MM-DD HH:MM:SS,mmm`), the part to the
+        second formatted once per second."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        sec = int(record.created)
+        cached = self._second  # one read: the pair is replaced whole
+        if cached[0] != sec:
+            cached = self._second = (sec, time.strftime(self.default_time_format, self.converter(sec)))
+        return f"{cached[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -124,7 +138,15 @@ class _Chatter(logging.Filter):
 
 
 def configure(fmt: str = "text", level: str = "info") -> None:
-    """The root logger writes to stderr in `fmt` from `level` on (replacing any handler)."""
+    """The root logger writes to stderr in `fmt` from `level` on (replacing any handler).
+
+    Records are made without what neither format shows: the caller's file, line and function
+    (a walk up the stack per record; `stack_info` is then not gathered either), and the
+    thread's and process's ids and names."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     threshold = LEVELS[level]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -4,8 +4,10 @@ output; and the two settings (flags and config keys) that choose them."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -39,6 +41,59 @@ def test_text_keeps_fields_on_the_first_line() -> None:
     rec = _record(msg="agent raised\n    | Traceback", args=(), job_id="job_1")
     first, rest = logs.TextFormatter().format(rec).split("\n", 1)
     assert first.endswith("agent raised job_id=job_1") and rest == "    | Traceback"
+
+
+def _text_value_per_character(v: object) -> str:
+    """The escaping rule spelt out one character at a time (what `_text_value` must match)."""
+    if isinstance(v, str):
+        if v and not any(c.isspace() or c in '"=\\' or not c.isprintable() for c in v):
+            return v
+        return orjson.dumps(v).decode()
+    return orjson.dumps(v, default=str).decode()
+
+
+TRICKY = ["", " ", "a b", "a\tb", 'say "hi"', "k=v", "=", "back\\slash", "\\", "\x00", "\x1b[2J", "\x7f", "\x85",
+          "line\nbreak", "cr\r", "\u2028", "\u202e", "\u200b", "\ufeff", "\xa0", "\u3000", "\x1c", "caf\u00e9",
+          "\u65e5\u672c", "\U0001f600", "\ud800", "job_01KB4ZQ1M7X3V5Y2Z9R8T6W4P0", "noop@1.0.0", "-", "a,b;c",
+          "\u00e9=\u00e9", "x\u2009y", 0, 1.5, None, True, [1, "a b"], {"k": "v"}]
+
+
+def _outcome(f: Callable[[object], str], v: object) -> str:
+    try:
+        return f(v)
+    except TypeError as e:  # orjson refuses a lone surrogate
+        return f"TypeError: {e}"
+
+
+@pytest.mark.parametrize("value", TRICKY)
+def test_text_values_are_escaped_as_ever(value: object) -> None:
+    assert _outcome(logs._text_value, value) == _outcome(_text_value_per_character, value)
+
+
+def test_text_value_escaping_agrees_for_every_character() -> None:
+    """The characters a value may hold unquoted: the same set as the per-character rule's."""
+    everything = "".join(map(chr, range(0x110000)))
+    plain = {c for c in everything if c.isprintable()} - set(logs._QUOTED.findall(everything))
+    assert plain == {c for c in everything if not (c.isspace() or c in '"=\\' or not c.isprintable())}
+    assert " " not in plain and "\xa0" not in plain and "\u00e9" in plain
+    sample = [c for c in everything[:0x3100:7]] + ["=", '"', "\\", " ", "\t"]
+    got = [_outcome(logs._text_value, f"ab{c}cd") for c in sample]
+    assert got == [_outcome(_text_value_per_character, f"ab{c}cd") for c in sample]
+
+
+def test_text_time_is_the_standard_formatters_across_seconds() -> None:
+    """The time to the second is formatted once per second: each record still shows its own."""
+    ours, standard = logs.TextFormatter(), logging.Formatter(logs.TEXT_FORMAT)
+    t0 = 1_767_225_599.25  # a second before a new year (UTC)
+    times = [t0, t0 + 0.5, t0 + 0.749, t0 + 0.75, t0 + 0.999, t0 + 1.0, t0 + 3600, t0 - 86400, t0, t0 + 0.001,
+             time.time(), 1_000_000_000.0, 1_000_000_000.9995]
+    for created in times:
+        rec = _record(job_id="job_1")
+        rec.created, rec.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert ours.formatTime(rec) == standard.formatTime(rec), created
+        assert ours.format(rec) == standard.format(rec) + " job_id=job_1"
+    rec = _record()
+    assert ours.formatTime(rec, "%H") == standard.formatTime(rec, "%H")
 
 
 def test_json_is_one_object_per_line_with_the_fields() -> None:
@@ -78,6 +133,7 @@ def test_websockets_info_records_count_as_debug(threshold: int, shown: bool) -> 
 def test_configure_replaces_the_handler_and_sets_the_level() -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    saved_flags = logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing
     try:
         logs.configure("json", "warning")
         assert logs.json_enabled() and root.level == logging.WARNING
@@ -85,7 +141,18 @@ def test_configure_replaces_the_handler_and_sets_the_level() -> None:
         logs.configure("text", "debug")
         assert not logs.json_enabled() and root.level == logging.DEBUG
         assert logging.getLogger("websockets").level == logging.INFO
+        # records are made without the caller's place, thread or process: no format shows them
+        assert (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing) == \
+            (None, False, False, False)
+        (h,) = root.handlers
+        out = io.StringIO()
+        h.setStream(out)  # type: ignore[attr-defined]
+        logging.getLogger("arcp.jobs").info("job ended: %s", "success", extra={"job_id": "job_1", "code": None})
+        line = out.getvalue()
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO arcp.jobs: job ended: success "
+                            r"job_id=job_1 code=null\n", line), line
     finally:
+        (logging._srcfile, logging.logThreads, logging.logProcesses, logging.logMultiprocessing) = saved_flags
         for h in root.handlers[:]:
             root.removeHandler(h)
         for h in saved[0]:
