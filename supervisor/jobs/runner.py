@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("arcp.jobs")
 
 
+class _TmpDirFailed(Exception):
+    """The job's temp dir could not be made (its cause says why)."""
+
+
 class JobRunner:
     def __init__(self, runtime: RunnerHost, job: Job) -> None:
         self.rt = runtime
@@ -150,6 +154,21 @@ class JobRunner:
             for t in self._timers:
                 t.cancel()
 
+    def _prepare(self, worker: WorkerHandle, meter: UsageMeter) -> bool:
+        """On a thread, the job's start on its worker: its limits in the worker's cgroup
+        (writes read back: 0.1 ms and more, a lower limit reclaims), its temp dir (a mkdir, a
+        tmpfs mount or remount), its usage counters' values now. Whether the watch must hold
+        the memory limit itself (no memory cgroup). LimitNotApplied, or _TmpDirFailed."""
+        watch = True
+        if worker.cgroup is not None:
+            watch = self.limit_watch.apply(worker, worker.cgroup)
+        try:
+            self.rt.job_tmp_dir(self.job, worker)
+        except OSError as e:
+            raise _TmpDirFailed() from e
+        meter.begin(self.limit_watch.cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
+        return watch
+
     async def _run(self) -> None:
         job = self.job
         try:
@@ -163,27 +182,20 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
-        watch = True  # the supervisor's own memory check, where no memory cgroup enforces it
-        if worker.cgroup is not None:
-            try:  # cgroupfs writes and reads back: 0.1 ms and more (a lower limit reclaims)
-                watch = await anyio.to_thread.run_sync(self.limit_watch.apply, worker, worker.cgroup)
-            except LimitNotApplied as e:
-                self._limit_not_applied(worker, e)
-                return
-        try:  # on a thread: a mkdir, a tmpfs mount or remount
-            await anyio.to_thread.run_sync(self.rt.job_tmp_dir, job, worker)
-        except OSError as e:
+        meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
+        try:  # one thread hop for the file-system work of a job's start
+            watch = await anyio.to_thread.run_sync(self._prepare, worker, meter)
+        except LimitNotApplied as e:
+            self._limit_not_applied(worker, e)
+            return
+        except _TmpDirFailed as e:
             self.rt.pool.retire(worker)
-            self._finish(ERROR, InternalError(f"could not make the job's temp dir: {e}").to_wire())
+            self._finish(ERROR, InternalError(f"could not make the job's temp dir: {e.__cause__}").to_wire())
             return
         egress_port = await self._open_egress(worker) if "net.fetch" in self.request.lease else None
         spec = self.rt.job_spec(job, egress_port)
         if self.rt.uids is not None:
             spec["uid"] = await self._job_uid(worker)
-        meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
-        # the counters' values now, on a thread (cgroupfs reads, a write; the process tree where it counts)
-        await anyio.to_thread.run_sync(
-            meter.begin, self.limit_watch.cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
         self.meter = meter
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
