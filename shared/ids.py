@@ -7,9 +7,8 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from datetime import UTC, datetime
-
-from ulid import ULID
 
 ULID_RE = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 TRACE_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -19,6 +18,8 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> 2 characters
+_RANDOM_BYTES = 10  # a millisecond's random part: 40 bits shown as they are, then the counter's start
+_RANDOM_BUFFER = 409 * _RANDOM_BYTES  # 4 KiB of os.urandom: 409 milliseconds' worth per call
 
 
 class MonotonicULID:
@@ -26,35 +27,49 @@ class MonotonicULID:
     bits that start random each millisecond and count up within it (the ULID spec's
     monotonic mode). Every envelope carries a fresh id, so this sits on the hot path;
     python-ulid's `ULID()` costs about ten times as much per id.
+
+    The random bits come from os.urandom 4 KiB at a time. A forked child starts afresh
+    (no bytes, no millisecond): it never repeats its parent's ids.
     """
 
     def __init__(self) -> None:
+        self._forget()
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _forget_in_child(me))
+
+    def _forget(self) -> None:
         self._lock = threading.Lock()
         self._ms = -1
         self._head = ""
         self._counter = 0
+        self._random = b""
+        self._used = 0  # bytes of `_random` taken
 
     def __call__(self) -> str:
         ms = time.time_ns() // 1_000_000
+        p = _PAIRS
         with self._lock:
             if ms != self._ms:
                 self._ms = ms
-                rnd = int.from_bytes(os.urandom(10), "big")
-                self._head = str(ULID.from_timestamp(ms / 1000))[:10] + _encode(rnd >> 40, 8)
+                at = self._used
+                if at + _RANDOM_BYTES > len(self._random):
+                    self._random, at = os.urandom(_RANDOM_BUFFER), 0
+                self._used = at + _RANDOM_BYTES
+                rnd = int.from_bytes(self._random[at:at + _RANDOM_BYTES], "big")
+                self._head = (p[(ms >> 40) & 1023] + p[(ms >> 30) & 1023] + p[(ms >> 20) & 1023]
+                              + p[(ms >> 10) & 1023] + p[ms & 1023] + p[(rnd >> 70) & 1023]
+                              + p[(rnd >> 60) & 1023] + p[(rnd >> 50) & 1023] + p[(rnd >> 40) & 1023])
                 self._counter = (rnd & ((1 << 39) - 1))  # room to count up within the ms
             else:
                 self._counter += 1
             c = self._counter
-        p = _PAIRS
         return self._head + p[(c >> 30) & 1023] + p[(c >> 20) & 1023] + p[(c >> 10) & 1023] + p[c & 1023]
 
 
-def _encode(value: int, chars: int) -> str:
-    out = []
-    for _ in range(chars):
-        out.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+def _forget_in_child(ref: weakref.ref[MonotonicULID]) -> None:
+    gen = ref()
+    if gen is not None:
+        gen._forget()
 
 
 new_ulid = MonotonicULID()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from ulid import ULID as ULIDValue
 
+from shared import ids
 from shared.ids import (
-    format_dt, format_ts, new_id, new_resume_token, new_trace_id, new_ulid, now_ts, parse_trace_id,
+    MonotonicULID, format_dt, format_ts, new_id, new_resume_token, new_trace_id, new_ulid, now_ts, parse_trace_id,
     parse_ts,
 )
 
@@ -46,6 +50,82 @@ def test_new_ulid_thread_safe_unique() -> None:
         t.join()
     assert len(set(out)) == len(out) == 8000
     assert all(ULID.match(i) for i in out)
+
+
+def _reference_ulids(times_ns: list[int], random_bytes: bytes) -> list[str]:
+    """The ids as python-ulid's timestamp encoding and one 10-byte draw per millisecond make them
+    (the millisecond given as an int: as seconds, a float, it may come back one less, 1023 ms
+    as 1.023 s as 1022 ms)."""
+    def encode(value: int, chars: int) -> str:
+        return "".join("0123456789ABCDEFGHJKMNPQRSTVWXYZ"[(value >> 5 * i) & 31] for i in reversed(range(chars)))
+
+    out, last_ms, head, counter, used = [], -1, "", 0, 0
+    for ns in times_ns:
+        ms = ns // 1_000_000
+        if ms != last_ms:
+            last_ms = ms
+            rnd = int.from_bytes(random_bytes[used:used + 10], "big")
+            used += 10
+            head = str(ULIDValue.from_timestamp(ms))[:10] + encode(rnd >> 40, 8)
+            counter = rnd & ((1 << 39) - 1)
+        else:
+            counter += 1
+        out.append(head + encode(counter, 8))
+    return out
+
+
+def test_new_ulid_is_the_reference_encoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over many milliseconds (the random buffer refilled several times), with runs of ids
+    within one millisecond, and at the ends of the 48-bit range: the same ids as python-ulid's
+    timestamp and one os.urandom(10) per millisecond give."""
+    rng = random.Random(20260101)
+    times: list[int] = []
+    for ms in [0, 1, 31, 32, 1023, 1024, (1 << 48) - 1, (1 << 47), 1_767_225_599_999, 1_767_225_600_000]:
+        times += [ms * 1_000_000 + k for k in (0, 1, 999_999)]  # three ids within each of these milliseconds
+    ms = 1_700_000_000_000
+    for _ in range(3000):
+        ms += rng.choice([1, 1, 2, 7, 1000, 86_400_000])
+        times += sorted(ms * 1_000_000 + rng.randrange(1_000_000) for _ in range(rng.choice([1, 1, 2, 5, 40])))
+    blob = rng.randbytes(10 * len(times))
+    drawn: list[int] = []
+
+    def urandom(n: int) -> bytes:
+        at = sum(drawn)
+        drawn.append(n)
+        return blob[at:at + n] + bytes(max(0, at + n - len(blob)))
+
+    clock = iter(times)
+    gen = MonotonicULID()
+    monkeypatch.setattr(ids, "os", SimpleNamespace(urandom=urandom))
+    monkeypatch.setattr(ids, "time", SimpleNamespace(time_ns=lambda: next(clock)))
+    got = [gen() for _ in times]
+    assert got == _reference_ulids(times, blob)
+    distinct_ms = len({t // 1_000_000 for t in times})
+    assert len(drawn) == -(-distinct_ms // 409) and set(drawn) == {4090}  # 4 KiB per call, not 10 bytes per ms
+    assert all(ULIDValue.from_str(i).milliseconds == t // 1_000_000 for i, t in zip(got[::97], times[::97]))
+    # for these years, what the float seconds gave as well (the encoding before this one)
+    for t in times[30::13]:
+        assert str(ULIDValue.from_timestamp(t // 1_000_000 / 1000))[:10] == got[times.index(t)][:10]
+
+
+def test_a_forked_child_draws_its_own_random_bits() -> None:
+    gen = MonotonicULID()
+    gen()  # the buffer filled: the child must not take its next bytes from it
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            gen._ms = -1
+            os.write(w, gen().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        child = f.read().decode()
+    os.waitpid(pid, 0)
+    gen._ms = -1
+    parent = gen()
+    assert ULID.match(child) and child[10:18] != parent[10:18]
 
 
 @pytest.mark.parametrize("prefix", ["job", "sess", "res"])
