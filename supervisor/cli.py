@@ -122,6 +122,12 @@ def run(
     ws_compression: Annotated[Optional[bool], typer.Option(
         "--ws-compression/--no-ws-compression", rich_help_panel=_SERVING,
         help="Accept permessage-deflate (default no).")] = None,
+    metrics: Annotated[Optional[bool], typer.Option(
+        "--metrics/--no-metrics", rich_help_panel=_SERVING,
+        help="Serve /metrics and keep its counters (default yes).")] = None,
+    usage: Annotated[Optional[bool], typer.Option(
+        "--usage/--no-usage", rich_help_panel=_JOBS,
+        help="Measure each job's CPU, memory and tasks (default yes; no: wall time only).")] = None,
     back_pressure_threshold: Annotated[Optional[int], typer.Option(
         "--back-pressure-threshold", rich_help_panel=_STATE,
         help="Unacked events after which an acking client gets a back_pressure status (default 0: off).")] = None,
@@ -258,7 +264,7 @@ def build_config(flags: dict[str, Any]) -> Config:
         tokens[tok] = principal
     for key in ("host", "port", "path", "stdio", "state_dir", "grace", "drain_timeout", "reuse_workers",
                 "heartbeat_interval",
-                "resume_window", "retention_jobs", "retention_seconds", "ws_compression",
+                "resume_window", "retention_jobs", "retention_seconds", "ws_compression", "metrics", "usage",
                 "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid", "max_jobs",
                 "max_queued"):
         if flags.get(key) is not None:

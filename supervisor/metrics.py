@@ -164,6 +164,7 @@ def readiness(rt: Scraped) -> str | None:
 # -- jobs ------------------------------------------------------------------------------------
 
 _jobs: weakref.WeakKeyDictionary[Job, float] = weakref.WeakKeyDictionary()  # job -> when it started (monotonic)
+_enabled = True
 
 
 def outcome_of(status: str, error: dict[str, Any] | None) -> tuple[str, str | None]:
@@ -181,10 +182,21 @@ def job_accepted(job: Job, env: Envelope | None, parent: Job | None) -> None:
     tracing.job_accepted(job, env, parent)
 
 
+def set_enabled(on: bool) -> None:
+    """`--no-metrics`: the counters are not kept (and /metrics answers 404); tracing goes on."""
+    global _enabled
+    _enabled = on
+
+
+def enabled() -> bool:
+    return _enabled
+
+
 def job_started(job: Job) -> None:
     """Admitted: it counts as started; its worker is being made ready."""
-    JOBS_STARTED.labels(job.agent_ref).inc()
-    _jobs[job] = _now()
+    if _enabled:
+        JOBS_STARTED.labels(job.agent_ref).inc()
+        _jobs[job] = _now()
     tracing.job_phase(job, "arcp.worker.start")
 
 
@@ -202,12 +214,13 @@ def job_ended(job: Job) -> None:
     """Its terminal went out: count it, and close its spans."""
     terminal = job.terminal or {}
     outcome, limit = outcome_of(job.status, terminal.get("error"))
-    JOBS_FINISHED.labels(job.agent_ref, outcome).inc()
-    if limit is not None:
-        LIMIT_KILLS.labels(limit).inc()
-    started = _jobs.pop(job, None)
-    if started is not None:
-        JOB_DURATION.labels(job.agent_ref).observe(_now() - started)
+    if _enabled:
+        JOBS_FINISHED.labels(job.agent_ref, outcome).inc()
+        if limit is not None:
+            LIMIT_KILLS.labels(limit).inc()
+        started = _jobs.pop(job, None)
+        if started is not None:
+            JOB_DURATION.labels(job.agent_ref).observe(_now() - started)
     tracing.job_ended(job, outcome, terminal.get("error"))
 
 
@@ -218,6 +231,8 @@ def _now() -> float:
 # -- egress ----------------------------------------------------------------------------------
 
 def egress_bytes(inbound: int, outbound: int) -> None:
+    if not _enabled:
+        return
     if inbound:
         _EGRESS_IN.inc(inbound)
     if outbound:
@@ -225,4 +240,5 @@ def egress_bytes(inbound: int, outbound: int) -> None:
 
 
 def egress_refused() -> None:
-    EGRESS_REFUSED.inc()
+    if _enabled:
+        EGRESS_REFUSED.inc()

@@ -144,8 +144,10 @@ class Runtime:
             log.warning("%s", warning)
         await self._tg.start(self.pool.run)
         self.spawn(self._sweep_loop)
+        metrics.set_enabled(self.config.metrics)
         metrics.attach(self)
-        self.spawn(metrics.probe_lag)
+        if self.config.metrics:
+            self.spawn(metrics.probe_lag)
 
     async def _close(self) -> None:
         """The end: whatever a drain left running is cancelled (its terminal kept for its

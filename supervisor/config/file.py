@@ -18,7 +18,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "drain_timeout": (int, float),
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
-    "ws_compression": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
+    "ws_compression": bool, "metrics": bool, "usage": bool, "back_pressure_threshold": int, "egress_header_timeout": (int, float),
     "tmp_size": (int, str), "session_log_bytes": (int, str),
     "max_jobs": int, "max_queued": int, "memory_budget": (int, str),
     "log_format": str, "log_level": str,

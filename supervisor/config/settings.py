@@ -92,6 +92,8 @@ class Config:
     max_result_bytes: int = 32 * MiB
     chunk_size: int = 256 * KiB
     ws_compression: bool = False
+    metrics: bool = True  # /metrics and the Prometheus counters (off: /metrics is 404)
+    usage: bool = True  # each job's usage measured by the kernel (off: wall time only)
     back_pressure_threshold: int = 0  # 0: no back_pressure status events
     tmp_size: int = 256 * MiB  # each job's private temp dir (a tmpfs of its own), at most its memory limit
     egress_header_timeout: float = 10.0  # seconds a job's proxy request may take to send its head

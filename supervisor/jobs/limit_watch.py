@@ -64,7 +64,7 @@ class LimitWatch:
                 raise self.cpu_limit_error(worker, e) from None
         return not cg.limits_memory
 
-    async def run(self, worker: WorkerHandle, meter: UsageMeter, watch_memory: bool) -> None:
+    async def run(self, worker: WorkerHandle, meter: UsageMeter | None, watch_memory: bool) -> None:
         """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
         it (`watch_memory`), the CPU time limit of the whole tree (from its cgroup), and the usage
         samples. The process tree is walked on a thread (psutil reads /proc: milliseconds); the
@@ -75,7 +75,7 @@ class LimitWatch:
                 if not worker.alive or self.job.done:
                     return
                 tree = None
-                if watch_memory or meter.needs_tree:
+                if watch_memory or (meter is not None and meter.needs_tree):
                     tree = await anyio.to_thread.run_sync(sample_tree, worker.pid)
                     await anyio.lowlevel.checkpoint_if_cancelled()  # the pump has ended meanwhile
                     if not worker.alive or self.job.done:
@@ -87,7 +87,8 @@ class LimitWatch:
                         and self.cpu_over(worker):
                     worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
                     return
-                meter.sample(tree)
+                if meter is not None:
+                    meter.sample(tree)
         except Exception:  # the job goes on; its limits stay with the kernel's own layers
             log.exception("job %s: the watch failed", self.job.id)
 

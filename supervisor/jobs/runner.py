@@ -154,7 +154,7 @@ class JobRunner:
             for t in self._timers:
                 t.cancel()
 
-    def _prepare(self, worker: WorkerHandle, meter: UsageMeter) -> bool:
+    def _prepare(self, worker: WorkerHandle, meter: UsageMeter | None) -> bool:
         """On a thread, the job's start on its worker: its limits in the worker's cgroup
         (writes read back: 0.1 ms and more, a lower limit reclaims), its temp dir (a mkdir, a
         tmpfs mount or remount), its usage counters' values now. Whether the watch must hold
@@ -166,7 +166,8 @@ class JobRunner:
             self.rt.job_tmp_dir(self.job, worker)
         except OSError as e:
             raise _TmpDirFailed() from e
-        meter.begin(self.limit_watch.cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
+        if meter is not None:
+            meter.begin(self.limit_watch.cpu_base if worker.cgroup is not None and worker.cgroup.counts_cpu else None)
         return watch
 
     async def _run(self) -> None:
@@ -182,7 +183,9 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
-        meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic())
+        # With usage accounting off ([server] usage = false) only the wall time is measured.
+        meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic()) \
+            if self.rt.config.usage else None
         try:  # one thread hop for the file-system work of a job's start
             watch = await anyio.to_thread.run_sync(self._prepare, worker, meter)
         except LimitNotApplied as e:
@@ -378,7 +381,7 @@ class JobRunner:
         """What the job has used so far (at its end: all it used)."""
         now = time.monotonic()
         meter = self.meter
-        if meter is None:  # it never had a worker
+        if meter is None:  # it never had a worker, or usage accounting is off
             return usage_wire(now - self.started_at if self.started_at is not None else 0.0,
                               net_bytes_in=net_in, net_bytes_out=net_out)
         return meter.read(now, net_in, net_out)  # the tree as last sampled (the watch, _last_sample)

@@ -76,6 +76,8 @@ def http_endpoint(conn: ServerConnection, rt: Runtime, path: str, accept: str | 
         why = metrics.readiness(rt)
         return conn.respond(HTTPStatus.OK, "ready\n") if why is None else \
             conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+    if not metrics.enabled():
+        return conn.respond(HTTPStatus.NOT_FOUND, "metrics are off on this server (--no-metrics)\n")
     body, content_type = metrics.render(accept)
     headers = Headers([("Date", email.utils.formatdate(usegmt=True)), ("Connection", "close"),
                        ("Content-Length", str(len(body))), ("Content-Type", content_type)])

@@ -180,3 +180,32 @@ def test_a_host_that_is_not_served_here_is_refused(server: Server, path: str) ->
     """The listener's Host check (against DNS rebinding) holds for the HTTP endpoints too."""
     code, _, body = http_get(server, path, {"Host": "attacker.example:80"})
     assert code == 421, (code, body)
+
+
+def test_metrics_and_usage_can_be_switched_off(make_server: type[Server]) -> None:
+    """--no-metrics: /metrics is 404 (health and readiness stay); --no-usage: a job's usage is
+    its wall time only, its CPU, memory and tasks not measured."""
+    srv = make_server("--no-metrics", "--no-usage")
+    code, _, body = http_get(srv, "/metrics")
+    assert code == 404 and "--no-metrics" in body
+    assert http_get(srv, "/healthz")[0] == 200 and http_get(srv, "/readyz")[0] == 200
+
+    async def go() -> None:
+        async with sdk_session(srv.url) as (client, rec):
+            h = await client.submit(agent="sleep", input={"seconds": 0.3})
+            term = await rec.terminal(h.job_id)
+            usage = term["payload"]["x-vendor.arcp-supervisor.usage"]
+            assert usage["wall_s"] >= 0.25
+            assert usage["cpu_user_s"] == usage["cpu_sys_s"] == 0 and usage["memory_peak_mb"] == 0
+    asyncio.run(go())
+
+
+def test_usage_is_measured_by_default(make_server: type[Server]) -> None:
+    srv = make_server()
+
+    async def go() -> None:
+        async with sdk_session(srv.url) as (client, rec):
+            h = await client.submit(agent="sleep", input={"seconds": 0.3})
+            usage = (await rec.terminal(h.job_id))["payload"]["x-vendor.arcp-supervisor.usage"]
+            assert usage["memory_peak_mb"] > 0 and usage["procs_peak"] >= 1
+    asyncio.run(go())

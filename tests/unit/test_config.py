@@ -93,6 +93,8 @@ grace = 2
 max_result_bytes = "8M"
 chunk_size = 65536
 ws_compression = true
+metrics = false
+usage = false
 
 [auth]
 tokens = { "secret" = "alice" }
@@ -118,6 +120,7 @@ job_uids = "20000-20999"
     out = load_file(path)
     assert out["host"] == "::1" and out["port"] == 9000 and out["grace"] == 2
     assert out["max_result_bytes"] == 8 * MiB and out["chunk_size"] == 65536
+    assert out["metrics"] is False and out["usage"] is False
     assert out["tokens"] == {"secret": "alice"}
     assert out["limits"] == Limits(memory=512 * MiB, cpu_time=60)
     echo, big = out["agents"]
@@ -356,3 +359,9 @@ def test_bad_session_log_bytes_names_the_flag_or_key(tmp_path: Path, flags: dict
     with pytest.raises(ConfigError) as ei:
         build_config({"agent": [ECHO], **flags})
     assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize("key", ["metrics", "usage"])
+def test_observability_switches_must_be_booleans(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_file(write(tmp_path, f"[server]\n{key} = \"no\"\n"))
