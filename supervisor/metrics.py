@@ -182,6 +182,19 @@ def job_accepted(job: Job, env: Envelope | None, parent: Job | None) -> None:
     tracing.job_accepted(job, env, parent)
 
 
+_children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """`metric.labels(*labels)`, kept: the label sets are few (agents, outcomes, limits) and
+    prometheus-client's lookup costs a lock and a tuple per call."""
+    key = (id(metric), labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def set_enabled(on: bool) -> None:
     """`--no-metrics`: the counters are not kept (and /metrics answers 404); tracing goes on."""
     global _enabled
@@ -195,7 +208,7 @@ def enabled() -> bool:
 def job_started(job: Job) -> None:
     """Admitted: it counts as started; its worker is being made ready."""
     if _enabled:
-        JOBS_STARTED.labels(job.agent_ref).inc()
+        _child(JOBS_STARTED, job.agent_ref).inc()
         _jobs[job] = _now()
     tracing.job_phase(job, "arcp.worker.start")
 
@@ -215,12 +228,12 @@ def job_ended(job: Job) -> None:
     terminal = job.terminal or {}
     outcome, limit = outcome_of(job.status, terminal.get("error"))
     if _enabled:
-        JOBS_FINISHED.labels(job.agent_ref, outcome).inc()
+        _child(JOBS_FINISHED, job.agent_ref, outcome).inc()
         if limit is not None:
-            LIMIT_KILLS.labels(limit).inc()
+            _child(LIMIT_KILLS, limit).inc()
         started = _jobs.pop(job, None)
         if started is not None:
-            JOB_DURATION.labels(job.agent_ref).observe(_now() - started)
+            _child(JOB_DURATION, job.agent_ref).observe(_now() - started)
     tracing.job_ended(job, outcome, terminal.get("error"))
 
 
