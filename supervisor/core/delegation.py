@@ -3,8 +3,6 @@ and limits bounded by the parent's, its budget carved from the parent's; no I/O.
 
 from __future__ import annotations
 
-import time
-
 from shared.errors import JobNotFound, LeaseSubsetViolation, PermissionDenied
 from shared.ids import format_ts
 from shared.lease import LeaseError, check_subset, initial_budget, lease_allows
@@ -33,11 +31,12 @@ def delegating_parent(jobs: JobTable, principal: str, req: SubmitRequest) -> Job
     return parent
 
 
-def carve_budget(parent: Job, req: SubmitRequest) -> None:
-    """The child's budget comes out of the parent's remaining counters."""
+def carve_budget(parent: Job, req: SubmitRequest, now: float) -> None:
+    """The child's budget comes out of the parent's remaining counters (`now`: wall-clock
+    seconds, for the parent's lease expiry)."""
     carve = initial_budget(req.lease)
     if carve:
-        parent.authority.reserve({c: str(v) for c, v in carve.items()}, time.time())
+        parent.authority.reserve({c: str(v) for c, v in carve.items()}, now)
 
 
 def share_budget(parent: Job, child: Job) -> None:

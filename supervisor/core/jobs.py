@@ -256,9 +256,9 @@ class JobTable:
         if job.done:
             self.finished[job.id] = None
 
-    def finished_job(self, job: Job) -> list[str]:
-        """A job ended; return the ids of finished jobs retention now drops."""
-        job.finished_mono = time.monotonic()
+    def finished_job(self, job: Job, now_mono: float) -> list[str]:
+        """A job ended at `now_mono`; return the ids of finished jobs retention now drops."""
+        job.finished_mono = now_mono
         self.finished[job.id] = None
         dropped = []
         while len(self.finished) > self.retention_jobs:

@@ -72,7 +72,7 @@ class JobService:
         if parent is not None:
             if parent.done:  # it ended while the credentials were issued
                 raise JobNotFound(f"no running parent job {parent.id!r}")
-            carve_budget(parent, req)
+            carve_budget(parent, req, time.time())
         job = self._accept(session, req, job_id)
         if creds and self.credentials is not None:
             self.credentials.issued(job, creds)
@@ -101,7 +101,7 @@ class JobService:
         req = parse_submit(env, self._registry(), time.time())
         delegating_parent(self.jobs, parent.principal, req)
         self.admission.check(parent.principal, req.limits.memory)  # children wait their turn too
-        carve_budget(parent, req)
+        carve_budget(parent, req, time.time())
         child = self._accept(parent.owner, req)
         metrics.job_accepted(child, env, parent)
         share_budget(parent, child)
@@ -241,7 +241,7 @@ class JobService:
         job.runner = None
         job.request = None  # the input and the agent spec are no longer needed
         job.tmp_dir = None  # the worker's: emptied when it is kept for another job, removed with it
-        self.store.delete_jobs(self.jobs.finished_job(job))
+        self.store.delete_jobs(self.jobs.finished_job(job, time.monotonic()))
         metrics.job_ended(job)
         self.start_jobs(self.admission.finish(job.id))  # its place, running or waiting, is free
         if job.id not in self._delivering:
