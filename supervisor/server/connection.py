@@ -79,7 +79,12 @@ async def serve_connection(rt: ConnectionHost, transport: Transport, frame_cap: 
                     data = await transport.recv()
                     if data is None:
                         break
-                    request = session.receive(data, time.monotonic())
+                    try:
+                        request = session.receive(data, time.monotonic())
+                    except Exception as e:  # a fault of ours: answered, and the session goes on
+                        log.error("session %s: a frame could not be handled: %r", session.id, e, exc_info=e)
+                        session.error(InternalError(f"the frame could not be handled: {type(e).__name__}"))
+                        continue
                     if request is not None:
                         # A close (bye, shutdown, a stalled client) stops the reader, not a
                         # request half carried out: a submit is accepted whole or not at all.

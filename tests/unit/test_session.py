@@ -6,6 +6,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -549,3 +550,63 @@ def test_an_arcp_error_keeps_its_code_and_job_id() -> None:
     h.session.failed(req, JobNotFound("no job 'job_9'"))
     (f,) = h.drain()
     assert f["payload"]["code"] == "JOB_NOT_FOUND" and f["payload"]["job_id"] == "job_9"
+
+
+def test_a_fault_inside_the_session_is_answered_and_the_connection_goes_on() -> None:
+    """serve_connection answers INTERNAL_ERROR for a frame the session fails on unexpectedly,
+    and keeps reading: the next frame is answered as usual."""
+    import anyio
+
+    from supervisor.server.connection import serve_connection
+
+    class _Transport:
+        def __init__(self, frames: list[bytes]) -> None:
+            self.frames = frames
+            self.sent: list[dict[str, Any]] = []
+            self.closed: tuple[int, str] | None = None
+
+        async def recv(self) -> bytes | None:
+            await anyio.sleep(0.01)
+            return self.frames.pop(0) if self.frames else None
+
+        async def send_many(self, frames: list[bytes]) -> None:
+            self.sent += [orjson.loads(f) for f in frames]
+
+        async def close(self, code: int, reason: str) -> None:
+            self.closed = (code, reason)
+
+    h = Harness()
+    real = h.session.receive
+    calls = []
+
+    def flaky(data: str | bytes, now: float) -> Any:
+        calls.append(data)
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        return real(data, now)
+
+    h.session.receive = flaky  # type: ignore[method-assign]
+
+    class _Host:
+        config = SimpleNamespace(tokens={}, heartbeat_interval=30)
+        draining = False
+
+        def open_session(self, *a: Any) -> Session:
+            return h.session
+
+        def session_detached(self, s: Session) -> None:
+            pass
+
+        def unfinished_jobs(self, owner_id: str | None = None) -> list[Any]:
+            return []
+
+    hello = orjson.dumps(env("session.hello", {"client": {"name": "t", "version": "1"}}, id_=ULID_ID))
+    t = _Transport([hello, orjson.dumps(env("session.ping", {"nonce": "a"})),
+                    orjson.dumps(env("session.ping", {"nonce": "b"}))])
+
+    async def go() -> None:
+        with anyio.fail_after(5):
+            await serve_connection(_Host(), t, MiB)  # type: ignore[arg-type]
+    asyncio.run(go())
+    kinds = [(f["type"], f["payload"].get("code") or f["payload"].get("ping_nonce")) for f in t.sent]
+    assert ("session.error", "INTERNAL_ERROR") in kinds and ("session.pong", "b") in kinds
