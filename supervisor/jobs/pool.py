@@ -101,7 +101,7 @@ class WorkerPool:
                 self._reused_count -= 1
                 if not h.alive:
                     h.close_pipe()
-                elif await self._alone(h):
+                elif _idle_by_count(h) or await self._alone(h):
                     return h
                 else:
                     self.retire(h)
@@ -131,22 +131,28 @@ class WorkerPool:
         killed. It is retired instead if the job left something in the worker itself (`left`,
         the worker's word: a thread, a child process, a changed sys.modules; or more threads
         than an idle worker has, the kernel's word), or if it has no cgroup in which to find
-        what the job left. The kernel is asked on a thread (/proc and cgroupfs reads)."""
+        what the job left.
+
+        The common case costs one counter read: the worker says it has nothing left and its
+        group holds no more tasks than an idle worker's threads (`_idle_by_count`), so there
+        is no thread to count and no process to kill. Otherwise the kernel is asked on a
+        thread (/proc and cgroupfs reads)."""
         handle.jobs_run += 1
         if not self._keeps(handle):
             self.retire(handle)
             return
-        left, killed = await anyio.to_thread.run_sync(_left_in, handle, list(left))
-        if left:
-            log.info("worker %d not reused: its job left %s", handle.pid, ", ".join(left))
-            self.retire(handle)
-            return
-        if killed:
-            log.info("worker %d: killed %d processes its job left (%s)", handle.pid, len(killed),
-                     " ".join(map(str, killed)))
-        if not self._keeps(handle):  # the pool closed, or the worker died, meanwhile
-            self.retire(handle)
-            return
+        if left or not _idle_by_count(handle):
+            left, killed = await anyio.to_thread.run_sync(_left_in, handle, list(left))
+            if left:
+                log.info("worker %d not reused: its job left %s", handle.pid, ", ".join(left))
+                self.retire(handle)
+                return
+            if killed:
+                log.info("worker %d: killed %d processes its job left (%s)", handle.pid, len(killed),
+                         " ".join(map(str, killed)))
+            if not self._keeps(handle):  # the pool closed, or the worker died, meanwhile
+                self.retire(handle)
+                return
         if self._reused_count >= self._max_idle_reused:
             self._evict_one()
         if self._on_keep is not None:  # on a thread: it empties the worker's temp dir
@@ -217,6 +223,20 @@ class WorkerPool:
             self.retire(h)
         else:
             self._fresh.append(h)
+
+
+def _idle_by_count(h: WorkerHandle) -> bool:
+    """Does the worker's cgroup hold no more tasks than an idle worker's threads (its main
+    thread and its pipe thread)? The pids controller counts every thread and process of the
+    group, exited ones not yet reaped included, so no other process, and no thread beyond
+    those two, can be there. One read of `pids.current` (a descriptor kept open, read afresh
+    at offset 0: a few microseconds), on the calling thread; False where it cannot be told
+    (no cgroup, no pids controller, an unreadable group)."""
+    cg = h.cgroup
+    if cg is None:
+        return False
+    n = cg.pids_current()
+    return n is not None and n <= pm.IDLE_THREADS
 
 
 def _left_in(handle: WorkerHandle, left: list[str]) -> tuple[list[str], list[int]]:

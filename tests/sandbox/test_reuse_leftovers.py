@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from shared import pipe_messages as pm
+from supervisor.sandbox.worker_cgroup import WorkerCgroup
 from tests.conftest import Server
 from tests.interop.client import Recorder, sdk_session
 from tests.sandbox.test_sandbox import _kill_all, _tasks_named
@@ -156,3 +161,79 @@ def test_a_child_left_running_retires_the_worker_and_dies(reuse: Server) -> None
         asyncio.run(go())
     finally:
         _kill_all(_tasks_named(tag))
+
+
+PIDS_V1 = "/sys/fs/cgroup/pids"
+_TASKS = """
+import os, sys, threading, time
+stop = threading.Event()
+threads, children = [], []
+for cmd in sys.stdin:
+    cmd = cmd.strip()
+    if cmd == "thread":
+        threads.append(threading.Thread(target=stop.wait))
+        threads[-1].start()
+    elif cmd == "fork":
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        children.append(pid)
+    elif cmd == "end":
+        stop.set()
+        for t in threads:
+            t.join()
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        threads, children = [], []
+    print("ok", flush=True)
+"""
+
+
+@pytest.mark.skipif(not os.access(PIDS_V1, os.W_OK), reason="no cgroup v1 pids hierarchy to make a group in")
+def test_the_count_a_kept_worker_is_judged_by_is_the_kernels_count_now() -> None:
+    """The pool keeps a worker on one read of its group's pids.current (pool._idle_by_count),
+    through a descriptor kept open: every read is the count at that moment, threads and
+    processes coming and going, and never a list read once and kept."""
+    d = f"{PIDS_V1}/arcp-test-count-{os.getpid()}"
+    os.mkdir(d)
+    p = subprocess.Popen([sys.executable, "-c", _TASKS], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with open(f"{d}/cgroup.procs", "w") as f:
+            f.write(str(p.pid))
+        cg = WorkerCgroup({"pids": d}, v2=False)
+
+        def count_becomes(n: int) -> None:
+            deadline = time.monotonic() + 5
+            while cg.pids_current() != n:  # a thread's exit is counted a moment after its join
+                assert time.monotonic() < deadline, f"pids.current stays {cg.pids_current()}, not {n}"
+                time.sleep(0.01)
+
+        def do(cmd: str) -> None:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(cmd + "\n")
+            p.stdin.flush()
+            assert p.stdout.readline() == "ok\n"
+
+        count_becomes(1)
+        do("thread")
+        count_becomes(pm.IDLE_THREADS)  # what an idle worker has: kept on the count
+        do("fork")
+        count_becomes(pm.IDLE_THREADS + 1)  # a process left behind: not
+        do("thread")
+        count_becomes(pm.IDLE_THREADS + 2)
+        do("end")
+        count_becomes(1)
+    finally:
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 
+from shared import pipe_messages as pm
+from supervisor.jobs import pool as pool_module
 from supervisor.jobs.fork_server import ForkServer
 from supervisor.jobs.pool import WorkerPool
 from supervisor.jobs.worker_handle import WorkerHandle
+from supervisor.sandbox.cgroups import Cgroups
+from tests.unit.fake_cgroupfs import FakeCgroupFS
 
 SETTLE = 2.0  # seconds the tasks of a closed pool may take to end
 
@@ -94,4 +101,111 @@ def test_a_real_fork_servers_pool_leaves_no_task_and_no_process_after_close() ->
         finally:
             await fs.aclose()
         assert fs.pid is not None and not os.path.exists(f"/proc/{fs.pid}"), "the fork server was not reaped"
+    asyncio.run(go())
+
+
+# -- a kept worker's checks ---------------------------------------------------------------
+
+class _Kept:
+    """A worker on a fake cgroupfs, in a pool that keeps workers, with what the pool asks of
+    the kernel recorded: /proc's thread count, the group's processes, kills and signals."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pids_current: str | None) -> None:
+        self.fs = FakeCgroupFS(str(tmp_path))
+        cg = Cgroups(str(tmp_path), self.fs).reserve()
+        assert cg is not None
+        self.cg = cg
+        self.forks = _StuckForkServer(ready=1)
+        self.pool = WorkerPool(self.forks, warm=0, reuse=10)  # type: ignore[arg-type]
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        self.h = WorkerHandle(999_999, ours, asyncio.get_running_loop().create_future(), cgroup=cg)
+        self.asked: list[str] = []
+        self.set(pids_current, procs=[self.h.pid])
+        real_pids = cg.pids
+
+        def pids(strict: bool = False) -> list[int]:
+            self.asked.append("cgroup.procs")
+            return real_pids(strict)
+
+        def kill_others(keep: int) -> list[int]:
+            self.asked.append("kill_others")
+            return []
+
+        def thread_count() -> int | None:
+            self.asked.append("threads")
+            return 2
+
+        monkeypatch.setattr(cg, "pids", pids)
+        monkeypatch.setattr(cg, "kill_others", kill_others)
+        monkeypatch.setattr(self.h, "thread_count", thread_count)
+        monkeypatch.setattr(self.h, "signal", lambda sig: self.asked.append(f"signal {sig}"))
+
+    def set(self, pids_current: str | None, procs: list[int]) -> None:
+        if pids_current is not None:
+            self.fs._put(os.path.join(self.cg.dirs["pids"], "pids.current"), pids_current)
+        self.fs._put(os.path.join(self.cg.dirs["pids"], "cgroup.procs"), "".join(f"{p}\n" for p in procs))
+
+
+def test_a_clean_worker_is_kept_and_taken_again_on_one_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing left by the worker's word, and no more tasks in its group than an idle worker's
+    two threads: kept without a thread count, a kill or a look at the group's processes, and
+    taken again for its key the same way."""
+    async def go() -> None:
+        k = _Kept(tmp_path, monkeypatch, "2")
+        await k.pool.release(k.h, "key", [])
+        assert k.pool.idle == 1 and k.asked == []
+        assert await k.pool.acquire("key") is k.h
+        assert k.asked == [] and k.forks.spawned == []
+    asyncio.run(go())
+
+
+def test_more_tasks_than_an_idle_workers_threads_take_the_full_checks(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        k = _Kept(tmp_path, monkeypatch, "3")
+        await k.pool.release(k.h, "key", [])
+        assert k.pool.idle == 1 and k.asked == ["threads", "kill_others"]
+        k.asked.clear()
+        assert await k.pool.acquire("key") is k.h  # still 3 by the count: its processes looked at (only the worker)
+        assert k.asked == ["cgroup.procs"]
+    asyncio.run(go())
+
+
+def test_without_a_count_the_full_checks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def go() -> None:
+        k = _Kept(tmp_path, monkeypatch, None)  # no pids.current: no pids controller
+        await k.pool.release(k.h, "key", [])
+        assert k.pool.idle == 1 and k.asked == ["threads", "kill_others"]
+        k.asked.clear()
+        assert await k.pool.acquire("key") is k.h
+        assert k.asked == ["cgroup.procs"]
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("left", [[pm.LEFT_THREAD], [pm.LEFT_CHILD], [pm.LEFT_MODULES]])
+def test_the_workers_word_retires_it_whatever_the_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          left: list[str]) -> None:
+    async def go() -> None:
+        k = _Kept(tmp_path, monkeypatch, "2")
+        await k.pool.release(k.h, "key", left)
+        assert k.pool.idle == 0 and k.asked == ["threads", f"signal {signal.SIGKILL}"]
+    asyncio.run(go())
+
+
+def test_a_process_that_appears_between_jobs_is_looked_for_at_acquire(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept on the count; before its next job the group holds more: its processes are read, the
+    stranger is killed, and a worker that is not found alone is retired for a fresh one."""
+    monkeypatch.setattr(pool_module, "LEFTOVER_WAIT", 0.05)
+
+    async def go() -> None:
+        k = _Kept(tmp_path, monkeypatch, "2")
+        await k.pool.release(k.h, "key", [])
+        assert k.asked == []
+        k.set("3", procs=[k.h.pid, 999_998])
+        got = await k.pool.acquire("key")
+        assert got is not k.h and got in k.forks.spawned
+        assert k.asked.count("cgroup.procs") == pool_module.LEFTOVER_WAIT_STEPS and "kill_others" in k.asked
+        assert k.asked[-1] == f"signal {signal.SIGKILL}"
     asyncio.run(go())
