@@ -9,6 +9,7 @@ SIGUSR1, whose handler raises Cancelled in the agent's own frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import os
@@ -67,6 +68,11 @@ class Runner:
         self.jobs_done = 0
         self.left: list[str] = []  # what the last job left behind (pipe_messages.LEFT_KINDS)
         self.limits: dict[str, int] = {}
+        # sys.modules as the last job found it once its agent was loaded, when that job left
+        # nothing: the next job's baseline, copied again only if sys.modules changed since
+        self._modules: dict[str, Any] | None = None
+        self._env: tuple[Any, Any, dict[bytes, bytes]] | None = None  # the environment the last job was given
+        self._is_async: dict[Any, bool] = {}  # agent callable -> a coroutine function?
         self.capture = StdioCapture(self._emit_output)
         for fd in self.capture.levels:
             channel.extra[fd] = self.capture.on_readable
@@ -136,11 +142,12 @@ class Runner:
             self.limits["tmp_size_mb"] = max(1, int(spec["tmp_size"]) >> 20)
         outcome: list[Any]
         threads = threading.active_count()
-        modules = dict(sys.modules)
+        modules = self._modules if self._modules is not None else dict(sys.modules)
         try:
             self._enter_sandbox(spec)
             fn = load_entry(spec["entry"])
-            modules = dict(sys.modules)  # the agent's own imports: the same for every job of this worker
+            # the agent's own imports: the same for every job of this worker (no copy when unchanged)
+            modules = modules if _unchanged(modules) else dict(sys.modules)
             if spec.get("check"):  # the start-up check: the import and the function, not a call
                 raise _Checked()
             value = self._call_agent(fn, spec.get("input"), ctx)
@@ -156,24 +163,32 @@ class Runner:
             self.in_agent = False
         self._flush_output()
         self.left = left_behind(threads, modules)
+        self._modules = None if self.left else modules
         self.ch.send_now([*outcome, self.left])
         self.ctx = None
         self.jobs_done += 1
 
     def _enter_sandbox(self, spec: dict[str, Any]) -> None:
         tmp = spec.get("tmp_dir")
-        if tmp:
-            os.environ["HOME"] = os.environ["TMPDIR"] = tmp
-            tempfile.tempdir = None  # recomputed from TMPDIR on next use
         port = spec.get("egress_port")
-        for name in PROXY_VARS:
-            if port:
-                os.environ[name] = os.environ[name.lower()] = f"http://127.0.0.1:{int(port)}"
-            else:
-                os.environ.pop(name, None)
-                os.environ.pop(name.lower(), None)
-        if port:  # nothing bypasses the proxy
-            os.environ["NO_PROXY"] = os.environ["no_proxy"] = ""
+        env, now = self._env, getattr(os.environ, "_data", None)  # (CPython's encoded copy, what putenv was given)
+        # A kept worker's next job mostly has the same temp dir and proxy port: the variables
+        # are written again only if those changed or the environment changed since they were.
+        if env is None or env[:2] != (tmp, port) or now is None or now != env[2]:
+            if tmp:
+                os.environ["HOME"] = os.environ["TMPDIR"] = tmp
+                tempfile.tempdir = None  # recomputed from TMPDIR on next use
+            for name in PROXY_VARS:
+                if port:
+                    os.environ[name] = os.environ[name.lower()] = f"http://127.0.0.1:{int(port)}"
+                else:
+                    os.environ.pop(name, None)
+                    os.environ.pop(name.lower(), None)
+            if port:  # nothing bypasses the proxy
+                os.environ["NO_PROXY"] = os.environ["no_proxy"] = ""
+            self._env = None if now is None else (tmp, port, dict(now))
+        elif tmp and tempfile.tempdir not in (None, tmp):
+            tempfile.tempdir = None  # the last job pointed tempfile elsewhere
         try:
             read_dirs = [] if self.sandbox.landlocked else \
                 read_dirs_for(spec["entry"].partition(":")[0], agent_dirs)
@@ -182,7 +197,15 @@ class Runner:
             raise InternalError(f"sandbox set-up failed: {e}", retryable=False) from e
 
     def _call_agent(self, fn: Callable[..., Any], input: Any, ctx: JobContext) -> Any:
-        self.is_async = inspect.iscoroutinefunction(fn)
+        try:
+            is_async = self._is_async.get(fn)
+        except TypeError:  # an unhashable callable
+            is_async = None
+        if is_async is None:
+            is_async = inspect.iscoroutinefunction(fn)
+            with contextlib.suppress(TypeError):
+                self._is_async[fn] = is_async
+        self.is_async = is_async
         self.in_agent = True
         try:
             if self.is_async:
@@ -256,8 +279,9 @@ def left_behind(threads: int, modules: dict[str, Any]) -> list[str]:
     at its start, a child process still running (exited ones are reaped here), or a changed
     sys.modules since its agent was loaded: an entry removed or replaced, or a module added
     from outside the standard library (the standard library imports some of its own lazily,
-    the idna codec at a first getaddrinfo for one). Cheap: a count, one waitpid, one pass
-    over sys.modules."""
+    the idna codec at a first getaddrinfo for one). Cheap: a count, one waitpid, and one
+    comparison of sys.modules with `modules` in C (entries compared by identity first, and a
+    module equals only itself), a pass over it only when they differ."""
     left = []
     if threading.active_count() > threads:
         left.append(pm.LEFT_THREAD)
@@ -267,11 +291,25 @@ def left_behind(threads: int, modules: dict[str, Any]) -> list[str]:
         left.append(pm.LEFT_CHILD)  # waitpid answered 0: a child still runs
     except ChildProcessError:
         pass  # no child left
+    if _unchanged(modules):
+        return left
     now = dict(sys.modules)
     if any(now.get(name) is not mod for name, mod in modules.items()) or (len(now) > len(modules) and any(
             name not in modules and name.partition(".")[0] not in sys.stdlib_module_names for name in now)):
         left.append(pm.LEFT_MODULES)
     return left
+
+
+def _unchanged(modules: dict[str, Any]) -> bool:
+    """Does sys.modules hold the same entries as `modules`? One dict comparison in C: each
+    value is compared by identity first, and a module equals only itself. (An object whose
+    == lies could pass for the module it replaced; code that runs in this process could as
+    well change this function: the check keeps honest agents' jobs apart, the kernel's
+    counts in the supervisor do the rest.) False when a comparison raises."""
+    try:
+        return sys.modules == modules
+    except Exception:
+        return False
 
 
 _LIMIT_ERRNOS = {
