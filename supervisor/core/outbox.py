@@ -65,6 +65,11 @@ class Outbox:
             if self.on_overflow is not None:
                 self.on_overflow(queued)
 
+    @property
+    def writable(self) -> bool:
+        """Below the high-water marks (or detached: nothing is kept)."""
+        return self._writable.is_set()
+
     async def wait_writable(self) -> None:
         """Return once the queue is below its high-water marks (at once when it is)."""
         if not self._writable.is_set():

@@ -151,6 +151,14 @@ class Session:
                     self.id, queued)
         self._close(1011, "consumer too slow")
 
+    def drop_stalled(self) -> None:
+        """A follower that keeps a job waiting (its queue at the high-water mark past the
+        follower's grace): taken as not reading, like an overflow: its queue dropped, its
+        transport closed; the session stays resumable from its log."""
+        queued = self.outbox.queued_bytes
+        self.outbox.detach()
+        self._overflow(queued)
+
     def tick(self, now: float) -> None:
         """Time passes: end a transport whose client stopped reading or went silent (two
         heartbeat intervals without traffic, with the heartbeat feature); ping after one."""

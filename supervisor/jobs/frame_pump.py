@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("arcp.jobs")
 MAX_WAITING = 256  # calls of one kind (calls.Later.name) of one job waiting for their answer
+FOLLOWER_GRACE = 2.0  # seconds a follower at its high-water mark may hold a job before it is dropped
 
 
 class Died:
@@ -57,6 +58,7 @@ class FramePump:
         decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
         frames = self.frames
         outbox = self.owner.outbox
+        store = self.rt.store  # the frames' log: a writer far behind holds the job too
         try:
             while True:
                 data = await reader.read(1 << 18)
@@ -73,11 +75,16 @@ class FramePump:
                         else:
                             return action
                     # Past a session's high-water mark (the submitter's, or a follower's): no next
-                    # frame until it is below. A follower that stops reading is closed by its own
-                    # limits (hard bytes, stall time), which releases the job.
+                    # frame until it is below. A follower holds the job for FOLLOWER_GRACE at
+                    # most: then it is taken as not reading and dropped, and the job goes on.
                     await outbox.wait_writable()
                     for w in self.job.watchers:
-                        await w.session.outbox.wait_writable()
+                        if not w.session.outbox.writable:
+                            with anyio.move_on_after(FOLLOWER_GRACE) as waited:
+                                await w.session.outbox.wait_writable()
+                            if waited.cancelled_caught:
+                                w.session.drop_stalled()
+                    await store.writable()
         except (WorkerProtocolError, CodecError) as e:
             return e
         except (ConnectionError, OSError):

@@ -12,6 +12,7 @@ from supervisor.jobs.fork_server import ForkServer
 from supervisor.jobs.pool import WorkerPool
 from supervisor.jobs.worker_handle import WorkerHandle
 from supervisor.sandbox.job_uids import UidPool
+from supervisor.state.base import StateStore
 
 
 class RunnerHost(Protocol):
@@ -21,6 +22,7 @@ class RunnerHost(Protocol):
     fork_server: ForkServer
     uids: UidPool | None
     egress_unavailable: str | None
+    store: StateStore  # the frames' log: a job's pump waits while its writer is far behind
 
     def reuse_key(self, job: Job) -> Hashable: ...
 

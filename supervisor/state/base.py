@@ -28,6 +28,8 @@ from typing import Any
 DEFAULT_LOG_BYTES = 64 * 1024 * 1024  # bytes of frames one session's resume/history log keeps
 MAX_QUEUED_OPS = 100_000  # operations waiting to be applied before writes are refused
 MAX_QUEUED_BYTES = 256 * 1024 * 1024  # bytes of frames waiting to be applied before writes are refused
+HIGH_WATER_BYTES = 16 * 1024 * 1024  # past this many bytes of frames waiting, writable() waits
+LOW_WATER_BYTES = 4 * 1024 * 1024  # ... until they are down to this
 RESTART_MESSAGE = "the supervisor restarted while the job was running"
 
 
@@ -98,6 +100,12 @@ class StateStore(abc.ABC):
 
     # -- completion -----------------------------------------------------------
     @abc.abstractmethod
+    async def writable(self) -> None:
+        """Return once the frames waiting to be written are below the store's high-water mark
+        (at once when they are): what a producer that can wait (a job's pump) awaits, so
+        that a flood is held at its source instead of queued in memory."""
+        return None
+
     async def sync(self) -> None:
         """Return once everything queued before the call is committed; StoreError naming the writes
         that could not be (those not reported by an earlier sync())."""

@@ -50,7 +50,7 @@ from typing import Any
 import orjson
 
 from supervisor.state.base import (
-    DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StateStore, StoredJob, StoreError,
+    DEFAULT_LOG_BYTES, HIGH_WATER_BYTES, LOW_WATER_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StateStore, StoredJob, StoreError,
 )
 from supervisor.state.sqlite_files import DB_NAME, private_db
 from supervisor.state.sqlite_ops import (
@@ -61,6 +61,7 @@ from supervisor.state.sqlite_ops import (
 log = logging.getLogger("arcp.store")
 FAILURES_LOGGED = 20  # failed operations of one batch logged one by one; the rest in one line
 UNREPORTED_KEPT = 1000  # failures waiting for a sync() to report them, kept by name (the rest counted)
+BATCH_BYTES = 4 * 1024 * 1024  # bytes of frames one transaction takes at most: the WAL stays small
 
 
 class SqliteStore(StateStore):
@@ -88,6 +89,7 @@ class SqliteStore(StateStore):
         self._close_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._refused = 0
         self._refusing = False
+        self._room: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # writable()'s waiters
         # the event loop's own
         self._wake_loop: asyncio.AbstractEventLoop | None = None
         # the writer thread's own
@@ -236,6 +238,18 @@ class SqliteStore(StateStore):
             log.warning("state store: accepting writes again (%d refused so far)", self._refused)
         self._kick()
 
+    async def writable(self) -> None:
+        if self._queued_bytes <= HIGH_WATER_BYTES:  # (a read without the lock: a hint, checked below)
+            return
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._queued_bytes <= HIGH_WATER_BYTES or self._finished or self._dead is not None:
+                return
+            if self._room is None:
+                self._room = (loop, asyncio.Event())
+            room = self._room[1]
+        await room.wait()
+
     async def _ask(self, kind: str, args: tuple[Any, ...]) -> Any:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
@@ -277,6 +291,11 @@ class SqliteStore(StateStore):
                 with self._lock:  # before the results: a caller they wake sees the queue without them
                     self._queued_ops -= len(batch)
                     self._queued_bytes -= sum(op.nbytes for op in batch)
+                    room = None
+                    if self._room is not None and self._queued_bytes <= LOW_WATER_BYTES:
+                        room, self._room = self._room, None
+                if room is not None:
+                    room[0].call_soon_threadsafe(room[1].set)
                 self._deliver(work)
                 with self._lock:
                     self._inflight = []
@@ -298,7 +317,15 @@ class SqliteStore(StateStore):
                         break  # queued a second ago or more on a loop that stopped before waking us
                     waited = self._queue[0]
             self._wake = False
-            batch, self._queue = self._queue, []
+            size, n = 0, 0
+            for op in self._queue:  # at most BATCH_BYTES of frames (and at least one operation)
+                if n and size + op.nbytes > BATCH_BYTES:
+                    break
+                size += op.nbytes
+                n += 1
+            batch, self._queue = self._queue[:n], self._queue[n:]
+            if self._queue:
+                self._wake = True  # the rest is the next batch, at once
             self._inflight = batch
         return batch
 
@@ -379,6 +406,12 @@ class SqliteStore(StateStore):
         with self._lock:
             self._finished = True
             waiters, self._close_waiters = self._close_waiters, []
+            room, self._room = self._room, None
+        if room is not None:  # nothing will be written now: whoever waits for room goes on (and fails)
+            try:
+                room[0].call_soon_threadsafe(room[1].set)
+            except RuntimeError:
+                pass
         for loop, done in waiters:
             settled: list[tuple[asyncio.Future[Any], Any, StoreError | None]] = [(done, None, None)]
             try:

@@ -59,6 +59,7 @@ async def _release(*args: Any) -> None:
 class _Runtime:
     def __init__(self) -> None:
         self.frame_cap = 1024 * 1024
+        self.store = _Store()
         self.config = SimpleNamespace(max_result_bytes=1 << 20, chunk_size=1 << 16)
         self.pool = SimpleNamespace(release=_release)
         self.finished: list[tuple[str, Any]] = []
@@ -108,3 +109,10 @@ def test_an_invalid_frame_is_logged_on_one_capped_line(caplog: pytest.LogCapture
     text = rec.getMessage()
     assert "\n" not in text and len(text) < 2048
     _records_are_genuine(text)
+
+
+class _Store:
+    """The state store's back-pressure, never holding."""
+
+    async def writable(self) -> None:
+        return None

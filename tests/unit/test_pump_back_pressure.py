@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +14,7 @@ import anyio
 from shared import pipe_messages as pm
 from shared.pipe_codec import encode
 from supervisor.core.outbox import Outbox
+from supervisor.jobs.frame_pump import FOLLOWER_GRACE
 from supervisor.jobs.runner import JobRunner
 from supervisor.jobs.worker_handle import WorkerHandle
 
@@ -22,6 +24,7 @@ JOB = "job_bp"
 class _Runtime:
     def __init__(self) -> None:
         self.frame_cap = 1 << 20
+        self.store = _Store()
         self.config = SimpleNamespace(max_result_bytes=1 << 20, chunk_size=1 << 16, grace=0.1)
         self.events: list[str] = []
 
@@ -35,12 +38,21 @@ def _blocked_outbox() -> Outbox:
     return box
 
 
-async def _pump_with(owner: Outbox, follower: Outbox | None) -> tuple[list[str], Outbox | None]:
+async def _pump_with(owner: Outbox, follower: Outbox | None,
+                     drain_follower: bool = True) -> tuple[list[str], list[bool]]:
     ours, theirs = socket.socketpair()
     loop = asyncio.get_running_loop()
     handle = WorkerHandle(0, ours, loop.create_future())
     await handle.open()
-    watchers = [SimpleNamespace(session=SimpleNamespace(outbox=follower))] if follower is not None else []
+    dropped: list[bool] = []
+
+    def drop_stalled() -> None:  # as Session.drop_stalled: its queue detached
+        dropped.append(True)
+        if follower is not None:
+            follower.detach()
+
+    follower_session = SimpleNamespace(outbox=follower, drop_stalled=drop_stalled)
+    watchers = [SimpleNamespace(session=follower_session)] if follower is not None else []
     request = SimpleNamespace(limits=SimpleNamespace(max_runtime=60), max_runtime_sec=None, expires_at=None)
     job = SimpleNamespace(id=JOB, request=request, owner=SimpleNamespace(outbox=owner), done=False,
                           watchers=watchers, authority=None)
@@ -60,19 +72,27 @@ async def _pump_with(owner: Outbox, follower: Outbox | None) -> tuple[list[str],
         seen = list(rt.events)
         with anyio.fail_after(5):
             while not outcome:
-                for box in (owner, follower):  # the writer takes what is queued: below the mark again
+                for box in (owner, follower if drain_follower else None):  # the writers take what is queued
                     if box is not None and len(box):
                         await box.get_batch()
                 await anyio.sleep(0.01)
     theirs.close()
     handle.close_pipe()
     assert rt.events == ["m0", "m1", "m2"]
-    return seen, follower
+    return seen, dropped
 
 
 def test_a_follower_that_does_not_read_holds_the_job() -> None:
-    seen, _ = asyncio.run(_pump_with(Outbox(), _blocked_outbox()))
+    seen, dropped = asyncio.run(_pump_with(Outbox(), _blocked_outbox()))
     assert seen == ["m0"], "the pump read past a follower at its high-water mark"
+    assert dropped == []
+
+
+def test_a_follower_that_never_reads_is_dropped_after_its_grace_and_the_job_goes_on() -> None:
+    t0 = time.monotonic()
+    seen, dropped = asyncio.run(_pump_with(Outbox(), _blocked_outbox(), drain_follower=False))
+    assert seen == ["m0"] and dropped == [True]
+    assert time.monotonic() - t0 >= FOLLOWER_GRACE
 
 
 def test_the_submitter_that_does_not_read_holds_the_job() -> None:
@@ -83,3 +103,10 @@ def test_the_submitter_that_does_not_read_holds_the_job() -> None:
 def test_sessions_that_read_do_not_hold_it() -> None:
     seen, _ = asyncio.run(_pump_with(Outbox(), Outbox()))
     assert seen == ["m0", "m1", "m2"]
+
+
+class _Store:
+    """The state store's back-pressure, never holding."""
+
+    async def writable(self) -> None:
+        return None

@@ -160,9 +160,9 @@ def test_a_session_log_stays_within_its_bytes(tmp_path: Path, on_file: bool) -> 
 def test_one_big_batch_is_trimmed_to_the_bound_too() -> None:
     async def main() -> None:
         store = SqliteStore(None, session_log_bytes=2 * MiB)
-        _log(store, "s", 1, 100, 64 * 1024)  # 6.4 MiB in one transaction
+        _log(store, "s", 1, 100, 64 * 1024)  # 6.4 MiB in one loop turn: two transactions (BATCH_BYTES)
         await store.sync()
-        assert store.batches == 1
+        assert store.batches == 2
         assert 2 * MiB - 2 * MiB // 4 < await _logged_bytes(store, "s") <= 2 * MiB
         seqs = [s for s, _ in await store.frames_since("s", 0)]
         assert seqs == list(range(seqs[0], 101))
@@ -530,3 +530,30 @@ def test_writes_past_the_queue_bound_are_refused_loudly(caplog: pytest.LogCaptur
     _run(main())
     refusals = [r for r in caplog.records if "refusing writes" in r.getMessage()]
     assert len(refusals) == 2 and all(r.levelname == "ERROR" for r in refusals)
+
+
+def test_a_flood_is_written_in_bounded_transactions_and_writable_holds_its_producer(tmp_path: Path) -> None:
+    """Frames queued faster than they are written: one transaction takes at most BATCH_BYTES of
+    them (the WAL stays small), and writable() waits past the high-water mark, until the
+    writer is back below the low one."""
+    from supervisor.state import sqlite as sq
+    from supervisor.state.base import HIGH_WATER_BYTES, LOW_WATER_BYTES
+
+    async def go() -> None:
+        store = await SqliteStore.open(str(tmp_path / "state"), 512 * 1024 * 1024)
+        frame = b"x" * (256 * 1024)
+        n = (HIGH_WATER_BYTES // len(frame)) * 2
+        for i in range(n):  # one loop turn: all of it queued before the writer starts
+            store.log_frame("sess_1", i + 1, "job_1", frame)
+        assert store.queued[1] > HIGH_WATER_BYTES
+        waited = asyncio.ensure_future(store.writable())
+        await asyncio.sleep(0)
+        assert not waited.done(), "writable() did not hold a producer past the high-water mark"
+        await asyncio.wait_for(waited, 30)
+        assert store.queued[1] <= LOW_WATER_BYTES
+        await store.sync()
+        assert store.batches >= n * len(frame) // sq.BATCH_BYTES
+        assert len(await store.frames_since("sess_1", 0)) == n
+        await store.close()
+        await asyncio.wait_for(store.writable(), 1)  # closed: nothing to wait for
+    asyncio.run(go())

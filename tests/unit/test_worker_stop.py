@@ -84,6 +84,7 @@ class _Runtime:
 
     def __init__(self) -> None:
         self.frame_cap = 1 << 20
+        self.store = _Store()
         self.config = SimpleNamespace(max_result_bytes=1 << 20, chunk_size=1 << 16, grace=GRACE)
         self.finished: list[tuple[str, Any]] = []
         self.cancelled: list[str] = []
@@ -136,3 +137,10 @@ def test_a_cancel_ends_a_worker_that_ignores_it_and_sigterm_through_the_one_esca
         assert [s for s, _ in rt.finished] == [CANCELLED] and rt.cancelled == ["stop it"]
         assert GRACE + KILL_SLACK - 0.05 <= took <= GRACE + KILL_SLACK + EXIT_WAIT + 0.5, took
     asyncio.run(go())
+
+
+class _Store:
+    """The state store's back-pressure, never holding."""
+
+    async def writable(self) -> None:
+        return None
