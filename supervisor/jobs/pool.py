@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -40,7 +40,7 @@ class WorkerPool:
 
     def __init__(self, fork_server: ForkServer, warm: int, reuse: int, max_idle_reused: int = 32,
                  on_spawn: Callable[[WorkerHandle], None] | None = None,
-                 on_keep: Callable[[WorkerHandle], None] | None = None) -> None:
+                 on_keep: Callable[[WorkerHandle], Awaitable[None]] | None = None) -> None:
         """`on_spawn` prepares each new worker (its temp dir) before it waits in the pool;
         `on_keep` resets a worker kept for another job of its key."""
         self._fs = fork_server
@@ -155,8 +155,8 @@ class WorkerPool:
                 return
         if self._reused_count >= self._max_idle_reused:
             self._evict_one()
-        if self._on_keep is not None:  # on a thread: it empties the worker's temp dir
-            await anyio.to_thread.run_sync(self._on_keep, handle)
+        if self._on_keep is not None:  # it empties the worker's temp dir (on a thread, if there is anything)
+            await self._on_keep(handle)
             if not self._keeps(handle):
                 self.retire(handle)
                 return
