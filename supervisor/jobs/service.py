@@ -79,7 +79,8 @@ class JobService:
         metrics.job_accepted(job, env, parent)
         if parent is not None:
             share_budget(parent, job)
-        await self.store.sync()  # the job's record is durable before the client hears of it
+        if self.store.durable:  # the job's record is on disk before the client hears of it
+            await self.store.sync()
         try:
             session.send(frame("job.accepted", new_ulid(), job.accepted_payload(session.flavour, env.id),
                                session_id=session.id, job_id=job.id, trace_id=job.trace_id,

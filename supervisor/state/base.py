@@ -100,6 +100,11 @@ class StateStore(abc.ABC):
 
     # -- completion -----------------------------------------------------------
     @abc.abstractmethod
+    @property
+    def durable(self) -> bool:
+        """Whether what it commits outlives the process (a database on disk, not in memory)."""
+        return True
+
     async def writable(self) -> None:
         """Return once the frames waiting to be written are below the store's high-water mark
         (at once when they are): what a producer that can wait (a job's pump) awaits, so

@@ -238,6 +238,10 @@ class SqliteStore(StateStore):
             log.warning("state store: accepting writes again (%d refused so far)", self._refused)
         self._kick()
 
+    @property
+    def durable(self) -> bool:
+        return self.path != ":memory:"
+
     async def writable(self) -> None:
         if self._queued_bytes <= HIGH_WATER_BYTES:  # (a read without the lock: a hint, checked below)
             return

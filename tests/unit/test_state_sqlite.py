@@ -557,3 +557,12 @@ def test_a_flood_is_written_in_bounded_transactions_and_writable_holds_its_produ
         await store.close()
         await asyncio.wait_for(store.writable(), 1)  # closed: nothing to wait for
     asyncio.run(go())
+
+
+def test_only_a_database_on_disk_is_durable(tmp_path: Path) -> None:
+    async def go() -> None:
+        memory, disk = SqliteStore(None), SqliteStore(str(tmp_path / "state"))
+        assert not memory.durable and disk.durable  # a submit waits for the commit only on disk
+        await memory.close()
+        await disk.close()
+    asyncio.run(go())
