@@ -99,7 +99,6 @@ class StateStore(abc.ABC):
         """Revoked: the credential is forgotten; not revoked: one more attempt is counted."""
 
     # -- completion -----------------------------------------------------------
-    @abc.abstractmethod
     @property
     def durable(self) -> bool:
         """Whether what it commits outlives the process (a database on disk, not in memory)."""
@@ -111,6 +110,7 @@ class StateStore(abc.ABC):
         that a flood is held at its source instead of queued in memory."""
         return None
 
+    @abc.abstractmethod
     async def sync(self) -> None:
         """Return once everything queued before the call is committed; StoreError naming the writes
         that could not be (those not reported by an earlier sync())."""
