@@ -26,7 +26,7 @@ from supervisor.core.session import FrameTooLarge, Session
 from supervisor.core.usage import outcome_of, usage_wire
 from supervisor.jobs.delivery import Delivery
 from supervisor.jobs.provisioning import Credentials
-from supervisor.state.base import StateStore
+from supervisor.state.base import StateStore, StoreError
 
 log = logging.getLogger("arcp.runtime")
 INLINE_KEPT = 4096  # terminal values larger than this live only in the store
@@ -223,6 +223,10 @@ class JobService:
             async def revoke_then_deliver() -> None:
                 try:
                     await credentials.revoke_all(creds)
+                    if self.store.durable:  # and the revocations recorded, across a restart
+                        await self.store.sync()
+                except StoreError as e:  # logged by the store; the revocation itself is done
+                    log.warning("job %s: its credentials' revocation was not recorded: %s", job.id, e)
                 finally:
                     self._delivering.discard(job.id)
                     self.delivery.terminal_reached(job, t)
