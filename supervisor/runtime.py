@@ -62,10 +62,10 @@ class Runtime:
         self.frame_cap = frame_cap
         self.registry = AgentRegistry(config.agents, config.defaults)
         self.jobs = JobTable(config.retention_jobs, config.retention_seconds)
+        self.job_uid_range = job_uid_range(config)  # (a ConfigError before anything starts)
         self.store: StateStore = SqliteStore(config.state_dir, config.session_log_bytes)
         modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.cgroups = Cgroups()
-        self.job_uid_range = job_uid_range(config)
         want_uids = self.job_uid_range is not None
         self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
         self.worker_dirs = WorkerDirs(self.job_dirs, lambda: self.config.tmp_size, self.spawn)
@@ -104,7 +104,11 @@ class Runtime:
         try:
             await self._start()
         except BaseException:
-            await self._stack.aclose()
+            try:  # what started goes: the fork server and its workers, cgroups, job dirs, the store
+                with anyio.CancelScope(shield=True):
+                    await self._close()
+            finally:
+                await self._stack.aclose()
             raise
         return self
 
