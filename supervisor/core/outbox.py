@@ -54,7 +54,20 @@ class Outbox:
         if not self.attached:
             return
         self._queue.append(frame)
-        self._bytes += len(frame)
+        self._added(len(frame))
+
+    def insert(self, index: int, frames: list[bytes]) -> None:
+        """Queue `frames` at `index`, before what was queued after it (a resume's replay goes
+        after its welcome and before the frames sent since); the limits apply as to `put`."""
+        if not self.attached or not frames:
+            return
+        q = list(self._queue)
+        q[index:index] = frames
+        self._queue = deque(q)
+        self._added(sum(len(f) for f in frames))
+
+    def _added(self, added: int) -> None:
+        self._bytes += added
         self._nonempty.set()
         if (len(self._queue) >= self.high_water or self._bytes >= self.high_bytes) and self._writable.is_set():
             self._writable.clear()

@@ -55,7 +55,6 @@ class SessionTable:
         running = s is not None and any(j.owner is s and not j.done for j in self.jobs.jobs.values())
         s = check_resume(s, sid, token, last, principal, now, window, running)
         check_log_kept(sid, last, s.seq, await self.store.oldest_seq(s.id))
-        rows = await self.store.frames_since(s.id, last)
         if s.detached_at is None or s.expired:  # taken or forgotten while the store answered
             raise ResumeWindowExpired(f"no resumable session {sid!r}")
         s.resume_token = new_resume_token()
@@ -63,8 +62,10 @@ class SessionTable:
         s.features = negotiate(hello, self.features)
         s.attach(close, now)
         s.send(s.welcome(self._inventory()))
-        for _, data in rows:
-            s.outbox.put(data)
+        # From the attach on, new frames are queued after the welcome; the read is queued in the
+        # store now, before any of them is logged: it holds every frame kept until the attach.
+        rows = await self.store.frames_since(s.id, last)
+        s.outbox.insert(1, [data for _, data in rows])
         return s, len(rows)
 
     def detached(self, s: Session) -> None:

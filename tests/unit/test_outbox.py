@@ -75,3 +75,12 @@ def test_frame_count_mark_still_holds() -> None:
         await box.get_batch(max_items=3)
         assert box.stalled_for(10**9) == 0
     asyncio.run(go())
+
+
+def test_a_replay_goes_after_the_welcome_and_before_what_was_sent_since() -> None:
+    box = Outbox()
+    box.put(b"welcome")
+    box.put(b"live-1")
+    box.insert(1, [b"old-1", b"old-2"])
+    assert asyncio.run(box.get_batch()) == [b"welcome", b"old-1", b"old-2", b"live-1"]
+    assert box.queued_bytes == 0
