@@ -186,8 +186,13 @@ class JobRunner:
         # With usage accounting off ([server] usage = false) only the wall time is measured.
         meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic()) \
             if self.rt.config.usage else None
-        try:  # one thread hop for the file-system work of a job's start
-            watch = await anyio.to_thread.run_sync(self._prepare, worker, meter)
+        try:
+            if worker.jobs_run:  # a kept worker (its key includes the limits): its group holds them
+                # already and its dir exists at its size; what is left is a few counter reads and
+                # one write, microseconds, less than a thread hop (a reload's new tmp size aside)
+                watch = self._prepare(worker, meter)
+            else:  # one thread hop for the file-system work of a fresh worker's first job
+                watch = await anyio.to_thread.run_sync(self._prepare, worker, meter)
         except LimitNotApplied as e:
             self._limit_not_applied(worker, e)
             return
