@@ -48,14 +48,6 @@ STDIO_FRAME_CAP = 64 * 1024 - 1024
 SWEEP_INTERVAL = 5.0
 
 
-def sandbox_layers() -> list[str]:
-    """The isolation layers every job gets from the host alone, before anything is set up
-    (`start` decides the list again from what it set up), named as `doctor` names them."""
-    from supervisor.sandbox import layers
-
-    return layers.decide(layers.Host.read(), layers.Setup()).every_job
-
-
 class Runtime:
     def __init__(self, config: Config, frame_cap: int = WS_FRAME_CAP) -> None:
         self.config = config
@@ -75,9 +67,9 @@ class Runtime:
         self.pool = WorkerPool(self.fork_server, min(config.warm_workers, config.max_jobs), config.reuse_workers,
                                on_spawn=self.worker_dirs.give, on_keep=self.worker_dirs.empty)
         self.admission = admission_for(config)
-        self.sandbox_layers = sandbox_layers()
-        self._job_layers = {False: self.sandbox_layers, True: self.sandbox_layers}  # until start decides
-        self.back_pressure_threshold = config.back_pressure_threshold
+        # job.accepted's sandbox list, by whether the job has net.fetch: decided at start (from
+        # what the fork server set up); no job is accepted before
+        self._job_layers: dict[bool, list[str]] = {}
         provisioner = _provisioner(config)
         # model.use and provisioned_credentials are offered only with a provisioner (protocol.md §4.3)
         self.features = FEATURES + (("model.use", "provisioned_credentials") if provisioner else ())
@@ -142,7 +134,7 @@ class Runtime:
         from supervisor.sandbox import layers  # the same decision as `doctor`'s, from what was set up
 
         decided = layers.decide(layers.Host.read(), layers.confirmed(self.fork_server, self.cgroups, self.job_dirs))
-        self.sandbox_layers, self.egress_unavailable = decided.every_job, decided.egress_unavailable
+        self.egress_unavailable = decided.egress_unavailable
         self._job_layers = {fetch: decided.for_job(fetch) for fetch in (False, True)}
         for warning in decided.warnings:
             log.warning("%s", warning)
