@@ -19,3 +19,19 @@ if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
+# The test agents' own venvs (tests/agent_envs.py) are built offline from wheels downloaded
+# here, again only when the requirements file changed: the one step of the tests with network
+# access. A fresh directory replaces the old one, so it holds just what the file asks for.
+if [ "$EXTRAS" = "test" ]; then
+    reqs="$ROOT/tests/agent_env_requirements.txt"
+    wheels="$ROOT/.cache/wheels"
+    if [ ! -f "$wheels/.downloaded" ] || [ "$reqs" -nt "$wheels/.downloaded" ]; then
+        mkdir -p "$ROOT/.cache"
+        rm -rf "$wheels.new"
+        "$VENV/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+            -d "$wheels.new" -r "$reqs" >&2
+        touch "$wheels.new/.downloaded"
+        rm -rf "$wheels"
+        mv "$wheels.new" "$wheels"
+    fi
+fi

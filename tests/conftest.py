@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent_envs import AgentEnvError, extra_package_venv, httpx_venv
 from tests.agents import REGISTRY
 from tests.host_agents import REGISTRY as HOST_AGENTS
 from tests.usage_agents import REGISTRY as USAGE_AGENTS
@@ -135,3 +136,23 @@ def make_server() -> Iterator[type[Server]]:
     yield Tracked
     for s in started:
         s.stop()
+
+
+def _agent_venv(build: Callable[[], str]) -> str:
+    try:
+        return build()
+    except AgentEnvError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def httpx_python() -> str:
+    """`bin/python` of a venv with httpx (and its dependencies) only, for agents that import it."""
+    return _agent_venv(httpx_venv)
+
+
+@pytest.fixture(scope="session")
+def extra_package_python() -> str:
+    """`bin/python` of a venv with a module `arcp_extra_pkg` (`VALUE = EXTRA_PKG_VALUE`) that the
+    supervisor's own venv does not have."""
+    return _agent_venv(extra_package_venv)
