@@ -766,3 +766,19 @@ async def span(input: Any, job: JobContext) -> Any:
 
 
 REGISTRY += ["span=tests.agents:span"]
+
+
+def import_from(input: Any, job: JobContext) -> Any:
+    """Puts `dir` on sys.path and imports `module` from it (its own lease may not cover `dir`:
+    the import error then says so); returns the module's VALUE. sys.path is left as found."""
+    import importlib
+
+    sys.path.append(input["dir"])
+    try:
+        module = importlib.import_module(input["module"])
+    finally:
+        sys.path.remove(input["dir"])
+    return {"value": getattr(module, "VALUE", None)}
+
+
+REGISTRY += ["importfrom=tests.agents:import_from"]

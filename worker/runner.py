@@ -28,6 +28,7 @@ from shared.errors import ARCPError, Cancelled, InternalError
 from shared.pipe_codec import encode
 from worker.agent_loader import find_source, load_module
 from worker.context import JobContext
+from worker.import_refusals import install as name_import_refusals
 from worker.rpc_client import Channel
 from worker.sandbox import Sandbox, read_dirs_for
 from worker.stdio_capture import StdioCapture
@@ -145,6 +146,7 @@ class Runner:
         modules = self._modules if self._modules is not None else dict(sys.modules)
         try:
             self._enter_sandbox(spec)
+            name_import_refusals()  # an import the sandbox refuses says so (worker/import_refusals.py)
             fn = load_entry(spec["entry"])
             # the agent's own imports: the same for every job of this worker (no copy when unchanged)
             modules = modules if _unchanged(modules) else dict(sys.modules)
