@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from shared import pipe_messages as pm
 from shared.pipe_codec import CodecError, FrameDecoder, encode
 from supervisor.sandbox.worker_cgroup import LimitNotApplied
-from supervisor.config import AgentSpec, Limits
+from supervisor.config import AgentEnvironment, AgentSpec, Limits
 from supervisor.jobs.worker_handle import CGROUP_LINGER, WorkerSpawnError
 from supervisor.jobs.worker_rpc import Done, Fail, WorkerFrames, WorkerProtocolError
 
@@ -31,23 +31,24 @@ async def check_agents(rt: Runtime, agents: Sequence[AgentSpec] | None = None) -
     """One line per agent that cannot run ("NAME@VERSION (MODULE:FUNCTION): why"); [] if all can.
     `agents` defaults to the configured ones. Agents that share an entry are checked once."""
     agents = rt.config.agents if agents is None else agents
-    by_entry: dict[str, list[str]] = {}
+    by_entry: dict[tuple[str, AgentEnvironment], list[str]] = {}
+    limits: dict[tuple[str, AgentEnvironment], Limits] = {}
     for a in agents:
-        by_entry.setdefault(a.entry, []).append(f"{a.name}@{a.version}")
+        by_entry.setdefault((a.entry, a.environment), []).append(f"{a.name}@{a.version}")
+        limits.setdefault((a.entry, a.environment), a.limits)
     problems = []
-    limits: dict[str, Limits] = {}
-    for a in agents:
-        limits.setdefault(a.entry, a.limits)
-    for entry, names in by_entry.items():
-        why = await _check_one(rt, entry, names[0], limits[entry])
+    for (entry, env), names in by_entry.items():
+        why = await _check_one(rt, entry, env, names[0], limits[(entry, env)])
         if why is not None:
-            problems.append(f"agent {', '.join(names)} ({entry}): {why}")
+            where = "" if env.is_default else f" on {env.describe()}"
+            problems.append(f"agent {', '.join(names)} ({entry}{where}): {why}")
     return problems
 
 
-async def _check_one(rt: Runtime, entry: str, agent: str, limits: Limits) -> str | None:
+async def _check_one(rt: Runtime, entry: str, env: AgentEnvironment, agent: str, limits: Limits) -> str | None:
     try:
-        worker = await rt.pool.acquire(("agent-check", entry))
+        pool = (await rt.environments.get(env)).pool
+        worker = await pool.acquire(("agent-check", entry, env))
     except (WorkerSpawnError, TimeoutError, OSError) as e:
         return f"could not start a worker: {e}"
     try:
@@ -73,7 +74,7 @@ async def _check_one(rt: Runtime, entry: str, agent: str, limits: Limits) -> str
     except (OSError, LimitNotApplied) as e:
         return f"the check could not run: {e}"
     finally:
-        rt.pool.retire(worker)
+        pool.retire(worker)
 
 
 async def _outcome(reader: asyncio.StreamReader) -> str | None:

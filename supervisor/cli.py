@@ -10,7 +10,7 @@ import typer
 
 from supervisor import __version__
 from supervisor.config import (
-    Config, ConfigError, Limits, check, load_file, log_setting, parse_agent_flag, parse_size,
+    Config, ConfigError, Limits, check, load_file, log_setting, parse_agent_flag, parse_size, with_environment_flags,
 )
 
 # Help is Markdown (so that `[@VERSION]` or `[sandbox]` in a help text is shown as written, and a
@@ -67,6 +67,14 @@ def run(
     agent: Annotated[Optional[list[str]], typer.Option(
         "--agent", rich_help_panel=_ACCESS,
         help="An agent to serve: NAME[@VERSION]=MODULE:FUNCTION (repeatable).")] = None,
+    agent_python: Annotated[Optional[list[str]], typer.Option(
+        "--agent-python", rich_help_panel=_ACCESS,
+        help="NAME=PATH: the interpreter NAME's jobs run on, typically its own venv's bin/python "
+             "(repeatable).")] = None,
+    agent_path: Annotated[Optional[list[str]], typer.Option(
+        "--agent-path", rich_help_panel=_ACCESS,
+        help="NAME=DIR: a directory NAME's jobs import from, first on their import path "
+             "(repeatable).")] = None,
     default: Annotated[Optional[list[str]], typer.Option(
         "--default", rich_help_panel=_ACCESS,
         help="NAME@VERSION: the version a bare NAME runs (repeatable).")] = None,
@@ -192,6 +200,10 @@ def doctor(
         "--config", help="TOML config file: its [sandbox] job uids and its agents are checked.")] = None,
     agent: Annotated[Optional[list[str]], typer.Option(
         "--agent", help="NAME[@VERSION]=MODULE:FUNCTION to import in a sandboxed worker (repeatable)")] = None,
+    agent_python: Annotated[Optional[list[str]], typer.Option(
+        "--agent-python", help="NAME=PATH: the interpreter NAME's jobs run on (repeatable).")] = None,
+    agent_path: Annotated[Optional[list[str]], typer.Option(
+        "--agent-path", help="NAME=DIR: a directory NAME's jobs import from (repeatable).")] = None,
     allow_shared_uid: Annotated[bool, typer.Option(
         "--allow-shared-uid", help="Accept that jobs share the supervisor's uid (not root): exit 0 if "
                                    "that is all that is missing.")] = False,
@@ -214,7 +226,8 @@ def doctor(
             if loaded.get("agents"):
                 agent = agent or []
         if agent is not None:  # agents to check: a whole run config, checked as `run` would
-            cfg = build_config({"config": config, "agent": agent, "allow_shared_uid": allow_shared_uid or None})
+            cfg = build_config({"config": config, "agent": agent, "allow_shared_uid": allow_shared_uid or None,
+                                "agent_python": agent_python, "agent_path": agent_path})
     except ConfigError as e:
         typer.echo(f"arcp-supervisor: {e}", err=True)
         raise typer.Exit(2) from None
@@ -256,6 +269,7 @@ def build_config(flags: dict[str, Any]) -> Config:
     limits = replace(limits, **lim)
     agents = [replace(a, limits=replace(a.limits, **lim)) for a in file_agents]
     agents += [parse_agent_flag(a, limits) for a in flags.get("agent") or []]
+    agents = with_environment_flags(agents, flags.get("agent_python") or [], flags.get("agent_path") or [])
     tokens = dict(base.pop("tokens", {}))
     for t in flags.get("token") or []:
         tok, sep, principal = t.partition("=")

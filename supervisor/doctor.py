@@ -49,6 +49,12 @@ def examine(job_uids: tuple[int, int] | None = None, allow_shared_uid: bool = Fa
         Guarantee("network", [n for n in ("netns-empty", "landlock-net") if used(n)],
                   "" if used("netns-empty") else "no network namespace: UDP, DNS and raw sockets are not blocked"),
         Guarantee("environment", ["scrubbed-env"]),
+        Guarantee("supervisor-packages", ["hidden-packages"] if used("hidden-packages") else
+                  (["landlock"] if used("landlock") else []),
+                  "" if used("hidden-packages") else
+                  "installed packages not hidden (needs a private mount view, so root): jobs cannot import the "
+                  "supervisor's packages, but can read the interpreter's own site-packages"
+                  + (" (accepted: --allow-shared-uid)" if allow_shared_uid else "")),
         Guarantee("descriptors-and-privileges", ["no-new-privs", "no-capabilities", "process-group"]
                   + (["seccomp"] if used("seccomp") else []),
                   "" if used("seccomp") else "no seccomp filter"),
@@ -71,8 +77,9 @@ def examine(job_uids: tuple[int, int] | None = None, allow_shared_uid: bool = Fa
     return layers, g
 
 
-# What --allow-shared-uid accepts: the guarantees that only a uid of the job's own gives.
-SHARED_UID_ACCEPTS = ("own-uid", "host-files", "other-jobs")
+# What --allow-shared-uid accepts: the guarantees that only root (a uid of the job's own, a
+# private mount view) gives.
+SHARED_UID_ACCEPTS = ("own-uid", "host-files", "other-jobs", "supervisor-packages")
 
 
 def report(as_json: bool, job_uids: tuple[int, int] | None = None, allow_shared_uid: bool = False, *,
@@ -115,7 +122,7 @@ def agents_report(config: Any, as_json: bool = False) -> tuple[list[str], bool]:
     from supervisor.runtime import Runtime
 
     async def go() -> list[str]:
-        async with Runtime(config) as rt:
+        async with Runtime(config, lazy_environments=True) as rt:
             return await check_agents(rt)
 
     try:
@@ -127,6 +134,7 @@ def agents_report(config: Any, as_json: bool = False) -> tuple[list[str], bool]:
     for a in config.agents:
         name = f"agent {a.name}@{a.version}"
         if not any(name in f for f in failed):
-            lines.append(f"{name} ({a.entry}): imports in a sandboxed worker")
+            where = "" if a.environment.is_default else f" on {a.environment.describe()}"
+            lines.append(f"{name} ({a.entry}{where}): imports in a sandboxed worker")
     lines += [p.replace("): ", "): FAILED: ", 1) for p in problems]
     return lines, not problems

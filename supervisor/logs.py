@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+from collections import deque
 from types import TracebackType
 from typing import Any
 
@@ -181,6 +182,9 @@ def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
                                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
 
 
+LAST_LINES, LAST_LINE_MAX = 4, 500
+
+
 class OutputRelay:
     """Lines a child process writes to the pipe `fd` become records of `logger` (at warning),
     each escaped onto one line and capped; a longer line is cut into several records."""
@@ -190,6 +194,7 @@ class OutputRelay:
         self.log = logging.getLogger(logger)
         self._loop = loop
         self._partial = b""
+        self.last_lines: deque[str] = deque(maxlen=LAST_LINES)  # for a message about a child that failed
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._readable)
 
@@ -213,7 +218,21 @@ class OutputRelay:
         for line in lines:
             text = line.decode(errors="replace").rstrip("\r")
             if text.strip():
+                self.last_lines.append(one_line(text)[:LAST_LINE_MAX])
                 self.log.warning("%s", one_line(text))
+
+    def flush(self) -> None:
+        """Read what the child wrote so far (it has exited: nothing more is coming soon)."""
+        for _ in range(16):
+            if self.fd < 0:
+                return
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self._feed(data)
 
     def close(self) -> None:
         """Stop reading (at EOF, or once the child is stopped): what it wrote last is logged."""

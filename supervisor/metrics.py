@@ -55,8 +55,7 @@ class Scraped(Protocol):
 
     admission: Any  # .running, .queued
     sessions: dict[str, Any]  # values: .detached_at, .expired
-    pool: Any  # .idle
-    fork_server: Any  # .ready
+    environments: Any  # .idle, .ready (every agent environment's workers)
     store: Any  # .healthy
 
 
@@ -111,7 +110,7 @@ class _StateCollector:
                                 value=sum(1 for rt in rts for s in rt.sessions.values()
                                           if s.detached_at is None and not s.expired))
         yield GaugeMetricFamily("arcp_workers_warm", "Idle workers ready for a job (fresh, or kept for reuse).",
-                                value=sum(rt.pool.idle for rt in rts))
+                                value=sum(rt.environments.idle for rt in rts))
 
 
 @dataclass
@@ -154,8 +153,8 @@ def readiness(rt: Scraped) -> str | None:
     """None when the server takes new work, else why not."""
     if rt.draining:
         return "draining"
-    if not rt.fork_server.ready:
-        return "the fork server is not running"
+    if not rt.environments.ready:
+        return "a fork server is not running"
     if not rt.store.healthy:
         return "the state store cannot write (see the log)"
     return None

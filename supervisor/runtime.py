@@ -17,8 +17,9 @@ from anyio.abc import TaskGroup
 
 from shared.envelope import Envelope
 from shared.messages import FEATURES
+from shared.seccomp import seccomp_available
 from supervisor import metrics
-from supervisor.config import Config, ConfigError, default_memory_budget
+from supervisor.config import DEFAULT_ENVIRONMENT, AgentEnvironment, Config, ConfigError, default_memory_budget
 from supervisor.core.admission import Admission
 from supervisor.core.jobs import Job, JobTable, SubmitRequest
 from supervisor.core.listing import list_jobs
@@ -31,12 +32,15 @@ from supervisor.jobs.provisioning import Credentials
 from supervisor.jobs.runner import JobRunner
 from supervisor.jobs.service import JobService, usage_of
 from supervisor.jobs.worker_dirs import WorkerDirs
-from supervisor.jobs.fork_server import ForkServer
+from supervisor.jobs.environments import EnvironmentWorkers, WorkerEnvironments
+from supervisor.jobs.fork_server import ForkServer, ForkServerStartError
+from supervisor.jobs.worker_handle import WorkerSpawnError
 from supervisor.jobs.pool import WorkerPool
 from supervisor.sandbox.cgroups import Cgroups
 from supervisor.sandbox.host import job_uid_range, worker_env
 from supervisor.sandbox.job_dirs import JobDirs
 from supervisor.sandbox.job_uids import UidPool
+from supervisor.sandbox.worker_runtime import WorkerRuntime, supervisor_package_dirs
 from supervisor.server.sessions import SessionTable
 from supervisor.state.base import StateStore, StoredJob
 from supervisor.state.sqlite import SqliteStore
@@ -49,23 +53,26 @@ SWEEP_INTERVAL = 5.0
 
 
 class Runtime:
-    def __init__(self, config: Config, frame_cap: int = WS_FRAME_CAP) -> None:
+    def __init__(self, config: Config, frame_cap: int = WS_FRAME_CAP, *, lazy_environments: bool = False) -> None:
+        """`lazy_environments`: agent environments' fork servers start on first use, not at
+        start (for `doctor`, which reports each one that fails instead of stopping)."""
         self.config = config
+        self._lazy_environments = lazy_environments
         self.frame_cap = frame_cap
         self.registry = AgentRegistry(config.agents, config.defaults)
         self.jobs = JobTable(config.retention_jobs, config.retention_seconds)
         self.job_uid_range = job_uid_range(config)  # (a ConfigError before anything starts)
         self.store: StateStore = SqliteStore(config.state_dir, config.session_log_bytes)
-        modules = sorted({a.entry.split(":", 1)[0] for a in config.agents})
         self.cgroups = Cgroups()
-        want_uids = self.job_uid_range is not None
-        self.job_dirs = JobDirs(size=config.tmp_size, shared=want_uids)
+        self.job_dirs = JobDirs(size=config.tmp_size, shared=self.job_uid_range is not None)
         self.worker_dirs = WorkerDirs(self.job_dirs, lambda: self.config.tmp_size, self.spawn)
         self.uids: UidPool | None = None  # job uids, once the fork server has confirmed them
-        self.fork_server = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=want_uids)
-        # Warm workers are for jobs about to start: never more of them than jobs may run at once.
-        self.pool = WorkerPool(self.fork_server, min(config.warm_workers, config.max_jobs), config.reuse_workers,
-                               on_spawn=self.worker_dirs.give, on_keep=self.worker_dirs.empty)
+        self.worker_runtime = WorkerRuntime()  # what jobs import of the supervisor's, copied at start
+        self._hidden_packages = supervisor_package_dirs()  # installed packages jobs must not see
+        self._seccomp = seccomp_available()  # so every fork server must build the seccomp filter
+        self.environments = WorkerEnvironments(self._environment_workers, self._check_environment)
+        self.fork_server = self.environments.default.fork_server  # the default agent environment's
+        self.pool = self.environments.default.pool
         self.admission = admission_for(config)
         # job.accepted's sandbox list, by whether the job has net.fetch: decided at start (from
         # what the fork server set up); no job is accepted before
@@ -116,13 +123,10 @@ class Runtime:
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
         if self.credentials is not None:
             await self.credentials.revoke_left_behind()
-        self.fork_server.start()
-        await self.fork_server.wait_ready()
+        self.fork_server.runtime_dir = await anyio.to_thread.run_sync(self.worker_runtime.build)
+        self._stack.callback(self.worker_runtime.close)
+        await self._start_environments()
         if self.job_uid_range is not None:
-            if not self.fork_server.job_uids:  # never a fallback to the supervisor's uid
-                await self.fork_server.aclose()
-                raise ConfigError(f"jobs cannot be given uids of their own: "
-                                  f"{self.fork_server.job_uids_error or 'the fork server could not set them up'}")
             self.uids = UidPool(*self.job_uid_range)
             log.info("jobs run as uids %d-%d%s", *self.job_uid_range,
                      f" (a private mount view opens {', '.join(self.fork_server.opened)})"
@@ -138,7 +142,6 @@ class Runtime:
         self._job_layers = {fetch: decided.for_job(fetch) for fetch in (False, True)}
         for warning in decided.warnings:
             log.warning("%s", warning)
-        await self._tg.start(self.pool.run)
         self.spawn(self._sweep_loop)
         metrics.set_enabled(self.config.metrics)
         metrics.attach(self)
@@ -154,9 +157,7 @@ class Runtime:
         metrics.detach(self)
         self.service.cancel_jobs("server shutting down")
         await self.service.wait_jobs(self.config.grace + 1.0)
-        self.pool.close()
-        await self.fork_server.aclose()
-        self.fork_server.sweep_cgroups()
+        await self.environments.aclose()
         self.cgroups.close()
         self.job_dirs.close()
         if self._tg is not None:
@@ -196,7 +197,47 @@ class Runtime:
         """Forget sessions past their resume window and jobs past retention."""
         self.sessions_table.sweep(now)
         self.store.delete_jobs(self.jobs.expire(now))
-        self.fork_server.sweep_cgroups()
+        self.environments.sweep_cgroups()
+
+    # -- agent environments ---------------------------------------------------------
+    async def _start_environments(self) -> None:
+        """The default environment's fork server and pool, then every configured agent
+        environment's; one that cannot start ends the start, naming its agents."""
+        assert self._tg is not None
+        envs = [] if self._lazy_environments else list(dict.fromkeys(a.environment for a in self.config.agents))
+        for env in [DEFAULT_ENVIRONMENT, *[e for e in envs if not e.is_default]]:
+            try:
+                await self.environments.start_one(self._tg, env)
+            except WorkerSpawnError as e:
+                if env.is_default:
+                    raise ConfigError(f"jobs cannot run: {e}") from e
+                names = ", ".join(a.ref for a in self.config.agents if a.environment == env)
+                raise ConfigError(f"agent {names} (on {env.describe()}): cannot start: {e}") from e
+
+    def _environment_workers(self, env: AgentEnvironment) -> EnvironmentWorkers:
+        """An agent environment's fork server (on its interpreter, compiling its agents'
+        modules ahead) and its warm pool (never more warm workers than jobs may run at once)."""
+        modules = sorted({a.entry.split(":", 1)[0] for a in self.config.agents if a.environment == env})
+        fs = ForkServer(worker_env(), os.getcwd(), modules, self.cgroups, job_uids=self.job_uid_range is not None,
+                        python=env.python, import_path=env.path, runtime=self.worker_runtime.path,
+                        hide=self._hidden_packages, label=env.describe())
+        pool = WorkerPool(fs, min(self.config.warm_workers, self.config.max_jobs), self.config.reuse_workers,
+                          on_spawn=self.worker_dirs.give, on_keep=self.worker_dirs.empty)
+        return EnvironmentWorkers(env, fs, pool)
+
+    def _check_environment(self, workers: EnvironmentWorkers) -> None:
+        """Job uids, when required, set up by this environment's fork server too: never a
+        fallback to the supervisor's uid."""
+        fs = workers.fork_server
+        if self.job_uid_range is not None and not fs.job_uids:
+            raise ConfigError(f"jobs cannot be given uids of their own: "
+                              f"{fs.job_uids_error or 'the fork server could not set them up'}")
+        if self._seccomp and not fs.seccomp:  # never a job without the filter doctor promised
+            raise ForkServerStartError("its fork server could not build the seccomp filter (pyseccomp or "
+                                       "libseccomp does not load on that interpreter)")
+        if fs.hide_error:
+            log.warning("%s: jobs can read the installed packages in %s (not on their import path): %s",
+                        fs.label, ", ".join(fs.not_hidden) or "?", fs.hide_error)
 
     # -- drain (SIGTERM, SIGINT) ------------------------------------------------
     @property
@@ -206,7 +247,7 @@ class Runtime:
     def begin_drain(self) -> None:
         """Refuse new sessions and submits from now on; the fork server is not restarted."""
         self.service.draining = True
-        self.fork_server.restart = False
+        self.environments.begin_drain()
 
     def unfinished_jobs(self, owner_id: str | None = None) -> list[Job]:
         return self.service.unfinished_jobs(owner_id)
@@ -259,7 +300,7 @@ class Runtime:
     def reuse_key(self, job: Job) -> tuple[Any, ...]:
         r = job.request
         assert r is not None
-        return (job.principal, job.agent_ref, repr(sorted(r.lease.items())), r.limits,
+        return (job.principal, job.agent_ref, r.agent.environment, repr(sorted(r.lease.items())), r.limits,
                 r.lease_constraints.get("expires_at"))
 
     def job_spec(self, job: Job, egress_port: int | None = None) -> dict[str, Any]:

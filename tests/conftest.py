@@ -117,6 +117,18 @@ class Server:
         self.proc.wait(5)
 
 
+def is_fork_server(cmdline: list[str]) -> bool:
+    """A fork server's command line: `python -I [-S] RUNTIME/worker/__main__.py ...`."""
+    return any(a.endswith("/worker/__main__.py") for a in cmdline[:4])
+
+
+def fork_server_pids(server_pid: int) -> list[int]:
+    """The fork servers (one per agent environment) of the supervisor `server_pid`."""
+    import psutil
+
+    return [p.pid for p in psutil.Process(server_pid).children() if is_fork_server(p.cmdline())]
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     s = Server()

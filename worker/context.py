@@ -13,7 +13,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
-import orjson
+from worker import json_value
 
 from shared import pipe_messages as pm
 from shared.errors import ARCPError, Cancelled, InternalError, InvalidRequest, from_wire
@@ -24,12 +24,12 @@ from worker.rpc_client import Channel
 def _json_value(value: Any, what: str, limit: int) -> Any:
     """`value` as plain JSON data (lists, dicts, str, numbers); InvalidRequest if it is not."""
     try:
-        raw = orjson.dumps(value)
+        raw = json_value.dumps(value)
     except TypeError as e:
         raise InvalidRequest(f"{what} is not JSON-serialisable: {e}") from e
     if len(raw) > limit:
         raise InvalidRequest(f"{what} is {len(raw)} bytes encoded, over the {limit}-byte event limit")
-    return orjson.loads(raw)
+    return json_value.loads(raw)
 
 
 def _is_number(v: Any) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import gc
+import json
 import os
 import select
 import signal
@@ -56,8 +57,7 @@ import time  # noqa: F401
 import traceback  # noqa: F401
 import typing  # noqa: F401
 
-import orjson  # noqa: F401
-
+import worker.json_value
 import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
 import worker.sandbox
@@ -187,21 +187,58 @@ def _child(ctl: socket.socket, wake_r: int, wake_w: int, pipe_fd: int, reuse: in
     worker.runner.worker_main(pipe_fd, reuse)
 
 
+def _needed(modules: list[str]) -> list[str]:
+    """What jobs of this fork server read: Python, the worker runtime, the agents' directories,
+    the import path."""
+    dirs = [d for m in modules for d in worker.runner.agent_dirs(m)]
+    return worker.sandbox.python_read_dirs(dirs) + [os.getcwd()] + [p for p in sys.path if p]
+
+
 def open_up_for_job_uids(modules: list[str]) -> dict[str, Any]:
-    """Job uids on: a private mount view where they can read Python, the venv and the agents."""
+    """Job uids on: a private mount view where they can read Python, the runtime and the agents."""
     import worker.mount_ns
 
-    dirs = [d for m in modules for d in worker.runner.agent_dirs(m)]
-    needed = worker.sandbox.python_read_dirs(dirs) + [os.getcwd()] + [p for p in sys.path if p]
     try:
-        opened = worker.mount_ns.enter_private_view(needed)
+        opened = worker.mount_ns.enter_private_view(_needed(modules))
     except OSError as e:
         print(f"arcp fork server: job uids off: {e}", file=sys.stderr)
         return {"job_uids": False, "job_uids_error": str(e)}
     return {"job_uids": True, "opened": opened}
 
 
-def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) -> None:
+def hide_other_packages(modules: list[str], candidates: list[str], private_view: bool) -> dict[str, Any]:
+    """Mount an empty read-only directory over every directory of installed packages that is
+    not this environment's own (the supervisor's site-packages, the base interpreter's, the
+    system's): jobs can neither import nor read them. Needs a private mount view: the one job
+    uids made, else one made here (which takes root); without one they stay readable (Landlock
+    does not cover the supervisor's venv; an interpreter's own installation it must)."""
+    import worker.mount_ns
+
+    keep = [os.path.realpath(p) for p in _needed(modules) if p and p != "/" and p not in worker.sandbox.SYSTEM_READ]
+    hide = []
+    for d in dict.fromkeys(candidates + worker.mount_ns.own_package_dirs()):
+        real = os.path.realpath(d)
+        if not os.path.isdir(real) or any(_within(k, real) for k in keep):
+            continue  # (a directory jobs need is in it: the environment's own, or an agent's)
+        hide.append(real)
+    if not hide:
+        return {"hidden": []}
+    try:
+        if not private_view:
+            worker.mount_ns.enter_private_view([])
+        for d in hide:
+            worker.mount_ns.hide(d)
+    except OSError as e:
+        print(f"arcp fork server: installed packages not hidden from jobs: {e}", file=sys.stderr)
+        return {"hidden": [], "hide_error": str(e), "not_hidden": hide}
+    return {"hidden": hide}
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False, hide: list[str] | None = None) -> None:
     set_parent_death_signal(parent)
     zygote = os.getpid()
     ctl = socket.socket(fileno=ctl_fd)
@@ -216,6 +253,8 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
     netns = enter_empty_netns()
     loopback = netns and bring_up_loopback()
     uid_facts: dict[str, Any] = open_up_for_job_uids(modules) if job_uids else {"job_uids": False}
+    if hide is not None:
+        uid_facts.update(hide_other_packages(modules, hide, private_view=bool(uid_facts["job_uids"])))
     global WORKER_NAMESPACES, OWN_NETNS
     if uid_facts["job_uids"] and netns:
         WORKER_NAMESPACES = True
@@ -225,7 +264,9 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False) 
     # server then holds no capability (but CAP_SETUID/SETGID for job uids), so no worker inherits one.
     worker.sandbox.prepare(modules, worker.runner.agent_dirs, keep_setid=bool(uid_facts["job_uids"]),
                            shared_netns=not WORKER_NAMESPACES)
-    _send(ctl, ["ready", {"netns": netns, "loopback": loopback, **uid_facts}])
+    _send(ctl, ["ready", {"netns": netns, "loopback": loopback, "python": sys.version.split()[0],
+                          "seccomp": worker.sandbox.SECCOMP_BPF is not None,
+                          "fast_json": worker.json_value.FAST, "import_path": sys.path, **uid_facts}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -301,15 +342,29 @@ def _reap(ctl: socket.socket) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2:
-        print("usage: python -m worker CTL_FD PARENT_PID [--job-uids] [AGENT_MODULE...]", file=sys.stderr)
+    """`CTL_FD PARENT_PID OPTIONS`: OPTIONS is a JSON object, every key optional:
+    `modules` (agent modules to compile ahead), `job_uids` (set up for job uids), `path`
+    (the agent environment's import directories), `cwd_on_path` (the directory started in
+    goes on the import path, after them), `runtime` (the worker runtime's directory, which
+    the boot code put first on the path), `own_prefix` (jobs may read this interpreter's
+    prefix: an agent's venv), `hide` (directories of installed packages to hide, or null)."""
+    if len(argv) != 3:
+        print("usage: python -m worker CTL_FD PARENT_PID OPTIONS_JSON", file=sys.stderr)
         sys.exit(2)
-    job_uids = len(argv) > 2 and argv[2] == "--job-uids"
-    modules = argv[3:] if job_uids else argv[2:]
-    sys.path.insert(0, os.getcwd())
+    opts = json.loads(argv[2])
+    modules = [str(m) for m in opts.get("modules", [])]
+    runtime = opts.get("runtime")
+    # The job's import path, built here and not inherited: the agent's own directories, the
+    # directory the supervisor was started in, the worker runtime, then this interpreter's
+    # standard library and (an agent's venv) its site-packages.
+    head = [str(p) for p in opts.get("path", [])] + ([os.getcwd()] if opts.get("cwd_on_path", True) else [])
+    head += [runtime] if runtime else []
+    sys.path[:] = list(dict.fromkeys(head + [p for p in sys.path if p and p not in head]))
+    worker.sandbox.configure_environment(
+        [*opts.get("path", []), *([runtime] if runtime else [])], own_prefix=bool(opts.get("own_prefix")))
     precompile(modules)
     # Everything imported so far lives as long as we do: keep the collector from
     # walking (and so copying) those pages in every forked worker.
     gc.collect()
     gc.freeze()
-    serve(int(argv[0]), int(argv[1]), modules, job_uids)
+    serve(int(argv[0]), int(argv[1]), modules, bool(opts.get("job_uids")), opts.get("hide"))

@@ -17,12 +17,14 @@ import contextlib
 import ctypes
 import os
 import stat
+import sys
 from collections.abc import Iterable
 
 from shared.reachability import blocked_dirs
 
 CLONE_NEWNS = 0x00020000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_SLAVE = 0x2, 0x4, 0x1000, 0x4000, 1 << 19
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_BIND, MS_REC, MS_SLAVE = 0x1000, 0x4000, 1 << 19
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -68,3 +70,19 @@ def _open_up(directory: str, entries: list[str]) -> None:
     finally:
         for fd in held.values():
             os.close(fd)
+
+
+def hide(directory: str) -> None:
+    """Mount an empty, read-only tmpfs over `directory`: in this mount view (and its workers')
+    it holds nothing, and nothing can be put in it."""
+    _check(_libc.mount(b"tmpfs", directory.encode(), b"tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                       b"mode=0555,size=4k,nr_inodes=4"), f"mounting an empty tmpfs over {directory}")
+
+
+def own_package_dirs() -> list[str]:
+    """This interpreter's base installation's directories of installed packages (a venv made
+    from it does not use them unless it says so; then they are on the import path)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    return sorted({paths["purelib"], paths["platlib"]})

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+from worker import json_value
 
 from shared import pipe_messages as pm
 from shared.errors import ARCPError, Cancelled, InternalError
@@ -121,7 +121,7 @@ class Runner:
             return None
 
         self.loop.run_until_complete(self.loop.create_task(nothing()))
-        value = orjson.loads(orjson.dumps({"warm": [1, 2.5, "x", None]}))
+        value = json_value.loads(json_value.dumps({"warm": [1, 2.5, "x", None]}))
         encode([pm.DONE, "job_warm", value], pm.MAX_PIPE_FRAME)
         self._error_of(InternalError("warm"), JobContext(self.ch, {
             "job_id": "job_warm", "session_id": "", "trace_id": "", "agent": ""}))
@@ -244,7 +244,7 @@ class Runner:
                       "the value is dropped", file=sys.__stderr__)
             return None
         try:
-            raw = orjson.dumps(value)
+            raw = json_value.dumps(value)
         except TypeError as e:
             raise InternalError(f"the agent's return value is not JSON-serialisable: {e}") from e
         limit = ctx._max_event
@@ -253,7 +253,7 @@ class Runner:
                 f"inline result of {len(raw)} bytes does not fit one frame (limit {limit} bytes); "
                 "use job.stream_result for large results"
             )
-        return orjson.loads(raw)
+        return json_value.loads(raw)
 
     def _error_of(self, exc: BaseException, ctx: JobContext) -> dict[str, Any]:
         hit = limit_hit(exc, self.limits)
@@ -270,7 +270,7 @@ class Runner:
             err["traceback"] = "".join(traceback.format_exception(exc))[-8000:]
         if err.get("details") is not None:
             try:
-                err["details"] = orjson.loads(orjson.dumps(err["details"]))
+                err["details"] = json_value.loads(json_value.dumps(err["details"]))
             except TypeError:
                 err["details"] = {"unserialisable": repr(err["details"])[:200]}
         return err

@@ -326,13 +326,30 @@ def _no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
+ENVIRONMENT_READ: list[str] = []  # the agent environment's own directories (configure_environment)
+OWN_PREFIX = False  # jobs may read this interpreter's prefix (an agent's venv), not only its base
+
+
+def configure_environment(dirs: Iterable[str], own_prefix: bool) -> None:
+    """In the fork server, once: the directories every job of this agent environment reads
+    (the worker runtime's copy, the environment's import directories), and whether its
+    interpreter's prefix is the agent's (its venv) or the supervisor's (never read)."""
+    global OWN_PREFIX
+    ENVIRONMENT_READ[:] = [os.path.realpath(d) for d in dirs]
+    OWN_PREFIX = own_prefix
+
+
 def python_read_dirs(agent_dirs: Iterable[str]) -> list[str]:
-    """Everything a job may read besides its lease: Python, the venv, system files, its agent."""
+    """Everything a job may read besides its lease: the interpreter's installation, the worker
+    runtime, its agent environment's directories, system files, its agent's directory. The
+    supervisor's own venv is not among them (OWN_PREFIX is off for the supervisor's
+    interpreter, whose prefix is that venv)."""
     import shared
     import worker
 
-    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-            os.path.dirname(os.path.realpath(sys.executable)),
+    dirs = {sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
             os.path.dirname(os.path.abspath(worker.__file__)), os.path.dirname(os.path.abspath(shared.__file__))}
+    if OWN_PREFIX:
+        dirs |= {sys.prefix, sys.exec_prefix}
     dirs |= {os.path.realpath(d) for d in list(dirs)}
-    return sorted(dirs | set(SYSTEM_READ) | set(agent_dirs))
+    return sorted(dirs | set(SYSTEM_READ) | set(ENVIRONMENT_READ) | set(agent_dirs))

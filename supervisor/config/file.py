@@ -8,8 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from supervisor.config.environments import import_dirs, interpreter
 from supervisor.config.settings import (
-    ENTRY_RE, LOG_CHOICES, ConfigError, Limits, agent_spec, log_setting, parse_size,
+    ENTRY_RE, LOG_CHOICES, AgentEnvironment, ConfigError, Limits, agent_spec, log_setting, parse_size,
 )
 from supervisor.config.uids import parse_uid_range
 
@@ -45,6 +46,17 @@ def _positive_int(v: Any, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise ConfigError(f"{what}: must be a positive integer, got {v!r}")
     return v
+
+
+def _beside(config: Path, value: Any) -> Any:
+    """A path (or list of paths) of the config file, relative ones made absolute from its
+    directory; anything else as it is (the check that follows names it)."""
+    base = config.resolve().parent
+    if isinstance(value, str) and value.strip():
+        return str(base / Path(value.strip()).expanduser())
+    if isinstance(value, list):
+        return [_beside(config, v) for v in value]
+    return value
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -112,7 +124,7 @@ def load_file(path: str) -> dict[str, Any]:
         where = f"config key agents[{i}]"
         if not isinstance(a, dict):
             raise ConfigError(f"{where}: must be a table")
-        extra = set(a) - {"name", "version", "entry", "default", "limits"}
+        extra = set(a) - {"name", "version", "entry", "default", "limits", "python", "path"}
         if extra:
             raise ConfigError(f"{where}.{sorted(extra)[0]}: unknown key")
         name, version, entry = a.get("name"), a.get("version", "0.0.0"), a.get("entry")
@@ -122,7 +134,10 @@ def load_file(path: str) -> dict[str, Any]:
         if not isinstance(default, bool):
             raise ConfigError(f"{where}.default: must be true or false")
         alimits = _limits_from(a.get("limits", {}), limits, f"{where}.limits")
-        specs.append(agent_spec(f"{name}@{version}", entry, alimits, default, where))
+        env = AgentEnvironment(  # relative paths are taken from the config file's directory
+            interpreter(_beside(p, a["python"]), f"{where}.python") if "python" in a else None,
+            import_dirs(_beside(p, a["path"]), f"{where}.path") if "path" in a else ())
+        specs.append(replace(agent_spec(f"{name}@{version}", entry, alimits, default, where), environment=env))
     out["agents"] = tuple(specs)
     creds = doc.get("credentials", {})
     if not isinstance(creds, dict):

@@ -63,12 +63,38 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AgentEnvironment:
+    """The interpreter an agent's jobs run on and the directories they import from
+    (config/environments.py reads them). `python`: an interpreter, typically a venv's
+    `bin/python`, kept as given (resolving its symlink would lose the venv), or None for the
+    supervisor's own, without its site-packages; `path`: import directories put first on
+    the job's import path. Agents with equal environments share a fork server; agents of
+    different ones never share a fork server or a worker."""
+
+    python: str | None = None
+    path: tuple[str, ...] = ()
+
+    @property
+    def is_default(self) -> bool:
+        return self.python is None and not self.path
+
+    def describe(self) -> str:
+        """For messages: the interpreter and the import directories."""
+        py = self.python or "the supervisor's interpreter"
+        return py + (f" with {', '.join(self.path)} on the import path" if self.path else "")
+
+
+DEFAULT_ENVIRONMENT = AgentEnvironment()
+
+
+@dataclass(frozen=True)
 class AgentSpec:
     name: str
     version: str
     entry: str
     limits: Limits
     default: bool = False
+    environment: AgentEnvironment = DEFAULT_ENVIRONMENT
 
     @property
     def ref(self) -> str:

@@ -1,4 +1,4 @@
-"""The fork server: the supervisor's client of `python -m worker`.
+"""The fork server: the supervisor's client of `worker/__main__.py`, one per agent environment.
 
 The supervisor never runs agent code. It starts one fork server that has imported the
 worker runtime once; every worker is a fork of it, so that a worker costs a pipe write,
@@ -14,6 +14,7 @@ runs (pool.py) for as long as it runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from supervisor.jobs.worker_groups import WorkerGroups
 from supervisor.jobs.worker_handle import WorkerHandle, WorkerSpawnError
 from supervisor.logs import OutputRelay
 from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_runtime import WorkerRuntime
 
 log = logging.getLogger("arcp.workers")
 
@@ -40,10 +42,33 @@ MAX_SPAWNS_IN_FLIGHT = 16
 Launched = tuple["subprocess.Popen[bytes]", socket.socket, int]  # the process, our control end, its output
 
 
+class ForkServerStartError(WorkerSpawnError):
+    """The fork server exited, or did not say it was ready, before serving; the message
+    says why, with the last lines it wrote."""
+
+
 class ForkServer:
     def __init__(self, env: dict[str, str], cwd: str, agent_modules: list[str],
-                 cgroups: Cgroups | None = None, job_uids: bool = False) -> None:
+                 cgroups: Cgroups | None = None, job_uids: bool = False, *,
+                 python: str | None = None, import_path: tuple[str, ...] = (), runtime: str | None = None,
+                 hide: list[str] | None = None, label: str = "") -> None:
+        """`python`: the agent environment's interpreter (None: the supervisor's, without
+        its site-packages); `import_path`: the environment's import directories; `runtime`:
+        the worker runtime's copy (worker_runtime.py; None: one of its own, removed at
+        close); `hide`: directories of installed packages its jobs must not see."""
         self._env = env
+        self.python = python
+        self.label = label or (python or "the supervisor's interpreter")
+        self._import_path = list(import_path)
+        self.runtime_dir = runtime
+        self._own_runtime: WorkerRuntime | None = None
+        self._hide = hide
+        self.hidden: list[str] = []  # package directories its jobs cannot see
+        self.not_hidden: list[str] = []  # those it could not hide (hide_error says why)
+        self.hide_error = ""
+        self.python_version = ""
+        self.fast_json = True
+        self.seccomp = False  # it built the seccomp filter its workers load
         self._want_job_uids = job_uids
         self.job_uids = False  # the fork server kept what workers need to take their job's uid
         self.job_uids_error = ""
@@ -78,13 +103,26 @@ class ForkServer:
         runs it on a thread)."""
         self._attach(*self._launch())
 
+    async def astart(self) -> None:
+        """`start()` with the interpreter's exec on a thread: for a fork server started while
+        the runtime serves (an agent environment's)."""
+        self._attach(*await anyio.to_thread.run_sync(self._launch))
+
     def _launch(self) -> Launched:
+        if self.runtime_dir is None:
+            self._own_runtime = WorkerRuntime()
+            self.runtime_dir = self._own_runtime.build()
+        options = {"modules": self._modules, "job_uids": self._want_job_uids, "path": self._import_path,
+                   "runtime": self.runtime_dir, "own_prefix": self.python is not None, "hide": self._hide}
+        # -I: no PYTHON* variables, no user site, no current directory on the path; -S for the
+        # supervisor's own interpreter: none of its site-packages (an agent's venv keeps its own)
+        interpreter = [self.python, "-I"] if self.python else [sys.executable, "-I", "-S"]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()  # its stdout and stderr (and its workers' until their job's are captured)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker", str(theirs.fileno()), str(os.getpid()),
-                 *(["--job-uids"] if self._want_job_uids else []), *self._modules],
+                [*interpreter, os.path.join(self.runtime_dir, "worker", "__main__.py"), str(theirs.fileno()),
+                 str(os.getpid()), json.dumps(options)],
                 pass_fds=[theirs.fileno()], cwd=self._cwd, env=self._env,
                 stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w,
             )
@@ -111,10 +149,19 @@ class ForkServer:
         log.debug("fork server started, pid %d", proc.pid)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the fork server has imported everything and set up its namespace."""
+        """Until the fork server has imported everything and set up its namespace;
+        ForkServerStartError if it exits first or takes longer than `timeout`."""
         assert self._ready is not None
-        with anyio.fail_after(timeout):
-            await asyncio.shield(self._ready)
+        try:
+            with anyio.fail_after(timeout):
+                await asyncio.shield(self._ready)
+        except TimeoutError:
+            raise ForkServerStartError(f"its fork server was not ready after {timeout:.0f} s"
+                                       + self._last_words()) from None
+
+    def _last_words(self) -> str:
+        lines = list(self._output.last_lines) if self._output is not None else []
+        return f" (it said: {' | '.join(lines)})" if lines else ""
 
     @property
     def pid(self) -> int | None:
@@ -162,6 +209,13 @@ class ForkServer:
         if self._closed:
             return
         why = f"exited with status {status}" if status >= 0 else f"killed by signal {-status}"
+        if self._ready is not None and not self._ready.done():  # never served: no restart loop
+            if self._output is not None:
+                self._output.flush()
+            self._ready.set_exception(ForkServerStartError(
+                f"its fork server {why} before it was ready{self._last_words()}"))
+            self._ready.exception()  # retrieved: wait_ready() raises it
+            return
         if not self.restart:
             log.info("the fork server exited (%s) while the supervisor stops: not restarted", why)
             return
@@ -212,6 +266,8 @@ class ForkServer:
             self._proc.kill()
         if self._output is not None:
             self._output.close()
+        if self._own_runtime is not None:
+            self._own_runtime.close()
 
     # -- its messages ---------------------------------------------------------------------
     def _on_control(self) -> None:
@@ -254,6 +310,14 @@ class ForkServer:
             self.opened = [str(d) for d in opened] if isinstance(opened, list) else []
             spaces = facts.get("worker_namespaces")
             self.worker_namespaces = [str(n) for n in spaces] if isinstance(spaces, list) else []
+            hidden = facts.get("hidden")
+            self.hidden = [str(d) for d in hidden] if isinstance(hidden, list) else []
+            self.hide_error = str(facts.get("hide_error") or "")
+            not_hidden = facts.get("not_hidden")
+            self.not_hidden = [str(d) for d in not_hidden] if isinstance(not_hidden, list) else []
+            self.python_version = str(facts.get("python") or "")
+            self.fast_json = bool(facts.get("fast_json", True))
+            self.seccomp = bool(facts.get("seccomp"))
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         elif op == "spawned":

@@ -1,5 +1,5 @@
-"""What a job runner needs of the runtime (supervisor/runtime.py provides it): the worker
-pool and fork server, the job's spec and temp dir, and the way back for its frames."""
+"""What a job runner needs of the runtime (supervisor/runtime.py provides it): each agent
+environment's fork server and worker pool, the job's spec and temp dir, and the way back for its frames."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any, Protocol
 
 from supervisor.config import Config
 from supervisor.core.jobs import Job
-from supervisor.jobs.fork_server import ForkServer
-from supervisor.jobs.pool import WorkerPool
+from supervisor.jobs.environments import WorkerEnvironments
 from supervisor.jobs.worker_handle import WorkerHandle
 from supervisor.sandbox.job_uids import UidPool
 from supervisor.state.base import StateStore
@@ -18,8 +17,7 @@ from supervisor.state.base import StateStore
 class RunnerHost(Protocol):
     config: Config
     frame_cap: int
-    pool: WorkerPool
-    fork_server: ForkServer
+    environments: WorkerEnvironments  # each agent environment's fork server and worker pool
     uids: UidPool | None
     egress_unavailable: str | None
     store: StateStore  # the frames' log: a job's pump waits while its writer is far behind

@@ -35,6 +35,7 @@ from supervisor.egress.proxy import EgressJob, EgressListener
 from supervisor.log_text import block, one_line
 from supervisor import metrics
 from supervisor.core.authority import Authority
+from supervisor.jobs.environments import EnvironmentWorkers
 from supervisor.jobs.frame_pump import Died, FramePump
 from supervisor.jobs.limit_watch import LimitWatch, limit_fields
 from supervisor.jobs.path_checks import PathChecks
@@ -60,6 +61,7 @@ class JobRunner:
         self.request = job.request
         self.owner = job.owner
         self.worker: WorkerHandle | None = None
+        self.workers: EnvironmentWorkers | None = None  # its agent environment's fork server and pool
         self.life = JobLifecycle(job.request.limits.max_runtime, job.request.max_runtime_sec, job.request.expires_at)
         self.started = False  # admitted (see admission.py); until then the job waits in the queue
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
@@ -146,8 +148,8 @@ class JobRunner:
                     await self._run()
                 except Exception as e:  # a supervisor fault must still end the job, once
                     log.exception("job %s: runner failed", job.id)
-                    if self.worker is not None:
-                        self.rt.pool.retire(self.worker)
+                    if self.worker is not None and self.workers is not None:
+                        self.workers.pool.retire(self.worker)
                     self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
         finally:
             self._tg = None
@@ -173,13 +175,14 @@ class JobRunner:
     async def _run(self) -> None:
         job = self.job
         try:
-            worker = await self.rt.pool.acquire(self.rt.reuse_key(job))
+            self.workers = workers = await self.rt.environments.get(self.request.agent.environment)
+            worker = await workers.pool.acquire(self.rt.reuse_key(job))
         except (WorkerSpawnError, TimeoutError, OSError) as e:
             self._finish(ERROR, InternalError(f"could not start a worker: {e}").to_wire())
             return
         self.worker = worker
         if self.life.stopping:  # stopped while waiting for a worker
-            self.rt.pool.retire(worker)
+            workers.pool.retire(worker)
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
@@ -197,7 +200,7 @@ class JobRunner:
             self._limit_not_applied(worker, e)
             return
         except _TmpDirFailed as e:
-            self.rt.pool.retire(worker)
+            workers.pool.retire(worker)
             self._finish(ERROR, InternalError(f"could not make the job's temp dir: {e.__cause__}").to_wire())
             return
         egress_port = await self._open_egress(worker) if "net.fetch" in self.request.lease else None
@@ -227,7 +230,8 @@ class JobRunner:
         log.error("job %s: %s; the worker and its cgroup are retired", self.job.id, e)
         if worker.cgroup is not None:
             worker.cgroup.retired = True
-        self.rt.pool.retire(worker)
+        assert self.workers is not None
+        self.workers.pool.retire(worker)
         self._finish(ERROR, InternalError(str(e), retryable=True, details=e.details).to_wire())
 
     async def _job_uid(self, worker: WorkerHandle) -> int:
@@ -250,7 +254,8 @@ class JobRunner:
         why = self.rt.egress_unavailable
         if why is None and worker.egress is None:
             try:
-                sock, port = await self.rt.fork_server.listen(worker.pid)
+                assert self.workers is not None
+                sock, port = await self.workers.fork_server.listen(worker.pid)
                 listener = EgressListener(sock, port)
                 await listener.start()
                 worker.egress = listener
@@ -271,6 +276,8 @@ class JobRunner:
 
     async def _ended(self, worker: WorkerHandle, outcome: Any) -> None:
         job = self.job
+        assert self.workers is not None
+        pool = self.workers.pool
         if isinstance(outcome, Done | Fail) and self.limit_watch.cpu_over(worker):
             # The job's tree passed its CPU time between two reads, or since the last one.
             await worker.kill(1.0)
@@ -279,7 +286,7 @@ class JobRunner:
             self.life.end_reported()
             await self._last_sample(worker)
         if isinstance(outcome, Done):
-            await self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
+            await pool.release(worker, self.rt.reuse_key(job), outcome.left)
             result_id = size = None
             s = self.frames.stream
             if s is not None:
@@ -288,7 +295,7 @@ class JobRunner:
         elif isinstance(outcome, Fail):
             if outcome.traceback:
                 log.warning("job %s: agent raised\n%s", job.id, block(outcome.traceback))  # the worker's text
-            await self.rt.pool.release(worker, self.rt.reuse_key(job), outcome.left)
+            await pool.release(worker, self.rt.reuse_key(job), outcome.left)
             self._finish(ERROR, outcome.error)
         elif isinstance(outcome, WorkerProtocolError | CodecError):
             log.error("job %s: worker %d sent an invalid frame: %s", job.id, worker.pid, one_line(str(outcome), 1024))

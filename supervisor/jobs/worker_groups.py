@@ -11,6 +11,7 @@ is not meant for two threads at once). The release of dead workers' groups belon
 from __future__ import annotations
 
 import logging
+import weakref
 
 import anyio
 from anyio.abc import TaskGroup
@@ -22,10 +23,24 @@ from supervisor.sandbox.worker_cgroup import WorkerCgroup
 log = logging.getLogger("arcp.workers")
 
 
+_LANES: weakref.WeakKeyDictionary[Cgroups, anyio.CapacityLimiter] = weakref.WeakKeyDictionary()
+
+
+def _lane_of(cgroups: Cgroups | None) -> anyio.CapacityLimiter:
+    """One lane per Cgroups: the fork servers of several agent environments share their
+    pool of groups, which is not for two threads at once."""
+    if cgroups is None:
+        return anyio.CapacityLimiter(1)
+    lane = _LANES.get(cgroups)
+    if lane is None:
+        lane = _LANES[cgroups] = anyio.CapacityLimiter(1)
+    return lane
+
+
 class WorkerGroups:
     def __init__(self, cgroups: Cgroups | None) -> None:
         self._cgroups = cgroups
-        self._lane = anyio.CapacityLimiter(1)  # the pool of groups changes on one thread at a time
+        self._lane = _lane_of(cgroups)  # the pool of groups changes on one thread at a time
         self.to_remove: list[WorkerCgroup] = []  # still had (dying) tasks: the next sweep's
         self._released: list[WorkerCgroup] = []  # dead workers' groups while no serve() runs
         self._tg: TaskGroup | None = None  # serve()'s, while it runs

@@ -37,7 +37,7 @@ WORKER_NAMESPACES = ("mnt", "ipc", "net")
 # "cgroup" stands for the row `cgroup-<version>`).
 JOB_ORDER = ("process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits", "memory-watchdog",
              "no-new-privs", "no-capabilities", "landlock", "seccomp", "seccomp-self-only", "cgroup", "job-uids",
-             "idmapped-mounts", "shared-uid", "mntns-per-worker", "ipcns-per-worker", "netns-per-worker",
+             "idmapped-mounts", "hidden-packages", "shared-uid", "mntns-per-worker", "ipcns-per-worker", "netns-per-worker",
              "netns-empty")
 # Added to a job's list when the runtime accepts it: tmp-size-cap where job dirs are capped,
 # egress-proxy for a job whose lease has net.fetch where the proxy is available.
@@ -95,6 +95,8 @@ class Setup:
     job_uids_detail: str = ""
     worker_namespaces: tuple[str, ...] = ()  # the namespaces each worker makes of its own
     idmap: dict[str, str] = field(default_factory=dict)  # path -> "" where an idmapped mount can be made, else why
+    packages_hidden: bool = False  # installed packages not the job's environment's are hidden by a mount
+    packages_detail: str = ""  # which, or why not
 
 
 class ForkServerFacts(Protocol):
@@ -106,6 +108,9 @@ class ForkServerFacts(Protocol):
     job_uids_error: str
     opened: list[str]
     worker_namespaces: list[str]
+    hidden: list[str]
+    not_hidden: list[str]
+    hide_error: str
 
 
 class CgroupsMade(Protocol):
@@ -135,19 +140,25 @@ def confirmed(fork_server: ForkServerFacts, cgroups: CgroupsMade, job_dirs: JobD
                                                    if fork_server.opened else "")
     else:
         detail = fork_server.job_uids_error or "jobs run under the supervisor's uid"
+    hidden = not fork_server.hide_error
+    hidden_detail = (f"{len(fork_server.hidden)} directories: {', '.join(fork_server.hidden)}" if hidden else
+                     f"{fork_server.hide_error}; NOT hidden: {', '.join(fork_server.not_hidden)}")
     return Setup(cgroup=cgroups.in_use, tmp_capped=job_dirs.capped, tmp_why=job_dirs.why_not,
                  netns=fork_server.netns, loopback=fork_server.netns and fork_server.loopback, job_uids=uids,
-                 job_uids_detail=detail, worker_namespaces=tuple(fork_server.worker_namespaces), idmap=idmap)
+                 job_uids_detail=detail, worker_namespaces=tuple(fork_server.worker_namespaces), idmap=idmap,
+                 packages_hidden=hidden, packages_detail=hidden_detail)
 
 
 def expected(*, cgroup: CgroupHost, tmp_capped: bool, tmp_why: str, netns: bool, loopback: bool,
-             job_uids: bool, job_uids_detail: str, idmap: dict[str, str]) -> Setup:
+             job_uids: bool, job_uids_detail: str, idmap: dict[str, str], packages_hidden: bool = False,
+             packages_detail: str = "") -> Setup:
     """What `run` would set up where these were measured: the fork server enters a network
     namespace where it can make one, and gives each worker namespaces of its own only with
     job uids too (worker/forkserver.py serve())."""
     return Setup(cgroup=cgroup, tmp_capped=tmp_capped, tmp_why=tmp_why, netns=netns, loopback=netns and loopback,
                  job_uids=job_uids, job_uids_detail=job_uids_detail,
-                 worker_namespaces=WORKER_NAMESPACES if job_uids and netns else (), idmap=idmap)
+                 worker_namespaces=WORKER_NAMESPACES if job_uids and netns else (), idmap=idmap,
+                 packages_hidden=packages_hidden, packages_detail=packages_detail)
 
 
 def measure(host: Host, job_uids: tuple[int, int] | None = None) -> Setup:
@@ -158,8 +169,14 @@ def measure(host: Host, job_uids: tuple[int, int] | None = None) -> Setup:
     netns, loopback, idmap = probe(netns=True, paths=idmap_paths() if host.root else [])
     uids, uids_detail = job_uids_check(host, job_uids)
     tmp_capped, tmp_why = tmp_cap_here()
+    from supervisor.sandbox.worker_runtime import supervisor_package_dirs
+
+    dirs = supervisor_package_dirs()
+    hidden_detail = (f"{len(dirs)} directories: {', '.join(dirs)}" if host.root else
+                     f"needs root (a private mount view); NOT hidden: {', '.join(dirs)}")
     return expected(cgroup=detect(), tmp_capped=tmp_capped, tmp_why=tmp_why, netns=netns, loopback=loopback,
-                    job_uids=uids, job_uids_detail=uids_detail, idmap=idmap)
+                    job_uids=uids, job_uids_detail=uids_detail, idmap=idmap, packages_hidden=host.root,
+                    packages_detail=hidden_detail)
 
 
 def job_uids_check(host: Host, job_uids: tuple[int, int] | None) -> tuple[bool, str]:
@@ -377,6 +394,13 @@ def decide(host: Host, setup: Setup) -> Decision:
               "only; process_madvise, pidfd_getfd, kcmp, inotify, fanotify refused", ("seccomp-self-only",)),
         Layer("idmapped-mounts", bool(idmap_ok), setup.job_uids and bool(idmap_ok), idmap_detail,
               ("idmapped-mounts",)),
+        Layer("hidden-packages", host.root, setup.packages_hidden,
+              ("installed packages that are not the job's agent environment's (the supervisor's venv, the "
+               "interpreter's and the system's site-packages) hidden by an empty read-only mount in the fork "
+               "server's mount view; the job's import path built for it: " if setup.packages_hidden else
+               "the job's import path leaves them out and Landlock keeps the supervisor's venv unreadable, but the "
+               "interpreter's own installed packages stay readable: ") + setup.packages_detail,
+              ("hidden-packages",)),
         always("rlimits", "cpu, open files, file size, processes (processes: ignored for root)"),
         always("memory-watchdog", "resident size of each job's process tree, every 100 ms"),
         always("no-new-privs", "set before Landlock"),
@@ -403,6 +427,9 @@ def decide(host: Host, setup: Setup) -> Decision:
         warnings.append("jobs share the host's network namespace (TCP is still refused by Landlock)")
     if egress_why:
         warnings.append(f"no egress proxy: {egress_why}; jobs with net.fetch get no network")
+    if not setup.packages_hidden:
+        warnings.append(f"installed packages are not hidden from jobs ({setup.packages_detail}): they cannot "
+                        "import them, but can read the interpreter's own site-packages")
     if setup.job_uids and not idmap_ok:
         warnings.append(f"no idmapped mounts ({idmap_detail})")
     return Decision(rows, egress_why, tuple(warnings))

@@ -13,7 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, fork_server_pids
 from tests.interop.client import sdk_session
 
 TOKEN = "tok-good-7f3a"
@@ -66,8 +66,7 @@ def test_every_line_is_json_and_jobs_have_start_and_end_records(json_server: Ser
 
 
 def test_what_the_fork_server_writes_becomes_records(json_server: Server) -> None:
-    fork_server = next(p for p in psutil.Process(json_server.pid).children()
-                       if "worker" in p.cmdline()[1:3])
+    fork_server = psutil.Process(fork_server_pids(json_server.pid)[0])
     for fd in (1, 2):  # what it (or a worker not yet given a job) prints, a traceback say
         with open(f"/proc/{fork_server.pid}/fd/{fd}", "w") as out:
             out.write(f'fork server line on fd {fd}\n{{"level": "forged"}} \x1b[2J\n')

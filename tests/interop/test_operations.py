@@ -13,7 +13,7 @@ import arcp
 import psutil
 import pytest
 
-from tests.conftest import Server
+from tests.conftest import Server, fork_server_pids
 from tests.interop.client import Recorder, listed, sdk_session
 
 LIMITS = "x-vendor.arcp-supervisor.limits"
@@ -146,7 +146,7 @@ def test_no_worker_is_forked_for_a_job_that_waits(make_server: type[Server]) -> 
     srv = make_server("--max-jobs", "2")
 
     def workers() -> int:
-        fork_server = next(c for c in psutil.Process(srv.pid).children() if "worker" in c.cmdline())
+        fork_server = psutil.Process(fork_server_pids(srv.pid)[0])
         return len(fork_server.children())
 
     async def go() -> None:

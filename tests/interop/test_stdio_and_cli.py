@@ -94,7 +94,8 @@ def test_doctor_reports_layers_and_guarantees() -> None:
     names = {layer["name"] for layer in data["layers"]}
     assert {"landlock", "seccomp", "rlimits", "namespaces", "root"} <= names
     assert {g["name"] for g in data["guarantees"]} == {
-        "files", "network", "environment", "descriptors-and-privileges", "other-jobs", "own-uid", "host-files"}
+        "files", "network", "environment", "supervisor-packages", "descriptors-and-privileges", "other-jobs",
+        "own-uid", "host-files"}
     for g in data["guarantees"]:
         assert g["ok"] == (g["missing"] == ""), g
     text = _run("doctor")

@@ -173,7 +173,10 @@ def test_urllib_fetches_an_allowed_url_and_bytes_are_counted(server: Server, ori
     assert _metric_sum(events, "net.bytes_out") >= len("GET /a?b=1 HTTP/1.1")
 
 
-def test_httpx_fetches_an_allowed_url(server: Server, origin: Origin) -> None:
+def test_httpx_fetches_an_allowed_url(make_server: type[Server], httpx_python: str, origin: Origin) -> None:
+    """An agent's own HTTP client (httpx, from the agent's venv: the supervisor's is not
+    importable by jobs) goes through the proxy by the environment's proxy variables."""
+    server = make_server("--agent-python", f"httpxfetch={httpx_python}")
     lease = {"net.fetch": [f"http://127.0.0.1:{origin.port}/x/**"]}
     term, _, _ = asyncio.run(_run(server.url, "httpxfetch",
                                   {"url": f"http://127.0.0.1:{origin.port}/x/y", "times": 3}, lease))
@@ -358,51 +361,6 @@ def test_ambiguous_paths_and_non_hex_chunk_sizes_never_reach_the_origin(server: 
         echo.close()
 
 
-def hold_connections(input: Any, job: Any) -> Any:
-    """An agent (served by the low-descriptor server below): open `n` tunnels through the job's
-    proxy to 127.0.0.1:`port`, keep those that open until the far end closes one (at most
-    `hold` seconds), and say how each attempt went."""
-    import os
-    import socket as so
-
-    proxy = int(os.environ["HTTP_PROXY"].rsplit(":", 1)[1])
-    target = f"127.0.0.1:{input['port']}"
-    statuses: list[int] = []
-    refusals: list[str] = []
-    held: list[so.socket] = []
-    for _ in range(int(input["n"])):
-        s = so.create_connection(("127.0.0.1", proxy), timeout=20)
-        answer = b""
-        try:
-            s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            while b"\r\n\r\n" not in answer and (b := s.recv(4096)):
-                answer += b
-        except OSError as e:
-            answer += f"[{type(e).__name__}]".encode()
-        status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
-        statuses.append(status)
-        if status == 200:
-            held.append(s)
-            continue
-        try:
-            while b := s.recv(4096):
-                answer += b
-        except OSError:
-            pass
-        refusals.append(answer.decode("latin-1"))
-        s.close()
-    job.log("info", f"holding {len(held)}")
-    if held:
-        held[0].settimeout(float(input.get("hold", 60)))
-        try:
-            held[0].recv(1)
-        except OSError:
-            pass
-    for s in held:
-        s.close()
-    return {"statuses": statuses, "refusals": refusals}
-
-
 class Hold:
     """A listener on 127.0.0.1 that keeps every connection open until `release()`."""
 
@@ -455,7 +413,7 @@ def test_the_proxy_caps_connections_before_the_supervisor_runs_out_of_descriptor
     monkeypatch.setattr(tests.conftest, "EXE", wrapper)
     jobs, per_job = 9, PER_JOB + 1  # 9 * 5 > 42: the total runs out, and each job asks past its own cap
     hold = Hold()
-    srv = Server("--agent", "holdconns=tests.sandbox.test_egress:hold_connections")
+    srv = Server("--agent", "holdconns=tests.egress_agents:hold_connections")
     try:
         with open(f"/proc/{srv.pid}/limits") as f:
             assert any(line.startswith("Max open files") and f"{NOFILE}" in line for line in f)

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from supervisor.config import DEFAULT_JOB_UIDS
-from tests.conftest import Server
+from tests.conftest import Server, fork_server_pids
 from tests.interop.client import sdk_session
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="job uids need a supervisor running as root")
@@ -33,10 +33,9 @@ async def _run(url: str, agent: str, input: Any, **kw: Any) -> dict[str, Any]:
 
 
 def _fork_server(server: Server) -> int:
-    for child in psutil.Process(server.pid).children():
-        if "worker" in child.cmdline():
-            return int(child.pid)
-    raise AssertionError("no fork server")
+    pids = fork_server_pids(server.pid)
+    assert pids, "no fork server"
+    return pids[0]
 
 
 def _observe(pid: int) -> tuple[Any, ...]:

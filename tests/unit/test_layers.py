@@ -83,6 +83,10 @@ class ModelForkServer:
         self.job_uids_error = "" if self.job_uids else "refused"
         self.opened: list[str] = []
         self.worker_namespaces = ["mnt", "ipc", "net"] if self.job_uids and self.netns else []
+        # it hides installed packages in a mount view of its own: which takes root
+        self.hidden = ["/venv/lib/python3/site-packages"] if case.host.root else []
+        self.hide_error = "" if case.host.root else "unshare(CLONE_NEWNS): Operation not permitted"
+        self.not_hidden = [] if case.host.root else ["/venv/lib/python3/site-packages"]
 
 
 @dataclass
@@ -103,7 +107,8 @@ def doctor_setup(case: Case, root: Path) -> Setup:
     return layers.expected(cgroup=detect(str(root), fs), tmp_capped=case.tmp_capped,
                            tmp_why="" if case.tmp_capped else "cannot mount a tmpfs: Operation not permitted",
                            netns=case.netns, loopback=case.loopback, job_uids=uids,
-                           job_uids_detail="uids 1-2" if uids else "no", idmap=dict(case.idmap))
+                           job_uids_detail="uids 1-2" if uids else "no", idmap=dict(case.idmap),
+                           packages_hidden=case.host.root, packages_detail="")
 
 
 def runtime_job_list(case: Case, root: Path, net_fetch: bool) -> list[str] | None:
@@ -140,7 +145,9 @@ def model_job_list(case: Case, cgroup_layers: list[str], net_fetch: bool) -> lis
     out += cgroup_layers
     if fork_server.job_uids:
         out += ["job-uids"] + (["idmapped-mounts"] if any(not why for _, why in case.idmap) else [])
-    else:
+    if fork_server.hidden:
+        out.append("hidden-packages")
+    if not fork_server.job_uids:
         out.append("shared-uid")
     out += [f"{ns}ns-per-worker" for ns in fork_server.worker_namespaces]
     if fork_server.netns and "net" not in fork_server.worker_namespaces:
@@ -176,7 +183,7 @@ def test_a_full_hosts_list_keeps_its_names_and_order(tmp_path: Path) -> None:
     assert runtime_job_list(CASES["full"], tmp_path, net_fetch=True) == [
         "process-group", "parent-death-signal", "scrubbed-env", "private-tmp", "rlimits", "memory-watchdog",
         "no-new-privs", "no-capabilities", "landlock-abi7", "seccomp", "seccomp-self-only", "cgroup-v1-cpuacct",
-        "cgroup-v1-memory", "cgroup-v1-pids", "job-uids", "idmapped-mounts", "mntns-per-worker",
+        "cgroup-v1-memory", "cgroup-v1-pids", "job-uids", "idmapped-mounts", "hidden-packages", "mntns-per-worker",
         "ipcns-per-worker", "netns-per-worker", "tmp-size-cap", "egress-proxy"]
 
 

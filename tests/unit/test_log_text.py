@@ -84,7 +84,9 @@ def _runner() -> tuple[JobRunner, _Runtime]:
     rt = _Runtime()
     job = SimpleNamespace(id="job_1", request=_REQUEST,
                           owner=SimpleNamespace())
-    return JobRunner(rt, job), rt  # type: ignore[arg-type]
+    runner = JobRunner(rt, job)  # type: ignore[arg-type]
+    runner.workers = SimpleNamespace(pool=rt.pool)  # type: ignore[assignment]  # as if it had a worker
+    return runner, rt
 
 
 def test_a_forged_traceback_is_logged_capped(caplog: pytest.LogCaptureFixture) -> None:

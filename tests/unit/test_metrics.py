@@ -144,27 +144,23 @@ class _Admission:
     running, queued = 3, 7
 
 
-class _Pool:
-    idle = 2
-
-
 class _Session:
     def __init__(self, detached: bool) -> None:
         self.detached_at = 1.0 if detached else None
         self.expired = False
 
 
-class _ForkServer:
+class _Environments:
     ready = True
+    idle = 2
 
 
 class FakeRuntime:
     def __init__(self) -> None:
         self.admission = _Admission()
-        self.pool = _Pool()
         self.sessions = {"a": _Session(False), "b": _Session(False), "c": _Session(True)}
         self.draining = False
-        self.fork_server = _ForkServer()
+        self.environments = _Environments()
         self.store = _Store()
 
 
@@ -204,8 +200,8 @@ def test_state_gauges_readiness_and_the_lag_probe(monkeypatch: pytest.MonkeyPatc
                 rt.store.healthy = False
                 assert metrics.readiness(rt) == "the state store cannot write (see the log)"
                 rt.store.healthy = True
-                rt.fork_server.ready = False
-                assert metrics.readiness(rt) == "the fork server is not running"
+                rt.environments.ready = False
+                assert metrics.readiness(rt) == "a fork server is not running"
                 rt.draining = True
                 assert metrics.readiness(rt) == "draining"
                 tg.cancel_scope.cancel()
