@@ -105,8 +105,8 @@ class Reloader:
             log.error("SIGHUP: %s; keeping the running configuration", e)
             return False
         cfg, waiting = merge(running, loaded)
-        known = {a.entry for a in running.agents}
-        added = [a for a in cfg.agents if a.entry not in known]
+        known = {(a.entry, a.environment) for a in running.agents}
+        added = [a for a in cfg.agents if (a.entry, a.environment) not in known]  # (or moved to another environment)
         if added:
             problems = await check_agents(self.rt, added)
             if problems:

@@ -13,6 +13,7 @@ when targets are missed (it is a report, not a gate); 2 if the file is unusable.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,48 @@ def report(data: dict[str, Any]) -> str:
                     lines.append(
                         f"| {srv} | {wd} | {metric} | {fmt(b['median']) if b and 'median' in b else 'n/a'} "
                         f"| {fmt(s['median']) if s and 'median' in s else 'n/a'} | {mmm(r)} |")
+    lines += environment_lines(data)
     return "\n".join(lines) + "\n"
+
+
+# An agent environment's servers (scripts/bench --environments) against the same server on the
+# default environment: (server, its default-environment twin, workload, metric, op, bound).
+ENV_TARGETS = [
+    ("ours-venv", "ours", "latency", "p50_ms", "<=", 1.10),
+    ("ours-reuse-venv", "ours-reuse", "latency", "p50_ms", "<=", 1.10),
+    ("ours-venv", "ours", "throughput", "jobs_per_s", ">=", 0.90),
+    ("ours-reuse-venv", "ours-reuse", "throughput", "jobs_per_s", ">=", 0.90),
+]
+
+
+def environment_lines(data: dict[str, Any]) -> list[str]:
+    """Each agent-environment server against its default-environment twin, per repetition
+    (the same rep and driver of the same run): min / median / max of the ratio."""
+    servers = data["meta"]["servers"]
+    by: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in data.get("runs", []):
+        if "error" not in r and isinstance(r.get("rep"), int):
+            by[(r["server"], f"{r['workload']}/{r['driver']}", r["rep"])] = r.get("metrics") or {}
+    rows = []
+    for srv, twin, wl, metric, op, bound in ENV_TARGETS:
+        if srv not in servers or twin not in servers:
+            continue
+        for wd in sorted({w for (s, w, _) in by if s == srv and w.startswith(wl + "/")}):
+            ratios = sorted(by[(srv, wd, rep)][metric] / by[(twin, wd, rep)][metric]
+                            for (s, w, rep) in by if s == srv and w == wd
+                            and isinstance(by[(srv, wd, rep)].get(metric), (int, float))
+                            and by.get((twin, wd, rep), {}).get(metric))
+            if not ratios:
+                continue
+            median = statistics.median(ratios)
+            rows.append(f"| {srv} / {twin} | {wd} | {metric} | {fmt(ratios[0])} / **{fmt(median)}** / "
+                        f"{fmt(ratios[-1])} | {op} {bound:g}x | {'yes' if holds(op, median, bound) else '**no**'} |")
+    if not rows:
+        return []
+    return ["", "Agent environments: a job on an agent's own venv against the same server's default "
+            "environment, per repetition:", "",
+            "| servers | workload/driver | metric | ratio min / median / max | target | met |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def main(argv: list[str]) -> int:
