@@ -9,7 +9,11 @@ everything queued before it is committed and raises `StoreError` if any of it
 could not be. Reads are awaited and see every write queued before them. A
 write that cannot be committed is logged, counted in `failures`, and reported
 by the next `sync()`; it never fails silently, and it does not take the writes
-queued with it down too.
+queued with it down too. `claim_job()` is the one awaited write: an insert that tells its
+caller whether the job's idempotency key was free (for several supervisors on one database).
+
+Two implementations: SqliteStore (sqlite.py) and PostgresStore (postgres.py), one engine
+(queued.py) with a database each.
 
 Each session's frame log is bounded in bytes (`session_log_bytes`): when
 logging takes it past the bound, its oldest frames are deleted (never its
@@ -97,6 +101,17 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     def revocation_attempted(self, credential_id: str, revoked: bool) -> None:
         """Revoked: the credential is forgotten; not revoked: one more attempt is counted."""
+
+    # -- an awaited write ---------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_job(self, job_id: str, principal: str, session_id: str, agent: str, status: str,
+                        created_at: str, trace_id: str, idempotency_key: str | None, fingerprint: bytes | None,
+                        record: dict[str, Any]) -> StoredJob | None:
+        """insert_job, awaited and committed: None once the job is stored, or the stored job that
+        already holds (principal, idempotency_key), and then nothing is written. Ordered with the
+        queued writes like a read; StoreError to the caller (not to a sync()) if it cannot be done,
+        e.g. a job with this id exists. What a submit with an idempotency key awaits when several
+        supervisors share one database: exactly one of them gets None for a key."""
 
     # -- completion -----------------------------------------------------------
     @property

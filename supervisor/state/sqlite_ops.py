@@ -12,7 +12,6 @@ session plus the job records, whatever the jobs emit.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 import time
@@ -21,6 +20,10 @@ from typing import Any
 import orjson
 
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
+from supervisor.state.ops import (
+    CLAIM, CREDS, DELETE, FINISH, FORGET, FRAME, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
+    TERMINAL, UNREVOKED, Op, Undo, describe, stored_job,
+)
 from supervisor.state.sqlite_files import tighten
 
 log = logging.getLogger("arcp.store")
@@ -63,44 +66,6 @@ CREATE TABLE IF NOT EXISTS credentials (
 );
 """
 
-# Operation kinds. Writes are queued by the sync methods; the rest are awaited.
-FRAME = "log_frame"
-INSERT = "insert_job"
-FINISH = "finish_job"
-DELETE = "delete_jobs"
-FORGET = "forget_session"
-CREDS = "add_credentials"
-REVOKED = "revocation_attempted"
-WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED))
-SYNC = "sync"
-STOP = "close"
-RECOVER = "recover"
-TERMINAL = "terminal_of"
-SINCE = "frames_since"
-OLDEST = "oldest_seq"
-JOB_FRAMES = "job_frames"
-UNREVOKED = "unrevoked_credentials"
-
-Undo = dict[str, int | None]  # session -> its byte tally before this transaction (None: had none)
-
-
-class Op:
-    """One operation in the writer thread's queue, and what became of it."""
-
-    __slots__ = ("kind", "args", "seq", "nbytes", "loop", "waiter", "result", "error")
-
-    def __init__(self, kind: str, args: tuple[Any, ...], seq: int, nbytes: int,
-                 loop: asyncio.AbstractEventLoop | None, waiter: asyncio.Future[Any] | None) -> None:
-        self.kind = kind
-        self.args = args
-        self.seq = seq  # place in the queue's order
-        self.nbytes = nbytes  # frame bytes it holds (for the queue's bound)
-        self.loop = loop
-        self.waiter = waiter
-        self.result: Any = None
-        self.error: StoreError | None = None
-
-
 def connect(path: str) -> sqlite3.Connection:
     """The database at `path` (or ":memory:") with its schema; only the calling thread may use it."""
     db = sqlite3.connect(path, isolation_level=None)
@@ -129,6 +94,9 @@ class Database:
 
     def close(self) -> None:
         self.db.close()
+
+    def idle(self) -> None:
+        """Nothing to do while the queue is empty."""
 
     def begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
@@ -232,6 +200,8 @@ class Database:
             else:
                 db.execute("UPDATE credentials SET attempts = attempts + 1 WHERE credential_id = ?",
                            (credential_id,))
+        elif k == CLAIM:
+            return self.claim(a)
         elif k == RECOVER:
             return self.recover(a[0], a[1], undo)
         elif k == TERMINAL:
@@ -324,48 +294,20 @@ class Database:
         excess = db.execute("SELECT job_id FROM jobs ORDER BY finished_ns DESC LIMIT -1 OFFSET ?",
                             (retention_jobs,)).fetchall()
         self.delete_jobs([j for (j,) in excess], undo)
-        rows = db.execute(
-            "SELECT job_id, principal, session_id, agent, status, created_at, trace_id, idempotency_key,"
-            " fingerprint, record, terminal FROM jobs ORDER BY created_ns").fetchall()
-        jobs = [StoredJob(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], orjson.loads(r[9]),
-                          orjson.loads(r[10]) if r[10] is not None else None) for r in rows]
-        return jobs, len(interrupted)
+        rows = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_ns").fetchall()
+        return [stored_job(r) for r in rows], len(interrupted)
 
-
-def describe(kind: str, a: tuple[Any, ...]) -> str:
-    """An operation and its ids, for logs and errors (never a frame's or a record's contents)."""
-    if kind == FRAME:
-        return f"log_frame session={_s(a[0])} seq={a[1]} job={_s(a[2])} ({len(a[3])} bytes)"
-    if kind == INSERT:
-        return f"insert_job job={_s(a[0])} session={_s(a[2])}"
-    if kind == FINISH:
-        return f"finish_job job={_s(a[4])} status={_s(a[0])}"
-    if kind == DELETE:
-        return f"delete_jobs jobs={_ids(a[0])}"
-    if kind == FORGET:
-        return f"forget_session session={_s(a[0])}"
-    if kind == CREDS:
-        return f"add_credentials job={_s(a[0])} credentials={_ids(a[1])}"
-    if kind == REVOKED:
-        return f"revocation_attempted credential={_s(a[0])} revoked={a[1]}"
-    if kind == RECOVER:
-        return f"recover retention_jobs={a[0]} retention_seconds={a[1]}"
-    if kind in (TERMINAL, OLDEST):
-        return f"{kind} {'job' if kind == TERMINAL else 'session'}={_s(a[0])}"
-    if kind == SINCE:
-        return f"frames_since session={_s(a[0])} after={a[1]}"
-    if kind == JOB_FRAMES:
-        return f"job_frames session={_s(a[0])} job={_s(a[1])} after={a[2]}"
-    if kind == UNREVOKED:
-        return f"unrevoked_credentials finished_only={a[0]}"
-    return kind
-
-
-def _s(v: Any) -> str:
-    s = str(v)
-    return s if len(s) <= 80 else s[:80] + "..."
-
-
-def _ids(ids: list[str]) -> str:
-    shown = ",".join(_s(i) for i in ids[:5])
-    return f"[{shown}{f',... ({len(ids)} in all)' if len(ids) > 5 else ''}]"
+    def claim(self, a: tuple[Any, ...]) -> StoredJob | None:
+        """Insert a job unless its idempotency key is taken: None, or the job that holds the key."""
+        cur = self.db.execute("INSERT OR IGNORE INTO jobs (job_id, principal, session_id, agent, status, created_at,"
+                              " created_ns, trace_id, idempotency_key, fingerprint, record)"
+                              " VALUES (?,?,?,?,?,?,?,?,?,?,?)", a)
+        if cur.rowcount == 1:
+            return None
+        job_id, principal, key = a[0], a[1], a[8]
+        if key is not None:
+            row = self.db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE principal = ? AND idempotency_key = ?",
+                                  (principal, key)).fetchone()
+            if row is not None and row[0] != job_id:
+                return stored_job(row)
+        raise StoreError(f"{describe(CLAIM, a)}: a job with this id exists already")
