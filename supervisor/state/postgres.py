@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS
-from supervisor.state.postgres_ops import PgDatabase
+from supervisor.state.postgres_ops import PgDatabase, Settings
 from supervisor.state.postgres_schema import SCHEMA_VERSION
 from supervisor.state.queued import Backend, QueuedStore
 
@@ -76,7 +76,8 @@ class PostgresStore(QueuedStore):
         return self._connected
 
     def _connect(self) -> Backend:
-        return PgDatabase(self)
+        return PgDatabase(self, Settings(self.url, self.node_id, self.started_at, self.log_bytes,
+                                         self.connect_timeout, self.close_timeout))
 
 
 def _redacted(url: str) -> str:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import orjson
 import psycopg
@@ -30,9 +32,7 @@ from supervisor.state.ops import (
     TERMINAL, UNREVOKED, Op, Undo, describe, stored_job,
 )
 from supervisor.state.postgres_schema import migrate
-
-if TYPE_CHECKING:
-    from supervisor.state.postgres import PostgresStore
+from supervisor.state.queued import QueuedStore
 
 log = logging.getLogger("arcp.store")
 TRIM_STEP = 1024 * 1024  # as SQLite's: a trim frees this much below the bound (an eighth of a smaller one)
@@ -48,15 +48,26 @@ class Lost(Exception):
     """The connection was lost during an operation: the batch is applied again once reconnected."""
 
 
+@dataclass
+class Settings:
+    url: str
+    node_id: str
+    started_at: datetime
+    log_bytes: int
+    connect_timeout: int  # seconds one connection attempt may take
+    close_timeout: float  # seconds close() waits for an unreachable database
+
+
 class PgDatabase:
     """The writer thread's connection to PostgreSQL, with the byte tally of each live session's
     frame log (a rolled-back transaction's changes to the tallies are undone too)."""
 
-    def __init__(self, store: PostgresStore) -> None:
+    def __init__(self, store: QueuedStore, settings: Settings) -> None:
         self.store = store
-        self.url = store.url
-        self.node_id = store.node_id
-        self.log_bytes = store.log_bytes
+        self.settings = settings
+        self.url = settings.url
+        self.node_id = settings.node_id
+        self.log_bytes = settings.log_bytes
         self.log_size: dict[str, int] = {}
         self.conn: psycopg.Connection[Any] | None = None
         self.heartbeat_due = 0.0
@@ -64,7 +75,7 @@ class PgDatabase:
 
     # -- the connection ---------------------------------------------------------------
     def connect(self) -> None:
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.store.connect_timeout)
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.settings.connect_timeout)
         try:
             migrate(conn)
             row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.node_id,)).fetchone()
@@ -74,7 +85,7 @@ class PgDatabase:
                                  f"each supervisor sharing a database needs a node id of its own")
             conn.execute("INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES (%s, %s, now())"
                          " ON CONFLICT (node_id) DO UPDATE SET started_at = EXCLUDED.started_at,"
-                         " heartbeat_at = now()", (self.node_id, self.store.started_at))
+                         " heartbeat_at = now()", (self.node_id, self.settings.started_at))
             if self.log_size:  # reconnected: the tallies as the database has them
                 sizes: dict[str, Any] = dict(conn.execute(
                     "SELECT session_id, sum(octet_length(frame))::bigint FROM frames WHERE session_id = ANY(%s)"
@@ -105,8 +116,8 @@ class PgDatabase:
         delay, attempts = RECONNECT_FIRST, 0
         while True:
             since = self.store._closing_since
-            if since is not None and time.monotonic() - since > self.store.close_timeout:
-                raise StoreError(f"the state database was still unreachable {self.store.close_timeout:g} s after "
+            if since is not None and time.monotonic() - since > self.settings.close_timeout:
+                raise StoreError(f"the state database was still unreachable {self.settings.close_timeout:g} s after "
                                  f"close() ({attempts} reconnection attempts; last: {cause})")
             self.store._pause(delay)
             attempts += 1
