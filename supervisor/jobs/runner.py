@@ -65,7 +65,8 @@ class JobRunner:
         self.life = JobLifecycle(job.request.limits.max_runtime, job.request.max_runtime_sec, job.request.expires_at)
         self.started = False  # admitted (see admission.py); until then the job waits in the queue
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
-        self._pump_done = asyncio.Event()
+        self._pump_done = asyncio.Event()  # its worker runs no job of it any more (or never did): see _life()
+        self._sent = False  # its spec went to its worker: a stop from then on tells the worker
         self.started_at: float | None = None  # (monotonic) when admitted
         self.meter: UsageMeter | None = None  # its usage, once it has a worker
         self.limit_watch = LimitWatch(job, job.request, self.life, self._pump_done)
@@ -151,6 +152,11 @@ class JobRunner:
                     if self.worker is not None and self.workers is not None:
                         self.workers.pool.retire(self.worker)
                     self._finish(ERROR, InternalError(f"supervisor fault: {type(e).__name__}").to_wire())
+                finally:
+                    # Its worker runs nothing of this job from here on: its pump ended, or the job
+                    # was never sent (a stop, or a failure, while its worker was made ready). A
+                    # stopper waiting for the job's end waits no longer.
+                    self._pump_done.set()
         finally:
             self._tg = None
             for t in self._timers:
@@ -208,8 +214,11 @@ class JobRunner:
         if self.rt.uids is not None:
             spec["uid"] = await self._job_uid(worker)
         self.meter = meter
+        if self.life.stopping:  # stopped while its worker was made ready (the awaits above): the job
+            return  # is not sent, and the stopper ends the worker once this returns (see _life)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
+        self._sent = True
         metrics.job_phase(job, "agent.run")
         async with anyio.create_task_group() as helpers:
             self._frame_pump.group = helpers
@@ -320,11 +329,17 @@ class JobRunner:
 
     async def _stopping(self, worker: WorkerHandle) -> None:
         """Tell the worker, then end it (WorkerHandle.stop): the agent has `grace` to unwind and
-        the worker to report its end (the pump ends), then SIGTERM and SIGKILL; then the terminal."""
+        the worker to report its end (the pump ends), then SIGTERM and SIGKILL; then the terminal.
+
+        A stop that comes while the worker is made ready for the job (before its spec is sent)
+        tells the worker nothing: a worker takes a cancel for the job it has (one that comes
+        before its job would be lost), and `_run()` does not send the job after a stop. The wait
+        for the job's end is then the set-up's: `_life()` sets `_pump_done` once `_run()` is over."""
         try:
             assert worker.writer is not None
-            with contextlib.suppress(OSError, RuntimeError, CodecError):
-                worker.writer.write(encode([pm.CANCEL, self.life.stop.kind if self.life.stop else "cancel"]))
+            if self._sent:
+                with contextlib.suppress(OSError, RuntimeError, CodecError):
+                    worker.writer.write(encode([pm.CANCEL, self.life.stop.kind if self.life.stop else "cancel"]))
             await worker.stop(self.rt.config.grace, ended=self._pump_done, kill_wait=EXIT_WAIT)
         except Exception:  # the terminal still goes, once
             log.exception("job %s: stopping its worker failed", self.job.id)

@@ -9,13 +9,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
 
 import anyio
 
+from shared import pipe_messages as pm
 from shared.messages import CANCELLED
+from shared.pipe_codec import FrameDecoder
 from supervisor.jobs.runner import JobRunner
 from supervisor.jobs.worker_handle import EXIT_WAIT, KILL_SLACK, WorkerHandle
 
@@ -116,8 +119,9 @@ def test_a_cancel_ends_a_worker_that_ignores_it_and_sigterm_through_the_one_esca
         runner.life.admitted(time.monotonic())
         on_worker = anyio.Event()
 
-        async def run() -> None:  # the job's life from the moment it has a worker: its pump
+        async def run() -> None:  # the job's life from the moment its worker has it: its pump
             runner.worker = handle
+            runner._sent = True
             on_worker.set()
             await runner._pump(handle)
             runner._pump_done.set()
@@ -144,3 +148,96 @@ class _Store:
 
     async def writable(self) -> None:
         return None
+
+
+async def _idle_worker() -> tuple[WorkerHandle, socket.socket]:
+    """A process that ends at SIGTERM, with the handle the pool would give it, and the other end of
+    its pipe: what the supervisor writes to the worker is read there."""
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+    pidfd = os.pidfd_open(proc.pid)
+
+    def reaped() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        exited.set_result(os.waitpid(proc.pid, 0)[1])
+
+    loop.add_reader(pidfd, reaped)
+    handle = WorkerHandle(proc.pid, ours, exited)
+    await handle.open()
+    return handle, theirs
+
+
+class _Job:
+    """The job as the runner sees it (hashable, as the tracing's table of jobs needs)."""
+
+    def __init__(self, request: Any) -> None:
+        self.id = "job_1"
+        self.request = request
+        self.owner = SimpleNamespace(outbox=None)
+        self.done = False
+        self.status = "pending"
+
+
+def test_a_stop_while_the_worker_is_made_ready_does_not_send_the_job_and_does_not_wait_for_the_grace() -> None:
+    """A cancel that comes while a fresh worker is being made ready for its job (its limits and
+    temp dir, on a thread): the job is not sent after it, nor a cancel before it (a worker takes a
+    cancel for the job it runs: one that comes before the job is lost, and the job, sent after it,
+    would run until the grace ran out). The terminal comes once the set-up is over."""
+    grace = 5.0
+
+    async def go() -> None:
+        handle, theirs = await _idle_worker()
+        rt = _Runtime()
+        rt.config.grace = grace
+        rt.config.usage = False
+        rt.uids = None  # type: ignore[attr-defined]
+        preparing, stopped = threading.Event(), threading.Event()
+
+        def job_tmp_dir(job: Any, worker: WorkerHandle) -> None:  # on the set-up's thread
+            preparing.set()
+            stopped.wait(5)
+
+        async def acquire(key: Any) -> WorkerHandle:
+            return handle
+
+        pool = SimpleNamespace(acquire=acquire, retire=lambda h: (h.signal(signal.SIGKILL), h.close_pipe()))
+
+        async def get(environment: Any) -> Any:
+            return SimpleNamespace(pool=pool, fork_server=None)
+
+        rt.environments = SimpleNamespace(get=get)  # type: ignore[attr-defined]
+        rt.reuse_key = lambda job: "key"  # type: ignore[attr-defined]
+        rt.job_tmp_dir = job_tmp_dir  # type: ignore[attr-defined]
+        rt.job_spec = lambda job, port: {"job_id": job.id}  # type: ignore[attr-defined]
+        request = SimpleNamespace(limits=SimpleNamespace(max_runtime=60, memory=1 << 40), max_runtime_sec=None,
+                                  expires_at=None, lease={}, agent=SimpleNamespace(environment=None))
+        runner = JobRunner(rt, _Job(request))  # type: ignore[arg-type]
+        runner.started = True
+        runner.life.admitted(time.monotonic())
+        with anyio.fail_after(grace + 10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(runner._life)
+                await anyio.to_thread.run_sync(preparing.wait, 5)
+                t0 = time.monotonic()
+                runner.request_stop("cancel", "stop it")
+                await anyio.sleep(0.05)  # the stopper's turn, while the set-up still runs
+                stopped.set()
+        took = time.monotonic() - t0
+        theirs.setblocking(False)
+        got = b""
+        try:
+            while data := theirs.recv(1 << 16):
+                got += data
+        except BlockingIOError:
+            pass
+        theirs.close()
+        sent = [f[0] for f in FrameDecoder(pm.MAX_PIPE_FRAME).feed(got)]
+        assert pm.JOB not in sent, f"the job went to its worker after its stop: {sent}"
+        assert sent == [], f"the worker was sent {sent} for a job it never had"
+        assert [s for s, _ in rt.finished] == [CANCELLED] and rt.cancelled == ["stop it"]
+        assert took < grace / 2, f"the terminal came after {took:.2f} s: the stop waited for the grace"
+        assert handle.exited.done() and _killed(handle.exited.result())
+    asyncio.run(go())
