@@ -4,10 +4,10 @@ The supervisor never runs agent code. It starts one fork server that has importe
 worker runtime once; every worker is a fork of it, so that a worker costs a pipe write,
 not an interpreter start. The fork server reaps its workers and reports their exits.
 
-Nothing here blocks the event loop: the fork server's exit is seen through a pidfd (its
-reaping is then immediate; `close()`, for the end of the loop, is the exception), a
-restart's exec runs on a thread, and so does every change to the workers' cgroups
-(worker_groups.py). That background work belongs to `serve()`, which the worker pool
+Nothing here blocks the event loop but a fork server's exec (a few ms: it must run on the
+loop's own thread, see `astart()`): its exit is seen through a pidfd (its reaping is then
+immediate; `close()`, for the end of the loop, is the exception), and every change to the
+workers' cgroups runs on a thread (worker_groups.py). That background work belongs to `serve()`, which the worker pool
 runs (pool.py) for as long as it runs.
 """
 
@@ -99,14 +99,16 @@ class ForkServer:
 
     # -- start, exit, close -------------------------------------------------------------
     def start(self) -> None:
-        """Start the fork server (its exec blocks for a few ms: at start-up only; a restart
-        runs it on a thread)."""
+        """Start the fork server (its exec blocks the loop for a few ms: at start-up, at a
+        restart, and when an agent environment added by a reload is first used)."""
         self._attach(*self._launch())
 
     async def astart(self) -> None:
-        """`start()` with the interpreter's exec on a thread: for a fork server started while
-        the runtime serves (an agent environment's)."""
-        self._attach(*await anyio.to_thread.run_sync(self._launch))
+        """`start()` from a task. The exec runs on the event loop's own thread, never on a
+        worker thread: the fork server's parent-death signal fires when the *thread* that
+        started it exits, and a worker thread of anyio's ends once it has been idle a while
+        (the fork server, and every worker with it, would be killed then)."""
+        self.start()
 
     def _launch(self) -> Launched:
         if self.runtime_dir is None:
@@ -226,7 +228,7 @@ class ForkServer:
             self.start()
 
     async def _restart(self) -> None:
-        self._attach(*await anyio.to_thread.run_sync(self._launch))
+        self.start()  # on the loop's thread, as astart() says why
         if self._closed:
             await self.aclose()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import signal
 import socket
 from pathlib import Path
@@ -208,4 +209,32 @@ def test_a_process_that_appears_between_jobs_is_looked_for_at_acquire(tmp_path: 
         assert got is not k.h and got in k.forks.spawned
         assert k.asked.count("cgroup.procs") == pool_module.LEFTOVER_WAIT_STEPS and "kill_others" in k.asked
         assert k.asked[-1] == f"signal {signal.SIGKILL}"
+    asyncio.run(go())
+
+
+def test_a_fork_server_started_from_a_task_outlives_the_threads_of_that_time() -> None:
+    """The fork server dies with the *thread* that started it (its parent-death signal): one
+    started on a worker thread of anyio's was killed once that thread, idle for 10 s, ended
+    (found as jobs failing with the fork server "killed by signal 9" a while after start)."""
+    async def go() -> None:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONDONTWRITEBYTECODE": "1"}
+        fs = ForkServer(env, os.getcwd(), [], None)
+        await anyio.to_thread.run_sync(lambda: None)  # worker thread X, idle
+        await fs.astart()  # (started on X, if it went to a worker thread)
+        try:
+            await fs.wait_ready()
+            pid = fs.pid
+            assert pid is not None
+            async with anyio.create_task_group() as tg:  # X and a new thread Y; X idle first
+                tg.start_soon(anyio.to_thread.run_sync, time.sleep, 0.05)
+                tg.start_soon(anyio.to_thread.run_sync, time.sleep, 0.5)
+            await anyio.sleep(11)  # past anyio's idle time for a worker thread (10 s): the next
+            await anyio.to_thread.run_sync(lambda: None)  # work goes to Y and ends X
+            await anyio.sleep(0.5)
+            assert fs.ready and os.path.exists(f"/proc/{pid}"), "the fork server died with a thread"
+            worker = await fs.spawn(1)
+            worker.signal(9)
+            worker.close_pipe()
+        finally:
+            await fs.aclose()
     asyncio.run(go())
