@@ -62,6 +62,13 @@ class Channel:
         self.extra: dict[int, Callable[[int], None]] = {}
         self.jobs: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=1)
         self.on_cancel: Callable[[str], None] = lambda reason: None
+        # Jobs received, and the number of the last one a CANCEL came for. The supervisor sends a
+        # job's CANCEL only after its JOB, so a CANCEL is for the last job received: also when
+        # that job has not started yet (both frames read at once, or the CANCEL read before the
+        # runner took the job). Read and written under `cancel_lock` (see Runner.run).
+        self.cancel_lock = threading.Lock()
+        self.jobs_received = 0
+        self.cancelled_job = 0
         self._decoder = FrameDecoder(pm.MAX_PIPE_FRAME)
         self._go = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="arcp-pipe", daemon=True)
@@ -206,9 +213,13 @@ class Channel:
                     value = InternalError("malformed error reply from the supervisor")
             self._resolve(p, bool(ok), value)
         elif tag == pm.JOB:
+            with self.cancel_lock:
+                self.jobs_received += 1
             self.jobs.put(frame[1])
         elif tag == pm.CANCEL:
             reason = frame[1] if len(frame) > 1 and isinstance(frame[1], str) else "cancelled"
+            with self.cancel_lock:
+                self.cancelled_job = self.jobs_received
             self.on_cancel(reason)
             self.fail_pending(Cancelled(f"job cancelled: {reason}"))
         else:

@@ -67,6 +67,7 @@ class Runner:
         self._main_ident = threading.get_ident()
         self.sandbox = Sandbox()
         self.jobs_done = 0
+        self.jobs_taken = 0  # the number of the job run() runs (Channel.jobs_received counts the same jobs)
         self.left: list[str] = []  # what the last job left behind (pipe_messages.LEFT_KINDS)
         self.limits: dict[str, int] = {}
         # sys.modules as the last job found it once its agent was loaded, when that job left
@@ -137,7 +138,11 @@ class Runner:
 
     def run(self, spec: dict[str, Any]) -> None:
         ctx = JobContext(self.ch, spec)
-        self.ctx = ctx
+        with self.ch.cancel_lock:  # a CANCEL read before now is this job's: it is not lost
+            self.ctx = ctx
+            self.jobs_taken += 1
+            if self.ch.cancelled_job == self.jobs_taken:
+                ctx._mark_cancelled()  # the agent's first call raises Cancelled, or its end does
         self.limits = dict(spec.get("limits") or {})
         if spec.get("tmp_size"):
             self.limits["tmp_size_mb"] = max(1, int(spec["tmp_size"]) >> 20)
@@ -210,6 +215,8 @@ class Runner:
         self.is_async = is_async
         self.in_agent = True
         try:
+            if ctx.cancelled:  # before the agent's call (its import, the sandbox, or before the job was taken):
+                raise Cancelled("job cancelled")  # a cancel that came then did not interrupt it
             if self.is_async:
                 return self._run_coroutine(fn(input, ctx))
             value = fn(input, ctx)
