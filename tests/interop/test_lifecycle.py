@@ -4,6 +4,7 @@ group), SIGHUP re-reading --config, and a stdio session whose input ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -321,3 +322,43 @@ def test_stdio_sigterm_drains_the_session(tmp_path: Path) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("agent", ["sleep", "spin"])
+def test_a_cancel_read_with_its_job_is_not_lost(make_server: type[Server], agent: str) -> None:
+    """The worker reads its job and the job's cancel at once (it was not scheduled between
+    them): the cancel is the job's, and the job ends at once instead of after the 30 s grace
+    (it used to be dropped: the worker had no job yet when it read it)."""
+    import psutil
+
+    from tests.conftest import fork_server_pids
+
+    srv = make_server("--grace", "30")
+
+    def workers() -> list[psutil.Process]:
+        return [w for fs in fork_server_pids(srv.pid) for w in psutil.Process(fs).children()]
+
+    async def go() -> float:
+        async with sdk_session(srv.url) as (client, rec):
+            deadline = time.monotonic() + 10
+            while not workers() and time.monotonic() < deadline:  # the warm workers
+                await asyncio.sleep(0.05)
+            stopped = workers()
+            assert stopped
+            for w in stopped:
+                w.suspend()
+            try:
+                h = await client.submit(agent=agent, input={"seconds": 30})
+                await asyncio.sleep(0.3)  # the job is written to a stopped worker's pipe
+                await client.cancel_job(h.job_id)
+                await asyncio.sleep(0.3)  # and its cancel after it
+            finally:
+                for w in stopped:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        w.resume()
+            t0 = time.monotonic()
+            term = await rec.terminal(h.job_id, timeout=20)
+            assert term["type"] == "job.error" and term["payload"]["code"] == "CANCELLED", term
+            return time.monotonic() - t0
+
+    assert asyncio.run(go()) < 10  # not the grace
