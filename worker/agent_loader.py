@@ -17,12 +17,16 @@ import sys
 from importlib.machinery import ModuleSpec
 from types import CodeType, ModuleType
 
+from worker import import_path
+
 _compiled: dict[str, tuple[ModuleSpec, CodeType]] = {}  # name -> (spec, code)
 
 
 def find_source(name: str) -> tuple[str, bool] | None:
+    """A module's source file on the job's import path (the fork server's own path until it
+    is built), and whether it is a package; nothing is imported."""
     parts = name.split(".")
-    for base in sys.path:
+    for base in import_path.JOB_PATH or sys.path:
         base = base or os.getcwd()
         d = os.path.join(base, *parts[:-1])
         if parts[:-1] and not os.path.isfile(os.path.join(d, "__init__.py")):

@@ -57,6 +57,7 @@ import time  # noqa: F401
 import traceback  # noqa: F401
 import typing  # noqa: F401
 
+import worker.import_path
 import worker.json_value
 import worker.runner  # noqa: F401
 from shared.exit_codes import BOOT_ERROR
@@ -191,7 +192,7 @@ def _needed(modules: list[str]) -> list[str]:
     """What jobs of this fork server read: Python, the worker runtime, the agents' directories,
     the import path."""
     dirs = [d for m in modules for d in worker.runner.agent_dirs(m)]
-    return worker.sandbox.python_read_dirs(dirs) + [os.getcwd()] + [p for p in sys.path if p]
+    return worker.sandbox.python_read_dirs(dirs) + [os.getcwd()] + worker.import_path.JOB_PATH
 
 
 def open_up_for_job_uids(modules: list[str]) -> dict[str, Any]:
@@ -266,7 +267,7 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False, 
                            shared_netns=not WORKER_NAMESPACES)
     _send(ctl, ["ready", {"netns": netns, "loopback": loopback, "python": sys.version.split()[0],
                           "seccomp": worker.sandbox.SECCOMP_BPF is not None,
-                          "fast_json": worker.json_value.FAST, "import_path": sys.path, **uid_facts}])
+                          "fast_json": worker.json_value.FAST, "import_path": worker.import_path.JOB_PATH, **uid_facts}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])
@@ -345,23 +346,26 @@ def main(argv: list[str]) -> None:
     """`CTL_FD PARENT_PID OPTIONS`: OPTIONS is a JSON object, every key optional:
     `modules` (agent modules to compile ahead), `job_uids` (set up for job uids), `path`
     (the agent environment's import directories), `cwd_on_path` (the directory started in
-    goes on the import path, after them), `runtime` (the worker runtime's directory, which
-    the boot code put first on the path), `own_prefix` (jobs may read this interpreter's
-    prefix: an agent's venv), `hide` (directories of installed packages to hide, or null)."""
+    goes on the job's import path, after them), `runtime` (the worker runtime's directory,
+    which worker/__main__.py put first on this process's path), `own_prefix` (the
+    interpreter is the agent's: jobs may read its prefix and import its site-packages),
+    `hide` (directories of installed packages to hide, or null)."""
     if len(argv) != 3:
         print("usage: python -m worker CTL_FD PARENT_PID OPTIONS_JSON", file=sys.stderr)
         sys.exit(2)
     opts = json.loads(argv[2])
     modules = [str(m) for m in opts.get("modules", [])]
     runtime = opts.get("runtime")
-    # The job's import path, built here and not inherited: the agent's own directories, the
-    # directory the supervisor was started in, the worker runtime, then this interpreter's
-    # standard library and (an agent's venv) its site-packages.
-    head = [str(p) for p in opts.get("path", [])] + ([os.getcwd()] if opts.get("cwd_on_path", True) else [])
-    head += [runtime] if runtime else []
-    sys.path[:] = list(dict.fromkeys(head + [p for p in sys.path if p and p not in head]))
-    worker.sandbox.configure_environment(
-        [*opts.get("path", []), *([runtime] if runtime else [])], own_prefix=bool(opts.get("own_prefix")))
+    dirs = [str(p) for p in opts.get("path", [])]
+    # The job's import path, built here and not inherited (worker/import_path.py); this
+    # process keeps its own, which holds nothing of the agent's.
+    worker.import_path.build(dirs, os.getcwd() if opts.get("cwd_on_path", True) else None, runtime,
+                             own_prefix=bool(opts.get("own_prefix")))
+    for line in worker.import_path.SKIPPED_PTH[:20]:
+        print(f"arcp fork server: a .pth line that is code is not run (jobs import without it): {line}",
+              file=sys.stderr)
+    worker.sandbox.configure_environment([*dirs, *([runtime] if runtime else [])],
+                                         own_prefix=bool(opts.get("own_prefix")))
     precompile(modules)
     # Everything imported so far lives as long as we do: keep the collector from
     # walking (and so copying) those pages in every forked worker.

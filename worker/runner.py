@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from worker import json_value
+from worker import import_path, json_value
 
 from shared import pipe_messages as pm
 from shared.errors import ARCPError, Cancelled, InternalError
@@ -151,6 +151,7 @@ class Runner:
         modules = self._modules if self._modules is not None else dict(sys.modules)
         try:
             self._enter_sandbox(spec)
+            import_path.enter()  # the job's import path, only now that nothing can leave the sandbox
             name_import_refusals()  # an import the sandbox refuses says so (worker/import_refusals.py)
             fn = load_entry(spec["entry"])
             # the agent's own imports: the same for every job of this worker (no copy when unchanged)

@@ -116,9 +116,11 @@ class ForkServer:
             self.runtime_dir = self._own_runtime.build()
         options = {"modules": self._modules, "job_uids": self._want_job_uids, "path": self._import_path,
                    "runtime": self.runtime_dir, "own_prefix": self.python is not None, "hide": self._hide}
-        # -I: no PYTHON* variables, no user site, no current directory on the path; -S for the
-        # supervisor's own interpreter: none of its site-packages (an agent's venv keeps its own)
-        interpreter = [self.python, "-I"] if self.python else [sys.executable, "-I", "-S"]
+        # -I: no PYTHON* variables, no user site, no current directory on the path; -S: no
+        # site-packages, so nothing of an agent's venv (its .pth files, a sitecustomize) runs in
+        # the fork server, which is not sandboxed: its jobs get the venv's packages on their own
+        # import path (worker/import_path.py)
+        interpreter = [self.python or sys.executable, "-I", "-S"]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         out_r, out_w = os.pipe()  # its stdout and stderr (and its workers' until their job's are captured)
         try:

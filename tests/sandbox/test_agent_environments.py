@@ -238,3 +238,40 @@ def test_the_example_agent_builds_its_venv_and_fetches_through_the_proxy(
         assert _result(refused)["status"] == 403
     finally:
         origin.close()
+
+
+def test_an_agent_venvs_start_up_code_never_runs_outside_the_sandbox(
+        tmp_path: Path, make_server: type[Server]) -> None:
+    """A venv's .pth lines that are code and its sitecustomize run at interpreter start, and
+    a module in an agent's import directory that shadows the standard library runs when
+    imported: none of it may run in the fork server (root, not sandboxed), only in jobs. A
+    .pth line that names a directory still puts it on the job's import path."""
+    from tests.agent_envs import base_python
+
+    venv = tmp_path / "hostile-venv"
+    subprocess.run([base_python(), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    [sp] = glob.glob(str(venv / "lib" / "python3.*" / "site-packages"))
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    (Path(sp) / "aaa_hostile.pth").write_text(
+        f"import os; open({str(markers / 'pth')!r}, 'w').write(str(os.getuid()))\nextra_code\n")
+    (Path(sp) / "extra_code").mkdir()
+    (Path(sp) / "extra_code" / "from_pth_dir.py").write_text("VALUE = 'named by a .pth line'\n")
+    (Path(sp) / "sitecustomize.py").write_text(f"open({str(markers / 'sitecustomize')!r}, 'w').write('ran')\n")
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    for name in ("sysconfig", "tempfile", "json", "socket"):
+        (shadow / f"{name}.py").write_text(f"open({str(markers / name)!r}, 'w').write('ran')\n"
+                                           "raise ImportError('shadowed')\n")
+    for p in [venv, *venv.rglob("*"), shadow, *shadow.iterdir()]:
+        if not p.is_symlink():  # (bin/python is one, to the interpreter itself)
+            p.chmod(0o755 if p.is_dir() else 0o644)
+    python = str(venv / "bin" / "python")
+    s = make_server("--agent", "probe=tests.env_agents:probe", "--agent-python", f"probe={python}",
+                    "--agent-path", f"probe={shadow}")
+    [term] = asyncio.run(_run_all(s.url, [("probe", {"modules": ["from_pth_dir"]})]))
+    r = _result(term)
+    assert r["imported"]["from_pth_dir"].startswith("ok"), r["imported"]
+    assert str(Path(sp) / "extra_code") in r["path"] or os.path.realpath(Path(sp) / "extra_code") in r["path"]
+    assert sorted(os.listdir(markers)) == [], "code of the agent's environment ran outside its sandbox"
+    s.wait_stderr("a .pth line that is code is not run")

@@ -121,6 +121,9 @@ class _Channel:
         self.extra: dict[int, Any] = {}
         self.on_cancel: Any = None
         self.outcomes: list[list[Any]] = []
+        self.cancel_lock = threading.Lock()  # (worker/rpc_client.py Channel: no cancel comes here)
+        self.jobs_received = 0
+        self.cancelled_job = -1
 
     def send_now(self, msg: list[Any]) -> None:
         self.outcomes.append(msg)
