@@ -50,6 +50,30 @@ class Op:
         self.error: StoreError | None = None
 
 
+class BatchApplier:
+    """What both databases' backends share: a batch's operations applied in order, each run
+    of frames as one statement (`log_frames`), every other operation by `apply`."""
+
+    def log_frames(self, rows: list[tuple[Any, ...]], undo: Undo) -> None:
+        raise NotImplementedError
+
+    def apply(self, op: Op, undo: Undo) -> Any:
+        raise NotImplementedError
+
+    def apply_all(self, ops: list[Op], undo: Undo) -> None:
+        i = 0
+        while i < len(ops):
+            if ops[i].kind == FRAME:  # a run of frames: one statement, then the trims
+                j = i
+                while j < len(ops) and ops[j].kind == FRAME:
+                    j += 1
+                self.log_frames([op.args for op in ops[i:j]], undo)
+                i = j
+            else:
+                ops[i].result = self.apply(ops[i], undo)
+                i += 1
+
+
 def describe(kind: str, a: tuple[Any, ...]) -> str:
     """An operation and its ids, for logs and errors (never a frame's or a record's contents)."""
     if kind == FRAME:

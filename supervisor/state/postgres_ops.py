@@ -29,7 +29,7 @@ import psycopg
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
     CLAIM, CREDS, DELETE, FINISH, FORGET, FRAME, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
-    TERMINAL, UNREVOKED, Op, Undo, describe, stored_job,
+    TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
 )
 from supervisor.state.postgres_schema import migrate
 from supervisor.state.queued import QueuedStore
@@ -58,7 +58,7 @@ class Settings:
     close_timeout: float  # seconds close() waits for an unreachable database
 
 
-class PgDatabase:
+class PgDatabase(BatchApplier):
     """The writer thread's connection to PostgreSQL, with the byte tally of each live session's
     frame log (a rolled-back transaction's changes to the tallies are undone too)."""
 
@@ -221,19 +221,6 @@ class PgDatabase:
                         f"{describe(op.kind, op.args)}: {type(e).__name__}: {e}")
                 break
         return committed
-
-    def apply_all(self, ops: list[Op], undo: Undo) -> None:
-        i = 0
-        while i < len(ops):
-            if ops[i].kind == FRAME:  # a run of frames: one statement, then the trims
-                j = i
-                while j < len(ops) and ops[j].kind == FRAME:
-                    j += 1
-                self.log_frames([op.args for op in ops[i:j]], undo)
-                i = j
-            else:
-                ops[i].result = self.apply(ops[i], undo)
-                i += 1
 
     def apply(self, op: Op, undo: Undo) -> Any:
         assert self.conn is not None

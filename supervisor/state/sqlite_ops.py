@@ -22,7 +22,7 @@ import orjson
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
     CLAIM, CREDS, DELETE, FINISH, FORGET, FRAME, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
-    TERMINAL, UNREVOKED, Op, Undo, describe, stored_job,
+    TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
 )
 from supervisor.state.sqlite_files import tighten
 
@@ -83,7 +83,7 @@ def connect(path: str) -> sqlite3.Connection:
     return db
 
 
-class Database:
+class Database(BatchApplier):
     """The writer thread's connection, with the byte tally of each live session's frame log that
     it keeps beside it (a rolled-back transaction's changes to the tallies are undone too)."""
 
@@ -160,19 +160,6 @@ class Database:
                 op.result = None
                 op.error = StoreError(f"{describe(op.kind, op.args)}: {type(e).__name__}: {e}")
         return committed
-
-    def apply_all(self, ops: list[Op], undo: Undo) -> None:
-        i = 0
-        while i < len(ops):
-            if ops[i].kind == FRAME:  # a run of frames: one statement, then the trims
-                j = i
-                while j < len(ops) and ops[j].kind == FRAME:
-                    j += 1
-                self.log_frames([op.args for op in ops[i:j]], undo)
-                i = j
-            else:
-                ops[i].result = self.apply(ops[i], undo)
-                i += 1
 
     def apply(self, op: Op, undo: Undo) -> Any:
         db = self.db
