@@ -134,7 +134,15 @@ class PgDatabase(BatchApplier):
             return
 
     def close(self) -> None:
+        """Release the node's lock before the connection goes: the server releases a closed
+        session's locks only once its backend has exited, a moment later, and another node's
+        recover() in between would take this node for alive."""
         if self.conn is not None:
+            if not self.lost():
+                try:
+                    self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.node_id,))
+                except psycopg.Error as e:
+                    log.warning("state store: could not release the node's lock before closing: %s", e)
             self.conn.close()
             self.conn = None
 
