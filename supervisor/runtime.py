@@ -210,7 +210,7 @@ class Runtime:
                 await self.environments.start_one(self._tg, env)
             except WorkerSpawnError as e:
                 if env.is_default:
-                    raise ConfigError(f"jobs cannot run: {e}") from e
+                    raise ConfigError(str(e)) from e
                 names = ", ".join(a.ref for a in self.config.agents if a.environment == env)
                 raise ConfigError(f"agent {names} (on {env.describe()}): cannot start: {e}") from e
 
@@ -226,12 +226,13 @@ class Runtime:
         return EnvironmentWorkers(env, fs, pool)
 
     def _check_environment(self, workers: EnvironmentWorkers) -> None:
-        """Job uids, when required, set up by this environment's fork server too: never a
-        fallback to the supervisor's uid."""
+        """ForkServerStartError unless this environment's fork server set up job uids (when
+        required: never a fallback to the supervisor's uid) and the seccomp filter (where the
+        host has it)."""
         fs = workers.fork_server
         if self.job_uid_range is not None and not fs.job_uids:
-            raise ConfigError(f"jobs cannot be given uids of their own: "
-                              f"{fs.job_uids_error or 'the fork server could not set them up'}")
+            raise ForkServerStartError(f"jobs cannot be given uids of their own: "
+                                       f"{fs.job_uids_error or 'the fork server could not set them up'}")
         if self._seccomp and not fs.seccomp:  # never a job without the filter doctor promised
             raise ForkServerStartError("its fork server could not build the seccomp filter (pyseccomp or "
                                        "libseccomp does not load on that interpreter)")
