@@ -35,6 +35,28 @@ from worker.stdio_capture import StdioCapture
 
 CANCEL_SIGNAL = signal.SIGUSR1
 ASYNC_INTERRUPT_DELAY = 0.25  # seconds an async agent gets to honour task.cancel()
+INTERRUPT_RETRY = 0.02  # seconds before the interrupt is tried again where it landed badly
+
+
+def reaches_the_agent(frame: Any) -> bool:
+    """Whether an exception raised in `frame` (where a signal interrupted the main thread)
+    ends up in the agent's task or out of the event loop, rather than in asyncio's handling
+    of a callback's error, which logs and drops it (and, in the callback that stops
+    run_until_complete, leaves the loop running). It does when a coroutine frame lies
+    between `frame` and the first callback runner (`Handle._run`) above it, or when there is
+    no callback runner at all (the loop waiting in select(), or no loop)."""
+    f = frame
+    while f is not None:
+        code = f.f_code
+        if code.co_flags & inspect.CO_COROUTINE:
+            return True  # the task's step takes it
+        if code.co_name == "_run" and code.co_filename == _EVENTS_FILE:
+            return False  # Handle._run: a callback's error, swallowed
+        f = f.f_back
+    return True
+
+
+_EVENTS_FILE = asyncio.events.__file__
 
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -106,6 +128,9 @@ class Runner:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.in_agent and self.ctx is not None and self.ctx.cancelled:
+            if self.is_async and not reaches_the_agent(frame):  # asyncio would swallow it there, and
+                threading.Timer(INTERRUPT_RETRY, self._interrupt).start()  # its loop might never stop
+                return
             self.in_agent = False  # one interrupt per job
             raise Cancelled("job cancelled")
 
