@@ -72,7 +72,6 @@ class Runtime:
         self._seccomp = seccomp_available()  # so every fork server must build the seccomp filter
         self.environments = WorkerEnvironments(self._environment_workers, self._check_environment)
         self.fork_server = self.environments.default.fork_server  # the default agent environment's
-        self.pool = self.environments.default.pool
         self.admission = admission_for(config)
         # job.accepted's sandbox list, by whether the job has net.fetch: decided at start (from
         # what the fork server set up); no job is accepted before

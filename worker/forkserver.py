@@ -267,7 +267,7 @@ def serve(ctl_fd: int, parent: int, modules: list[str], job_uids: bool = False, 
                            shared_netns=not WORKER_NAMESPACES)
     _send(ctl, ["ready", {"netns": netns, "loopback": loopback, "python": sys.version.split()[0],
                           "seccomp": worker.sandbox.SECCOMP_BPF is not None,
-                          "fast_json": worker.json_value.FAST, "import_path": worker.import_path.JOB_PATH, **uid_facts}])
+                          "fast_json": worker.json_value.FAST, **uid_facts}])
     while True:
         try:
             ready, _, _ = select.select([ctl.fileno(), wake_r], [], [])

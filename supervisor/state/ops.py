@@ -54,6 +54,8 @@ class BatchApplier:
     """What both databases' backends share: a batch's operations applied in order, each run
     of frames as one statement (`log_frames`), every other operation by `apply`."""
 
+    log_size: dict[str, int]  # session -> bytes of its logged frames, as committed
+
     def log_frames(self, rows: list[tuple[Any, ...]], undo: Undo) -> None:
         raise NotImplementedError
 
@@ -72,6 +74,21 @@ class BatchApplier:
             else:
                 ops[i].result = self.apply(ops[i], undo)
                 i += 1
+
+    def apply_one(self, op: Op, undo: Undo) -> None:
+        """One operation in a transaction of its own (the batch failed: each on its own)."""
+        if op.kind == FRAME:
+            self.log_frames([op.args], undo)
+        else:
+            op.result = self.apply(op, undo)
+
+    def restore_sizes(self, undo: Undo) -> None:
+        """The sessions' byte tallies as they were before a transaction that was rolled back."""
+        for session_id, size in undo.items():
+            if size is None:
+                self.log_size.pop(session_id, None)
+            else:
+                self.log_size[session_id] = size
 
 
 def describe(kind: str, a: tuple[Any, ...]) -> str:

@@ -28,7 +28,7 @@ import psycopg
 
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
-    CLAIM, CREDS, DELETE, FINISH, FORGET, FRAME, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
+    CLAIM, CREDS, DELETE, FINISH, FORGET, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
     TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
 )
 from supervisor.state.postgres_schema import migrate
@@ -174,11 +174,7 @@ class PgDatabase(BatchApplier):
                 self.conn.rollback()
         except Exception:
             log.exception("state store: ROLLBACK failed")
-        for session_id, size in undo.items():
-            if size is None:
-                self.log_size.pop(session_id, None)
-            else:
-                self.log_size[session_id] = size
+        self.restore_sizes(undo)
 
     # -- batches ------------------------------------------------------------------------
     def apply_batch(self, ops: list[Op]) -> int:
@@ -212,10 +208,7 @@ class PgDatabase(BatchApplier):
                 try:
                     if self.conn is None:
                         raise Lost("not connected")
-                    if op.kind == FRAME:
-                        self.log_frames([op.args], undo)
-                    else:
-                        op.result = self.apply(op, undo)
+                    self.apply_one(op, undo)
                     self.commit()
                     committed += 1
                 except Exception as e:

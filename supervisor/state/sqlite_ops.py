@@ -21,7 +21,7 @@ import orjson
 
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
-    CLAIM, CREDS, DELETE, FINISH, FORGET, FRAME, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
+    CLAIM, CREDS, DELETE, FINISH, FORGET, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
     TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
 )
 from supervisor.state.sqlite_files import tighten
@@ -110,11 +110,7 @@ class Database(BatchApplier):
                 self.db.execute("ROLLBACK")
         except Exception:
             log.exception("state store: ROLLBACK failed")
-        for session_id, size in undo.items():
-            if size is None:
-                self.log_size.pop(session_id, None)
-            else:
-                self.log_size[session_id] = size
+        self.restore_sizes(undo)
 
     def apply_batch(self, ops: list[Op]) -> int:
         """Apply `ops` in one transaction; if that fails, roll it back and apply them one per
@@ -149,10 +145,7 @@ class Database(BatchApplier):
                 self.rollback(undo)
                 continue
             try:
-                if op.kind == FRAME:
-                    self.log_frames([op.args], undo)
-                else:
-                    op.result = self.apply(op, undo)
+                self.apply_one(op, undo)
                 self.commit()
                 committed += 1
             except Exception as e:
