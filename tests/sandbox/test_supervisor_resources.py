@@ -98,7 +98,12 @@ def test_a_subscriber_that_does_not_read_is_disconnected_not_buffered(make_serve
                 peak = await _peak_rss(proc, 0.2, peak)
             assert (await done)["payload"]["result"] == {"n": n}
             assert _log_numbers(rec, h.job_id) == list(range(n))
-            assert peak - base < 128 * MiB, f"the supervisor grew by {(peak - base) >> 20} MiB"
+            # What the supervisor may hold by design: the follower's queue up to its hard limit
+            # (log bytes + 32 MiB), the owner's up to its high-water mark (16 MiB), the store's
+            # writer up to 20 MiB behind, each frame parsed and serialised, and the allocator's
+            # fragmentation (95 to 105 MiB on a quiet machine, 138 MiB once under a full test run).
+            # Buffering the 300 MiB flood for the watcher would take far more.
+            assert peak - base < 176 * MiB, f"the supervisor grew by {(peak - base) >> 20} MiB"
             await srv.wait_stderr_async("does not read: closing its transport")
             wrec.gate.set()
 
