@@ -84,6 +84,20 @@ def run(
     state_dir: Annotated[Optional[str], typer.Option(
         "--state-dir", rich_help_panel=_STATE,
         help="Directory for durable state (default: in memory).")] = None,
+    state_url: Annotated[Optional[str], typer.Option(
+        "--state-url", rich_help_panel=_STATE,
+        help="postgresql://USER@HOST:PORT/DB: durable state in PostgreSQL, shared by several "
+             "supervisor processes (instead of --state-dir).")] = None,
+    node_id: Annotated[Optional[str], typer.Option(
+        "--node-id", rich_help_panel=_STATE,
+        help="This process's id among those sharing --state-url (default HOSTNAME-PID).")] = None,
+    node_heartbeat: Annotated[Optional[float], typer.Option(
+        "--node-heartbeat", rich_help_panel=_STATE,
+        help="Seconds between renewals of this process's liveness in --state-url (default 2).")] = None,
+    node_timeout: Annotated[Optional[float], typer.Option(
+        "--node-timeout", rich_help_panel=_STATE,
+        help="Seconds of silence after which the other processes declare one lost (default 10; "
+             "at least twice --node-heartbeat).")] = None,
     memory: Annotated[Optional[str], typer.Option(
         "--memory", rich_help_panel=_JOBS,
         help="Per-job memory (default 1G).")] = None,
@@ -276,8 +290,8 @@ def build_config(flags: dict[str, Any]) -> Config:
         if not sep or not tok or not principal:
             raise ConfigError(f"--token {t!r}: expected TOKEN=PRINCIPAL")
         tokens[tok] = principal
-    for key in ("host", "port", "path", "stdio", "state_dir", "grace", "drain_timeout", "reuse_workers",
-                "heartbeat_interval",
+    for key in ("host", "port", "path", "stdio", "state_dir", "state_url", "node_id", "node_heartbeat",
+                "node_timeout", "grace", "drain_timeout", "reuse_workers", "heartbeat_interval",
                 "resume_window", "retention_jobs", "retention_seconds", "ws_compression", "metrics", "usage",
                 "back_pressure_threshold", "egress_header_timeout", "allow_shared_uid", "max_jobs",
                 "max_queued"):

@@ -10,12 +10,14 @@ from typing import Any
 
 from supervisor.config.environments import import_dirs, interpreter
 from supervisor.config.settings import (
-    ENTRY_RE, LOG_CHOICES, AgentEnvironment, ConfigError, Limits, agent_spec, log_setting, parse_size,
+    ENTRY_RE, LOG_CHOICES, AgentEnvironment, ConfigError, Limits, agent_spec, check_node_id, check_state_url,
+    log_setting, parse_size, positive_seconds,
 )
 from supervisor.config.uids import parse_uid_range
 
 _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str, "port": int, "path": str, "stdio": bool, "state_dir": str, "grace": (int, float),
+    "state_url": str, "node_id": str, "node_heartbeat": (int, float), "node_timeout": (int, float),
     "drain_timeout": (int, float),
     "reuse_workers": int, "heartbeat_interval": int, "resume_window": int, "retention_jobs": int,
     "retention_seconds": int, "max_result_bytes": (int, str), "chunk_size": (int, str),
@@ -95,7 +97,16 @@ def load_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"config key server.{key}: must be an integer >= 0, got {v!r}")
         elif key in LOG_CHOICES:
             v = log_setting(key, v, f"config key server.{key}")
+        elif key == "state_url":
+            v = check_state_url(v, f"config key server.{key}")
+        elif key == "node_id":
+            v = check_node_id(v, f"config key server.{key}")
+        elif key in ("node_heartbeat", "node_timeout"):
+            v = positive_seconds(v, f"config key server.{key}")
         out[key] = v
+    if "state_url" in out and "state_dir" in out:
+        raise ConfigError("config key server.state_url: give it or server.state_dir, not both: state_url keeps "
+                          "the state in PostgreSQL, state_dir in SQLite")
     auth = doc.get("auth", {})
     if not isinstance(auth, dict):
         raise ConfigError("config key [auth]: must be a table")

@@ -7,6 +7,7 @@ Every problem raises ConfigError with a message naming the flag or key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,9 @@ KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 LOG_CHOICES = {"log_format": ("text", "json"), "log_level": ("debug", "info", "warning", "error")}
 SIZE_RE = re.compile(r"\s*(\d+)\s*(?:([KMG])(?:i?B)?|B?)\s*", re.IGNORECASE)
 ENTRY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$")
+NODE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+STATE_URL_SCHEMES = ("postgresql://", "postgres://")
+_PASSWORD_PARAM_RE = re.compile(r"(password\s*=\s*)[^&\s]*", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -108,6 +112,10 @@ class Config:
     path: str = "/arcp"
     stdio: bool = False
     state_dir: str | None = None
+    state_url: str | None = None  # postgresql://...: the state in PostgreSQL, shared by several supervisors
+    node_id: str | None = None  # this process's id among those sharing state_url; None: HOSTNAME-PID
+    node_heartbeat: float = 2.0  # seconds between renewals of this process's liveness row
+    node_timeout: float = 10.0  # seconds of silence after which the others declare a process lost
     grace: float = 1.0
     drain_timeout: float = 30.0  # seconds running jobs may go on after SIGTERM/SIGINT before they are cancelled
     reuse_workers: int = 1
@@ -153,6 +161,54 @@ def log_setting(key: str, value: Any, what: str) -> str:
     return str(v)
 
 
+def redact_url(url: str) -> str:
+    """A state URL as shown in messages and logs: a password in its user part or in a
+    `password` parameter replaced by ***."""
+    from supervisor.state.postgres import _redacted
+
+    shown = _redacted(url) if "://" in url else _redacted("x://" + url)[len("x://"):]
+    return _PASSWORD_PARAM_RE.sub(r"\1***", shown)
+
+
+def check_state_url(url: Any, what: str) -> str:
+    """`--state-url` / `[server] state_url`: a postgresql:// or postgres:// URL that libpq can parse."""
+    expected = "expected a PostgreSQL URL, postgresql://USER@HOST:PORT/DB (or postgres://...)"
+    if not isinstance(url, str):
+        raise ConfigError(f"{what}: {expected}, got {url!r}")
+    shown = redact_url(url)
+    if not url.startswith(STATE_URL_SCHEMES):
+        raise ConfigError(f"{what}: {expected}, got {shown!r}")
+    from psycopg import Error as PgError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except PgError as e:
+        why = str(e).strip().replace(url, shown)  # libpq's message may quote a password's text
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        secrets = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+        secrets += [m.group(0)[len(m.group(1)):] for m in _PASSWORD_PARAM_RE.finditer(url)]
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            why = why.replace(secret, "***")
+        raise ConfigError(f"{what}: {shown!r} is not a valid PostgreSQL URL: {why}") from None
+    return url
+
+
+def check_node_id(node_id: Any, what: str) -> str:
+    """`--node-id` / `[server] node_id`: 1 to 128 of A-Z a-z 0-9 . _ : -"""
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+        raise ConfigError(f"{what}: {node_id!r} is not a node id (1 to 128 characters of A-Z, a-z, 0-9, "
+                          "'.', '_', ':' and '-')")
+    return node_id
+
+
+def positive_seconds(value: Any, what: str) -> float:
+    """A number of seconds > 0 (a fraction allowed), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what}: must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
 def parse_agent_flag(text: str, limits: Limits) -> AgentSpec:
     """`NAME[@VERSION]=MODULE:FUNCTION`."""
     ref, sep, entry = text.partition("=")
@@ -184,6 +240,20 @@ def check(cfg: Config) -> Config:
         raise ConfigError("--grace: must be >= 0")
     if not 0 <= cfg.drain_timeout <= 86400:
         raise ConfigError("--drain-timeout: must be >= 0 and at most 86400 seconds")
+    if cfg.state_url is not None:
+        check_state_url(cfg.state_url, "--state-url")
+        if cfg.state_dir is not None:
+            raise ConfigError("--state-url and --state-dir: give one of them, not both (flags, or config keys "
+                              "server.state_url and server.state_dir): --state-url keeps the state in "
+                              "PostgreSQL, --state-dir in SQLite")
+    if cfg.node_id is not None:
+        check_node_id(cfg.node_id, "--node-id")
+    positive_seconds(cfg.node_heartbeat, "--node-heartbeat")
+    positive_seconds(cfg.node_timeout, "--node-timeout")
+    if cfg.node_timeout < 2 * cfg.node_heartbeat:
+        raise ConfigError(f"--node-timeout: {cfg.node_timeout:g} is less than twice --node-heartbeat "
+                          f"({cfg.node_heartbeat:g}); it must be at least 2 x --node-heartbeat (config keys "
+                          "server.node_timeout and server.node_heartbeat)")
     if cfg.reuse_workers < 1:
         raise ConfigError("--reuse-workers: must be >= 1")
     if cfg.heartbeat_interval < 1:
