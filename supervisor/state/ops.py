@@ -19,7 +19,12 @@ DELETE = "delete_jobs"
 FORGET = "forget_session"
 CREDS = "add_credentials"
 REVOKED = "revocation_attempted"
-WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED))
+# several nodes on one database (PostgreSQL: supervisor/state/postgres_cluster.py)
+SESSION_PUT = "session_put"
+SESSION_DROP = "session_drop"
+RELAY = "relay"
+COMMAND = "command"
+WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED, SESSION_PUT, SESSION_DROP, RELAY, COMMAND))
 SYNC = "sync"
 STOP = "close"
 CLAIM = "claim_job"  # an awaited write: its failure goes to its caller (like a read's)
@@ -29,6 +34,13 @@ SINCE = "frames_since"
 OLDEST = "oldest_seq"
 JOB_FRAMES = "job_frames"
 UNREVOKED = "unrevoked_credentials"
+SESSION_GET = "session_get"
+SESSION_TAKE = "session_take"
+RELAY_TAKE = "relay_take"
+JOB_GET = "job_get"
+JOBS_OF = "jobs_of"
+CLUSTER_KINDS = frozenset((SESSION_PUT, SESSION_DROP, RELAY, COMMAND, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
+                           JOBS_OF))
 
 Undo = dict[str, int | None]  # session -> its byte tally before this transaction (None: had none)
 
@@ -117,6 +129,16 @@ def describe(kind: str, a: tuple[Any, ...]) -> str:
         return f"job_frames session={_s(a[0])} job={_s(a[1])} after={a[2]}"
     if kind == UNREVOKED:
         return f"unrevoked_credentials finished_only={a[0]}"
+    if kind in (SESSION_PUT, SESSION_DROP, SESSION_GET, RELAY_TAKE):
+        return f"{kind} session={_s(a[0])}"
+    if kind == SESSION_TAKE:
+        return f"{kind} session={_s(a[0])} from={_s(a[1])}"
+    if kind == RELAY:
+        return f"relay session={_s(a[0])} job={_s(a[1])} kind={a[2]} ({len(a[3])} bytes)"
+    if kind == JOB_GET:
+        return f"job_get job={_s(a[0])}"
+    if kind == JOBS_OF:
+        return f"jobs_of principal={_s(a[0])}"
     return kind
 
 

@@ -37,10 +37,23 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
-from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS
+import asyncio
+import logging
+from collections.abc import Callable
+
+import orjson
+
+from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StoredJob
+from supervisor.state.ops import (
+    COMMAND, JOB_GET, JOBS_OF, RELAY, RELAY_TAKE, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+)
+from supervisor.state.postgres_cluster import NOTIFY_LIMIT, token_hash
+from supervisor.state.postgres_listen import Listener, Notify
 from supervisor.state.postgres_ops import PgDatabase, Settings
 from supervisor.state.postgres_schema import SCHEMA_VERSION
 from supervisor.state.queued import Backend, QueuedStore
+
+log = logging.getLogger("arcp.store")
 
 
 def default_node_id() -> str:
@@ -50,7 +63,8 @@ def default_node_id() -> str:
 class PostgresStore(QueuedStore):
     def __init__(self, url: str, session_log_bytes: int = DEFAULT_LOG_BYTES, *, node_id: str | None = None,
                  max_queued_ops: int = MAX_QUEUED_OPS, max_queued_bytes: int = MAX_QUEUED_BYTES,
-                 connect_timeout: int = 10, close_timeout: float = 30.0) -> None:
+                 connect_timeout: int = 10, close_timeout: float = 30.0, node_heartbeat: float = 2.0,
+                 node_timeout: float = 10.0) -> None:
         """Start the writer thread, which connects to `url` (postgresql://...), creates or migrates
         the schema and registers this node; `await PostgresStore.open(...)` also waits for that
         and raises StoreError if it fails (otherwise the first operations do)."""
@@ -61,6 +75,12 @@ class PostgresStore(QueuedStore):
         self.connect_timeout = connect_timeout  # seconds one connection attempt may take
         self.close_timeout = close_timeout  # seconds close() waits for an unreachable database
         self.started_at = datetime.now(timezone.utc)
+        self.node_heartbeat = node_heartbeat
+        self.node_timeout = node_timeout
+        self.fenced_by: str | None = None  # the node that declared this one lost, once one has
+        self.on_fenced: Callable[[str], None] | None = None  # called on the loop that set it
+        self._fence_loop: asyncio.AbstractEventLoop | None = None
+        self._listener: Listener | None = None
         super().__init__(_redacted(url), session_log_bytes, max_queued_ops=max_queued_ops,
                          max_queued_bytes=max_queued_bytes)
 
@@ -77,7 +97,84 @@ class PostgresStore(QueuedStore):
 
     def _connect(self) -> Backend:
         return PgDatabase(self, Settings(self.url, self.node_id, self.started_at, self.log_bytes,
-                                         self.connect_timeout, self.close_timeout))
+                                         self.connect_timeout, self.close_timeout, self.node_heartbeat,
+                                         self.node_timeout))
+
+    # -- several nodes (supervisor/state/postgres_cluster.py) ---------------------------
+    def listen(self, notify: Notify, on_fenced: Callable[[str], None]) -> None:
+        """Hand every relay and command announcement to `notify` on this event loop (and
+        `(RECONNECTED, "")` after the listening connection was lost and found again); call
+        `on_fenced(by)` there if another node declares this one lost."""
+        loop = asyncio.get_running_loop()
+        self.on_fenced, self._fence_loop = on_fenced, loop
+        if self.fenced_by is not None:
+            loop.call_soon(on_fenced, self.fenced_by)
+        self._listener = Listener(self.url, self.connect_timeout, loop, notify)
+
+    def _fence(self, by: str) -> None:
+        """(writer thread) Another node has declared this one lost."""
+        if self.fenced_by is not None:
+            return
+        self.fenced_by = by
+        log.error("state store: node %s was declared lost by node %s: it must stop", self.node_id, by)
+        if self.on_fenced is not None and self._fence_loop is not None:
+            try:
+                self._fence_loop.call_soon_threadsafe(self.on_fenced, by)
+            except RuntimeError:
+                pass
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await asyncio.get_running_loop().run_in_executor(None, listener.close)
+        await super().close()
+
+    def put_session(self, session_id: str, principal: str, token: str, seq: int, *, detached: bool, closed: bool,
+                    flavour: str) -> None:
+        """This node numbers the session's frames (its row says so), with this resume token."""
+        self._put(SESSION_PUT, (session_id, principal, token_hash(token), seq, detached, closed, flavour))
+
+    def drop_session(self, session_id: str) -> None:
+        """A session past its resume window (if this node holds it), with its relay rows."""
+        self._put(SESSION_DROP, (session_id,))
+
+    def relay(self, session_id: str, job_id: str, env: dict[str, Any], *, logged: bool = True) -> None:
+        """A frame (without its event_seq) for a session another node numbers."""
+        body = orjson.dumps(env)
+        self._put(RELAY, (session_id, job_id, "frame", body, logged), len(body))
+
+    def command(self, message: dict[str, Any]) -> None:
+        """A command to another node (message["to"]), sent once what was queued before it is
+        committed. ValueError if it is too large for a notification."""
+        payload = orjson.dumps(message).decode()
+        if len(payload) > NOTIFY_LIMIT:
+            raise ValueError(f"a command of {len(payload)} bytes does not fit a notification")
+        self._put(COMMAND, (payload,))
+
+    async def session_row(self, session_id: str) -> dict[str, Any] | None:
+        """A session's row (see postgres_cluster.session_row), or None."""
+        row: dict[str, Any] | None = await self._ask(SESSION_GET, (session_id,))
+        return row
+
+    async def take_session(self, session_id: str, from_node: str) -> bool:
+        """The session is this node's now, if it still was `from_node`'s."""
+        return bool(await self._ask(SESSION_TAKE, (session_id, from_node)))
+
+    async def take_relay(self, session_id: str) -> list[tuple[str, str, bytes, bool]]:
+        """(job_id, kind, body, logged) of every frame relayed to the session, oldest first; gone
+        from the database once read."""
+        rows: list[tuple[str, str, bytes, bool]] = await self._ask(RELAY_TAKE, (session_id,))
+        return rows
+
+    async def job_row(self, job_id: str) -> tuple[StoredJob, str] | None:
+        """A job of any node, with the node running it (or that ran it)."""
+        row: tuple[StoredJob, str] | None = await self._ask(JOB_GET, (job_id,))
+        return row
+
+    async def jobs_of(self, principal: str | None) -> list[tuple[StoredJob, str]]:
+        """Every node's jobs (of one principal, or all), oldest first, with their node."""
+        rows: list[tuple[StoredJob, str]] = await self._ask(JOBS_OF, (principal,))
+        return rows
 
 
 def _redacted(url: str) -> str:

@@ -21,22 +21,35 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import psycopg
 
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
-    CLAIM, CREDS, DELETE, FINISH, FORGET, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
+    CLAIM, CLUSTER_KINDS, CREDS, DELETE, FINISH, FORGET, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
     TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
 )
+from supervisor.state import postgres_cluster as cluster
 from supervisor.state.postgres_schema import migrate
-from supervisor.state.queued import QueuedStore
+
+
+class NodeStore(Protocol):
+    """What the connection asks of its store (supervisor/state/postgres.py)."""
+
+    @property
+    def _closing_since(self) -> float | None: ...
+
+    def _set_connected(self, connected: bool) -> None: ...
+
+    def _pause(self, seconds: float) -> None: ...
+
+    def _fence(self, by: str) -> None: ...
 
 log = logging.getLogger("arcp.store")
 TRIM_STEP = 1024 * 1024  # as SQLite's: a trim frees this much below the bound (an eighth of a smaller one)
-HEARTBEAT = 10.0  # seconds between two updates of this node's heartbeat_at
+EXPIRE_EVERY = 1.0  # seconds between two looks for lost nodes
 RECONNECT_FIRST = 0.1  # seconds before the first reconnection attempt, doubled after each failure ...
 RECONNECT_MAX = 5.0  # ... up to this
 INSERT_SQL = ("INSERT INTO jobs (job_id, principal, session_id, agent, status, created_at, created_ns, trace_id,"
@@ -56,13 +69,15 @@ class Settings:
     log_bytes: int
     connect_timeout: int  # seconds one connection attempt may take
     close_timeout: float  # seconds close() waits for an unreachable database
+    heartbeat: float  # seconds between two renewals of this node's heartbeat_at
+    timeout: float  # a node whose heartbeat is older than this is declared lost
 
 
 class PgDatabase(BatchApplier):
     """The writer thread's connection to PostgreSQL, with the byte tally of each live session's
     frame log (a rolled-back transaction's changes to the tallies are undone too)."""
 
-    def __init__(self, store: QueuedStore, settings: Settings) -> None:
+    def __init__(self, store: NodeStore, settings: Settings) -> None:
         self.store = store
         self.settings = settings
         self.url = settings.url
@@ -71,6 +86,7 @@ class PgDatabase(BatchApplier):
         self.log_size: dict[str, int] = {}
         self.conn: psycopg.Connection[Any] | None = None
         self.heartbeat_due = 0.0
+        self.expire_due = 0.0  # the first look for lost nodes: once connected for the node timeout
         self.connect()  # the first time, a failure is the store's failure to open
 
     # -- the connection ---------------------------------------------------------------
@@ -83,9 +99,16 @@ class PgDatabase(BatchApplier):
                 raise StoreError(f"node id {self.node_id!r} is in use by another live connection to the state "
                                  f"database (another supervisor, or this one's connection before it was cut): "
                                  f"each supervisor sharing a database needs a node id of its own")
-            conn.execute("INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES (%s, %s, now())"
-                         " ON CONFLICT (node_id) DO UPDATE SET started_at = EXCLUDED.started_at,"
-                         " heartbeat_at = now()", (self.node_id, self.settings.started_at))
+            # A new process with this node id starts afresh; this process, reconnecting, stays lost
+            # if it was declared lost meanwhile.
+            row = conn.execute(
+                "INSERT INTO nodes (node_id, started_at, heartbeat_at) VALUES (%s, %s, now())"
+                " ON CONFLICT (node_id) DO UPDATE SET heartbeat_at = now(), started_at = EXCLUDED.started_at,"
+                " lost_at = CASE WHEN nodes.started_at = EXCLUDED.started_at THEN nodes.lost_at END,"
+                " lost_by = CASE WHEN nodes.started_at = EXCLUDED.started_at THEN nodes.lost_by END"
+                " RETURNING lost_by", (self.node_id, self.settings.started_at)).fetchone()
+            if row is not None and row[0] is not None:
+                self.store._fence(str(row[0]))
             if self.log_size:  # reconnected: the tallies as the database has them
                 sizes: dict[str, Any] = dict(conn.execute(
                     "SELECT session_id, sum(octet_length(frame))::bigint FROM frames WHERE session_id = ANY(%s)"
@@ -96,7 +119,9 @@ class PgDatabase(BatchApplier):
             conn.close()
             raise
         self.conn = conn
-        self.heartbeat_due = time.monotonic() + HEARTBEAT
+        now = time.monotonic()
+        self.heartbeat_due = now + self.settings.heartbeat
+        self.expire_due = now + self.settings.timeout  # no judging others before the timeout has passed here
 
     def lost(self) -> bool:
         return self.conn is None or self.conn.closed or self.conn.broken
@@ -134,12 +159,18 @@ class PgDatabase(BatchApplier):
             return
 
     def close(self) -> None:
-        """Release the node's lock before the connection goes: the server releases a closed
-        session's locks only once its backend has exited, a moment later, and another node's
-        recover() in between would take this node for alive."""
+        """Say this node is gone (a heartbeat of long ago: anything it left unfinished is ended
+        by the next node to look) and release its lock before the connection goes: the server
+        releases a closed session's locks only once its backend has exited, a moment later, and
+        another node's recover() in between would take this node for alive."""
         if self.conn is not None:
             if not self.lost():
                 try:
+                    self.conn.rollback()
+                    self.conn.execute("UPDATE nodes SET heartbeat_at = '-infinity' WHERE node_id = %s",
+                                      (self.node_id,))
+                    self.conn.commit()
+                    self.conn.autocommit = True
                     self.conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (self.node_id,))
                 except psycopg.Error as e:
                     log.warning("state store: could not release the node's lock before closing: %s", e)
@@ -147,22 +178,32 @@ class PgDatabase(BatchApplier):
             self.conn = None
 
     def idle(self) -> None:
-        if time.monotonic() < self.heartbeat_due:
+        now = time.monotonic()
+        if now < self.heartbeat_due and now < self.expire_due:
             return
         try:
-            self.heartbeat()
+            self.housekeeping()
             self.commit()
         except Exception as e:
             if self.lost():
                 self.reconnect(e)
             else:
                 self.rollback({})
-                log.warning("state store: the node's heartbeat failed: %s", e)
+                log.warning("state store: the node's heartbeat or its look for lost nodes failed: %s", e)
 
-    def heartbeat(self) -> None:
+    def housekeeping(self) -> None:
+        """The heartbeat when due (a node found declared lost is fenced), and the look for lost
+        nodes when due; in the transaction under way."""
         assert self.conn is not None
-        self.conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE node_id = %s", (self.node_id,))
-        self.heartbeat_due = time.monotonic() + HEARTBEAT
+        now = time.monotonic()
+        if now >= self.heartbeat_due:
+            self.heartbeat_due = now + self.settings.heartbeat
+            if not cluster.renew(self.conn, self.node_id):
+                row = self.conn.execute("SELECT lost_by FROM nodes WHERE node_id = %s", (self.node_id,)).fetchone()
+                self.store._fence(str(row[0]) if row and row[0] else "?")
+        if now >= self.expire_due:
+            self.expire_due = now + min(EXPIRE_EVERY, self.settings.heartbeat)
+            cluster.expire_nodes(self.conn, self.node_id, self.settings.timeout)
 
     def commit(self) -> None:
         assert self.conn is not None
@@ -183,8 +224,9 @@ class PgDatabase(BatchApplier):
             try:
                 if self.conn is None:
                     raise Lost("not connected")
-                if time.monotonic() >= self.heartbeat_due:
-                    self.heartbeat()
+                now = time.monotonic()
+                if now >= self.heartbeat_due or now >= self.expire_due:
+                    self.housekeeping()
                 self.apply_all(ops, undo)
                 self.commit()
                 return 1
@@ -233,9 +275,10 @@ class PgDatabase(BatchApplier):
                 raise StoreError(f"{describe(k, a)}: its idempotency key is held by job {held.job_id}")
         elif k == CLAIM:
             return self.insert(k, a)
-        elif k == FINISH:
-            conn.execute("UPDATE jobs SET status = %s, terminal = %s, record = %s, finished_ns = %s WHERE job_id = %s",
-                         a)
+        elif k == FINISH:  # (not over a terminal another node gave it: this node was declared lost)
+            conn.execute("UPDATE jobs SET status = %s, terminal = %s, record = %s, finished_ns = %s WHERE job_id = %s"
+                         " AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = jobs.node_id"
+                         " AND n.lost_at IS NOT NULL)", a)
         elif k == DELETE:
             self.delete_jobs(a[0], undo)
         elif k == FORGET:
@@ -277,6 +320,8 @@ class PgDatabase(BatchApplier):
             if a[0]:
                 query += " JOIN jobs j ON j.job_id = c.job_id WHERE j.finished_ns IS NOT NULL"
             return [r[0] for r in conn.execute(query)]
+        elif k in CLUSTER_KINDS:
+            return cluster.apply(conn, self.node_id, self.settings.timeout, k, a)
         else:
             raise AssertionError(f"unknown operation {k!r}")
         return None
@@ -360,22 +405,24 @@ class PgDatabase(BatchApplier):
         conn.execute("DELETE FROM jobs WHERE job_id = ANY(%s)", (job_ids,))
 
     def recover(self, retention_jobs: int, retention_seconds: int, undo: Undo) -> tuple[list[StoredJob], int]:
-        """End the running jobs of this node and of dead nodes (whose advisory lock is free: their
-        connection is gone), then retention over every node's finished jobs; return the finished
-        jobs kept (a live node's running jobs are its own, neither ended nor returned)."""
+        """End the running jobs of this node (a process before this one with its id) and of dead
+        nodes (their advisory lock free, and their heartbeat older than the node timeout or
+        given up at a close: lost, their jobs' terminals relayed to their sessions), then
+        retention over every node's finished jobs; return the finished jobs kept (a live node's
+        running jobs are its own, neither ended nor returned)."""
         assert self.conn is not None
         conn = self.conn
         now = time.time_ns()
         dead = [r[0] for r in conn.execute(
-            "SELECT node_id FROM nodes WHERE node_id <> %s AND pg_try_advisory_xact_lock(hashtextextended(node_id, 0))",
-            (self.node_id,))]
+            "SELECT node_id FROM nodes WHERE node_id <> %s AND lost_at IS NULL"
+            " AND heartbeat_at < now() - make_interval(secs => %s)"
+            " AND pg_try_advisory_xact_lock(hashtextextended(node_id, 0)) FOR UPDATE SKIP LOCKED",
+            (self.node_id, self.settings.timeout))]
         term = orjson.dumps(interrupted_terminal(now))
         interrupted = conn.execute(
             "UPDATE jobs SET status = 'error', terminal = %s, finished_ns = %s"
-            " WHERE finished_ns IS NULL AND node_id = ANY(%s) RETURNING job_id",
-            (term, now, [self.node_id, *dead])).fetchall()
-        if dead:
-            conn.execute("DELETE FROM nodes WHERE node_id = ANY(%s)", (dead,))
+            " WHERE finished_ns IS NULL AND node_id = %s RETURNING job_id", (term, now, self.node_id)).fetchall()
+        ended = sum(cluster.end_jobs_of(conn, node, self.node_id) for node in dead)
         old = conn.execute("SELECT job_id FROM jobs WHERE finished_ns < %s",
                            (now - retention_seconds * 1_000_000_000,)).fetchall()
         self.delete_jobs([j for (j,) in old], undo)
@@ -383,4 +430,4 @@ class PgDatabase(BatchApplier):
                               " OFFSET %s", (retention_jobs,)).fetchall()
         self.delete_jobs([j for (j,) in excess], undo)
         rows = conn.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE finished_ns IS NOT NULL ORDER BY created_ns")
-        return [stored_job(r) for r in rows], len(interrupted)
+        return [stored_job(r) for r in rows], len(interrupted) + ended

@@ -8,13 +8,23 @@ the migrations it lacks, in one transaction.
 
 Version 1, made for several supervisor processes ("nodes") sharing the database:
   nodes        node_id, started_at, heartbeat_at: each store's process, its heartbeat renewed
-               every HEARTBEAT seconds. A live node also holds a session-level advisory lock
+               every node heartbeat (--node-heartbeat). A live node also holds a session-level advisory lock
                keyed on its node_id (hashtextextended(node_id, 0)) for as long as its connection lives, which
                is how another node's recover() tells a dead node (lock free) from a live one.
   jobs         as in SQLite, plus node_id (the process running the job); the unique index
                (principal, idempotency_key) for jobs with a key holds across nodes.
   frames       (session_id, seq) -> job_id, frame: each session's sequenced frame log.
   credentials  credential_id -> job_id, revoked, attempts.
+Version 2, for sessions and jobs served by several nodes (supervisor/cluster/):
+  nodes        + lost_at, lost_by: set once another node has declared this one lost (its heartbeat
+               older than the node timeout); a node that finds it set stops (it is fenced).
+  sessions     session_id -> node_id (the node that numbers its frames now), principal, the
+               SHA-256 of its resume token, its last seq when it was handed over or detached,
+               detached_at (NULL while a transport is attached), closed, flavour.
+  relay        frames for a session numbered by another node (id order): a job's frames when its
+               session has moved, frames for a remote subscriber, a lost node's jobs' terminals.
+               kind 'frame' (an envelope without event_seq) or 'terminal' (a job's outcome, the
+               frame built by the session's node for its client's flavour).
 Records and terminal outcomes are stored as the JSON bytes the store serialised (bytea, as in
 SQLite): the store never queries inside them, and jsonb would refuse a \\u0000 in a string.
 """
@@ -25,7 +35,7 @@ from typing import Any
 
 from supervisor.state.base import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATION_LOCK = 0x61726370  # "arcp": the advisory lock held while the schema is checked and migrated
 
 MIGRATIONS: dict[int, str] = {
@@ -70,6 +80,30 @@ CREATE TABLE credentials (
     attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX credentials_job ON credentials (job_id);
+""",
+    2: """
+ALTER TABLE nodes ADD COLUMN lost_at TIMESTAMPTZ, ADD COLUMN lost_by TEXT;
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    token_hash BYTEA NOT NULL,
+    seq BIGINT NOT NULL DEFAULT 0,
+    detached_at TIMESTAMPTZ,
+    closed BOOLEAN NOT NULL DEFAULT FALSE,
+    flavour TEXT NOT NULL
+);
+CREATE INDEX sessions_node ON sessions (node_id);
+CREATE TABLE relay (
+    id BIGSERIAL PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    body BYTEA NOT NULL,
+    logged BOOLEAN NOT NULL DEFAULT TRUE,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX relay_session ON relay (session_id, id);
 """,
 }
 

@@ -415,7 +415,7 @@ def test_the_schema_is_created_at_open_and_a_newer_one_is_refused(pg_url: str) -
         with psycopg.connect(pg_url, autocommit=True) as side:
             tables = {r[0] for r in side.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
-            assert tables == {"schema_version", "nodes", "jobs", "frames", "credentials"}
+            assert tables == {"schema_version", "nodes", "jobs", "frames", "credentials", "sessions", "relay"}
             assert side.execute("SELECT max(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
             columns = {r[0] for r in side.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'")}
@@ -458,7 +458,10 @@ def test_two_stores_on_one_database_see_each_others_commits(pg_url: str) -> None
         await b.close()  # node_b gone (its lock released): its running job is ended by a's recover
         jobs, interrupted = await a.recover(100, 3600)
         assert [j.job_id for j in jobs] == ["job_a", "job_b"] and interrupted == 1
-        assert jobs[1].terminal is not None and jobs[1].terminal["error"]["message"] == RESTART_MESSAGE
+        assert jobs[1].terminal is not None and jobs[1].terminal["error"]["retryable"] is True
+        assert jobs[1].terminal["error"]["details"] == {"reason": "node lost", "node": "node_b"}
+        assert [r[:2] for r in await a.take_relay("sb")] == [("job_b", "terminal")]  # for sb's next node
+        assert await a.take_relay("sb") == []
         await a.close()
 
     _run(main())

@@ -1,0 +1,157 @@
+"""The SQL of what several supervisor processes ("nodes") sharing one PostgreSQL database do
+together (supervisor/cluster/ on the event loop's side), run on the store's writer thread like
+every other operation (supervisor/state/postgres_ops.py), in its queue's order.
+
+Sessions: each has a row naming the node that numbers its frames now (where its client is, or was
+last), the SHA-256 of its resume token, and its seq when it was detached or handed over, so that
+another node can take it over on a resume.
+
+Relay: frames for a session that another node numbers, in id order: kind 'frame' (an envelope
+without its event_seq; `logged` false for what is never replayed) or 'terminal' (a job's outcome
+as JSON; the session's node builds the frame for its client's flavour). Each insert is announced
+by NOTIFY on RELAY_CHANNEL with the session id; a node that misses one (a reconnection) reads the
+relay rows of all its sessions again.
+
+Commands between nodes go by NOTIFY on COMMAND_CHANNEL (JSON with "to": the node's id), queued
+like writes so that one ordered after a write is sent only once that write is committed.
+
+Liveness: a node renews nodes.heartbeat_at every heartbeat; another node, connected itself for
+at least the node timeout, declares a node whose heartbeat is older than the timeout lost (a
+row lock, FOR UPDATE SKIP LOCKED, decides which node acts): lost_at is set, its unfinished jobs
+end INTERNAL_ERROR (retryable, details {"reason": "node lost", "node": ID}) and their terminals
+go to their sessions by relay, in that one transaction. A node whose row says lost is fenced:
+its heartbeat finds no row to renew, and it stops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any
+
+import orjson
+import psycopg
+
+from shared.ids import format_ts
+from supervisor.state.ops import (
+    COMMAND, JOB_COLUMNS, JOB_GET, JOBS_OF, RELAY, RELAY_TAKE, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    stored_job,
+)
+
+log = logging.getLogger("arcp.store")
+RELAY_CHANNEL = "arcp_relay"
+COMMAND_CHANNEL = "arcp_command"
+NOTIFY_LIMIT = 7900  # bytes of a NOTIFY payload (the server's limit is 8000)
+NODE_LOST = "node lost"
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def lost_terminal(node_id: str, now_ns: int) -> dict[str, Any]:
+    return {"status": "error", "value": None, "result_id": None, "result_size": None,
+            "completed_at": format_ts(now_ns / 1e9),
+            "error": {"code": "INTERNAL_ERROR", "retryable": True,
+                      "message": f"the supervisor process running the job ({node_id}) was lost",
+                      "details": {"reason": NODE_LOST, "node": node_id}}}
+
+
+def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str, a: tuple[Any, ...]) -> Any:
+    if kind == SESSION_PUT:
+        session_id, principal, digest, seq, detached, closed, flavour = a
+        conn.execute(
+            "INSERT INTO sessions (session_id, node_id, principal, token_hash, seq, detached_at, closed, flavour)"
+            " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN now() END, %s, %s)"
+            " ON CONFLICT (session_id) DO UPDATE SET node_id = EXCLUDED.node_id, token_hash = EXCLUDED.token_hash,"
+            " seq = greatest(sessions.seq, EXCLUDED.seq), detached_at = EXCLUDED.detached_at,"
+            " closed = EXCLUDED.closed, flavour = EXCLUDED.flavour",
+            (session_id, node_id, principal, digest, seq, detached, closed, flavour))
+    elif kind == SESSION_DROP:
+        conn.execute("DELETE FROM sessions WHERE session_id = %s AND node_id = %s", (a[0], node_id))
+        conn.execute("DELETE FROM relay WHERE session_id = %s", (a[0],))
+    elif kind == RELAY:
+        session_id, job_id, rkind, body, logged = a
+        conn.execute("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, %s, %s, %s)",
+                     (session_id, job_id, rkind, body, logged))
+        conn.execute("SELECT pg_notify(%s, %s)", (RELAY_CHANNEL, session_id))
+    elif kind == COMMAND:
+        conn.execute("SELECT pg_notify(%s, %s)", (COMMAND_CHANNEL, a[0]))
+    elif kind == SESSION_GET:
+        return session_row(conn, a[0], timeout)
+    elif kind == SESSION_TAKE:
+        session_id, from_node = a
+        row = conn.execute("UPDATE sessions SET node_id = %s WHERE session_id = %s AND node_id = %s"
+                           " RETURNING session_id", (node_id, session_id, from_node)).fetchone()
+        return row is not None
+    elif kind == RELAY_TAKE:
+        return [(r[0], r[1], bytes(r[2]), r[3]) for r in conn.execute(
+            "WITH d AS (DELETE FROM relay WHERE session_id = %s RETURNING id, job_id, kind, body, logged)"
+            " SELECT job_id, kind, body, logged FROM d ORDER BY id", (a[0],))]
+    elif kind == JOB_GET:
+        row = conn.execute(f"SELECT {JOB_COLUMNS}, node_id FROM jobs WHERE job_id = %s", (a[0],)).fetchone()
+        return None if row is None else (stored_job(row[:-1]), row[-1])
+    elif kind == JOBS_OF:
+        principal = a[0]
+        rows = conn.execute(f"SELECT {JOB_COLUMNS}, node_id FROM jobs"
+                            + (" WHERE principal = %s" if principal is not None else "") + " ORDER BY created_ns",
+                            (principal,) if principal is not None else ())
+        return [(stored_job(r[:-1]), r[-1]) for r in rows]
+    else:
+        raise AssertionError(f"unknown cluster operation {kind!r}")
+    return None
+
+
+def session_row(conn: psycopg.Connection[Any], session_id: str, timeout: float) -> dict[str, Any] | None:
+    """A session's row, with whether its node is alive and the newest seq logged for it."""
+    row = conn.execute(
+        "SELECT s.node_id, s.principal, s.token_hash, s.seq, extract(epoch FROM now() - s.detached_at),"
+        " s.closed, s.flavour, n.lost_at IS NULL AND n.heartbeat_at >= now() - make_interval(secs => %s),"
+        " (SELECT max(seq) FROM frames f WHERE f.session_id = s.session_id),"
+        " EXISTS (SELECT 1 FROM jobs j WHERE j.session_id = s.session_id AND j.finished_ns IS NULL)"
+        " FROM sessions s LEFT JOIN nodes n ON n.node_id = s.node_id WHERE s.session_id = %s",
+        (timeout, session_id)).fetchone()
+    if row is None:
+        return None
+    return {"node_id": row[0], "principal": row[1], "token_hash": bytes(row[2]), "seq": int(row[3]),
+            "detached_for": None if row[4] is None else float(row[4]), "closed": row[5], "flavour": row[6],
+            "node_alive": bool(row[7]), "logged_seq": int(row[8] or 0), "running_jobs": bool(row[9])}
+
+
+def expire_nodes(conn: psycopg.Connection[Any], node_id: str, timeout: float) -> list[str]:
+    """Declare lost every other node whose heartbeat is older than `timeout` that no other node
+    is declaring now; end their unfinished jobs and relay the terminals to the jobs' sessions.
+    The node ids declared lost."""
+    lost = [r[0] for r in conn.execute(
+        "SELECT node_id FROM nodes WHERE node_id <> %s AND lost_at IS NULL"
+        " AND heartbeat_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED", (node_id, timeout))]
+    for dead in lost:
+        end_jobs_of(conn, dead, node_id)
+    return lost
+
+
+def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
+    """Mark `dead` lost, end its unfinished jobs and relay their terminals; how many ended."""
+    now = time.time_ns()
+    term = lost_terminal(dead, now)
+    body = orjson.dumps(term)
+    conn.execute("UPDATE nodes SET lost_at = now(), lost_by = %s WHERE node_id = %s", (by, dead))
+    ended = conn.execute("UPDATE jobs SET status = 'error', terminal = %s, finished_ns = %s"
+                         " WHERE node_id = %s AND finished_ns IS NULL RETURNING job_id, session_id",
+                         (body, now, dead)).fetchall()
+    sessions = sorted({s for _, s in ended})
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, 'terminal', %s, TRUE)",
+                        [(s, j, body) for j, s in ended])
+        cur.executemany("SELECT pg_notify(%s, %s)", [(RELAY_CHANNEL, s) for s in sessions])
+    log.warning("node %s declared lost (no heartbeat for more than the node timeout): %d unfinished jobs ended",
+                dead, len(ended))
+    return len(ended)
+
+
+def renew(conn: psycopg.Connection[Any], node_id: str) -> bool:
+    """This node's heartbeat; False if another node has declared it lost (it must stop)."""
+    row = conn.execute("UPDATE nodes SET heartbeat_at = now() WHERE node_id = %s AND lost_at IS NULL"
+                       " RETURNING node_id", (node_id,)).fetchone()
+    return row is not None
