@@ -36,7 +36,7 @@ def main(
     """ARCP v1.1 runtime that runs every job in its own sandboxed worker process."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 2) -> None:
     from supervisor.logs import json_enabled
 
     if json_enabled():  # the log is JSON lines by now: this line too
@@ -45,7 +45,7 @@ def _fail(msg: str) -> None:
         logging.getLogger("arcp").error("arcp-supervisor: error: %s", msg)
     else:
         print(f"arcp-supervisor: error: {msg}", file=sys.stderr)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -198,13 +198,16 @@ def run(
     except ConfigError as e:
         _fail(str(e))
         return
-    from supervisor.server.app import run as run_app
+    from supervisor.server.app import NodeFenced, run as run_app
+    from supervisor.state.base import StoreError
 
     try:
         # SIGHUP: the file read again, the same flags over it
         run_app(cfg, reload=(lambda: build_config(flags)) if config else None)
     except ConfigError as e:  # found only when the runtime starts (e.g. a provisioner that will not load)
         _fail(str(e))
+    except (StoreError, NodeFenced) as e:  # the state database cannot be opened; declared lost
+        _fail(str(e), 1)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from shared.envelope import Envelope
 from shared.messages import FEATURES
 from shared.seccomp import seccomp_available
 from supervisor import metrics
+from supervisor.cluster.node import Cluster
 from supervisor.config import DEFAULT_ENVIRONMENT, AgentEnvironment, Config, ConfigError, default_memory_budget
 from supervisor.core.admission import Admission
 from supervisor.core.jobs import Job, JobTable, SubmitRequest
@@ -43,6 +44,7 @@ from supervisor.sandbox.job_uids import UidPool
 from supervisor.sandbox.worker_runtime import WorkerRuntime, supervisor_package_dirs
 from supervisor.server.sessions import SessionTable
 from supervisor.state.base import StateStore, StoredJob
+from supervisor.state.postgres import PostgresStore
 from supervisor.state.sqlite import SqliteStore
 from supervisor.core.authority import Authority
 
@@ -62,7 +64,7 @@ class Runtime:
         self.registry = AgentRegistry(config.agents, config.defaults)
         self.jobs = JobTable(config.retention_jobs, config.retention_seconds)
         self.job_uid_range = job_uid_range(config)  # (a ConfigError before anything starts)
-        self.store: StateStore = SqliteStore(config.state_dir, config.session_log_bytes)
+        self.store: StateStore = store_for(config)
         self.cgroups = Cgroups()
         self.job_dirs = JobDirs(size=config.tmp_size, shared=self.job_uid_range is not None)
         self.worker_dirs = WorkerDirs(self.job_dirs, lambda: self.config.tmp_size, self.spawn)
@@ -89,6 +91,14 @@ class Runtime:
         self.sessions_table = SessionTable(lambda: self.config, self.store, self.jobs, self.delivery,
                                            self.features, lambda: self.registry.inventory())
         self.sessions = self.sessions_table.sessions
+        # Several processes on one database: sessions, cancels, subscriptions and listings reach
+        # across them (supervisor/cluster/)
+        self.cluster = Cluster(self.store, lambda: self.config, self.sessions, self.jobs, self.delivery, self.spawn,
+                               _restored_job) if isinstance(self.store, PostgresStore) else None
+        self.sessions_table.directory = self.cluster
+        if self.cluster is not None:  # one job per key across the processes
+            self.service.claim_keys = True
+            self.service.replay_held = self.cluster.replay_held
         # What a job runner calls (supervisor/jobs/host.py)
         self.emit_event = self.delivery.emit_event
         self.emit_cancelled = self.delivery.emit_cancelled
@@ -120,6 +130,8 @@ class Runtime:
         self._stack.push_async_callback(self.store.close)
         self._restore(*await self.store.recover(self.config.retention_jobs, self.config.retention_seconds))
         self._tg = await self._stack.enter_async_context(anyio.create_task_group())
+        if self.cluster is not None:
+            self.cluster.start()
         if self.credentials is not None:
             await self.credentials.revoke_left_behind()
         self.fork_server.runtime_dir = await anyio.to_thread.run_sync(self.worker_runtime.build)
@@ -270,24 +282,36 @@ class Runtime:
     def open_session(self, hello: Envelope, principal: str, frame_cap: int, close: CloseTransport) -> Session:
         return self.sessions_table.open(hello, principal, frame_cap, close)
 
-    async def resume_session(self, hello: Envelope, principal: str, close: CloseTransport) -> tuple[Session, int]:
-        return await self.sessions_table.resume(hello, principal, close)
+    async def resume_session(self, hello: Envelope, principal: str, frame_cap: int,
+                             close: CloseTransport) -> tuple[Session, int]:
+        return await self.sessions_table.resume(hello, principal, close, frame_cap)
 
     def session_detached(self, session: Session) -> None:
         self.sessions_table.detached(session)
 
     async def handle(self, session: Session, request: Request) -> None:
         """Carry out one of a session's requests; errors go back to the session."""
+        cluster = self.cluster
         if isinstance(request, Submit):
             await self.service.submit(session, request.env)
         elif isinstance(request, Cancel):
-            self.service.cancel(session, request)
+            if cluster is not None and request.job_id not in self.jobs.jobs:
+                await cluster.cancel(session, request)
+            else:
+                self.service.cancel(session, request)
         elif isinstance(request, ListJobs):
-            session.send(list_jobs(self.jobs.jobs.values(), session, request.env, usage_of))
+            jobs = self.jobs.jobs.values() if cluster is None else await cluster.all_jobs(session)
+            session.send(list_jobs(jobs, session, request.env, usage_of))
         elif isinstance(request, Subscribe):
-            await self.delivery.subscribe(session, request.env, request.job_id)
+            if cluster is not None and request.job_id not in self.jobs.jobs:
+                await cluster.subscribe(session, request.env, request.job_id)
+            else:
+                await self.delivery.subscribe(session, request.env, request.job_id)
         elif isinstance(request, Unsubscribe):
-            self.delivery.unsubscribe(session, request.job_id)
+            if cluster is not None and request.job_id not in self.jobs.jobs:
+                await cluster.unsubscribe(session, request.job_id)
+            else:
+                self.delivery.unsubscribe(session, request.job_id)
 
     # -- what a job runner asks (supervisor/jobs/host.py) ---------------------------------
     def _runner(self, job: Job) -> JobRunner:
@@ -323,6 +347,14 @@ class Runtime:
             raise InvalidRequest("no credential provisioner is configured, so there is nothing to rotate")
         await self.credentials.rotate(job, credential_id, new_value)
         self.delivery.credential_rotated(job, credential_id, new_value)
+
+
+def store_for(config: Config) -> StateStore:
+    """PostgreSQL with --state-url (several processes may share it), else SQLite."""
+    if config.state_url:
+        return PostgresStore(config.state_url, config.session_log_bytes, node_id=config.node_id,
+                             node_heartbeat=config.node_heartbeat, node_timeout=config.node_timeout)
+    return SqliteStore(config.state_dir, config.session_log_bytes)
 
 
 def _provisioner(config: Config) -> Provisioner | None:

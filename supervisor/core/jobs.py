@@ -249,6 +249,15 @@ class JobTable:
         self.add(job)
         return job
 
+    def discard(self, job: Job) -> None:
+        """A job created and then not accepted (another process's job held its key)."""
+        self.jobs.pop(job.id, None)
+        if job.idempotency_key is not None:
+            key = (job.principal, job.idempotency_key)
+            entry = self.idempotency.get(key)
+            if entry is not None and entry[1] == job.id:
+                del self.idempotency[key]
+
     def add(self, job: Job) -> None:
         self.jobs[job.id] = job
         if job.idempotency_key is not None and job.fingerprint is not None:

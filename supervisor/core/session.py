@@ -98,6 +98,7 @@ class SessionSettings:
 
 
 KeepFrame = Callable[[str, int, str, bytes], None]  # (session_id, seq, job_id, frame)
+RelayFrame = Callable[[dict[str, Any], str, bool], None]  # (envelope without event_seq, job_id, logged)
 CloseTransport = Callable[[int, str], None]
 
 
@@ -106,9 +107,11 @@ class Session:
     stay in the store until a resume attaches a new transport or its window passes."""
 
     def __init__(self, settings: SessionSettings, principal: str, flavour: str, features: list[str],
-                 keep: KeepFrame, close: CloseTransport, now: float) -> None:
+                 keep: KeepFrame, close: CloseTransport, now: float, *, session_id: str | None = None,
+                 seq: int = 0) -> None:
+        """A new session, or (`session_id`, `seq`) one taken over from another node."""
         self.settings = settings
-        self.id = new_id("sess")
+        self.id = session_id or new_id("sess")
         self.principal = principal
         self.admin = settings.admin
         self.flavour = flavour
@@ -119,8 +122,11 @@ class Session:
         # resume's replay of the whole log on top of that before the client counts as not reading.
         self.outbox = Outbox(hard_bytes=settings.log_bytes + 2 * HIGH_WATER_BYTES)
         self.outbox.on_overflow = self._overflow
-        self.seq = 0
+        self.seq = seq
         self.last_ack = 0
+        # Set once another node numbers this session's frames (it moved there, or it is another
+        # node's session following a job here): frames go there, unnumbered (supervisor/cluster/).
+        self.relay_to: RelayFrame | None = None
         self.closed = False  # the client said close/bye
         self.expired = False  # past its resume window: forgotten
         self.detached_at: float | None = None  # monotonic time the transport went away
@@ -189,6 +195,9 @@ class Session:
 
     def send(self, env: dict[str, Any]) -> None:
         """Queue an unsequenced frame."""
+        if self.relay_to is not None:
+            self.relay_to(env, str(env.get("job_id") or ""), False)
+            return
         self.outbox.put(self.encode(env))
 
     def send_seq(self, env: dict[str, Any], job_id: str, log: bool = True) -> int:
@@ -197,6 +206,10 @@ class Session:
         untouched."""
         if self.expired:
             return 0
+        if self.relay_to is not None:
+            self.encode(env)  # (FrameTooLarge here, as for a local session)
+            self.relay_to(env, job_id, log)
+            return self.seq
         env["event_seq"] = self.seq + 1
         data = self.encode(env)
         self.seq += 1

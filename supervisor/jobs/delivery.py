@@ -110,7 +110,8 @@ class Delivery:
                 return stored
         return t
 
-    def send_terminal(self, s: Session, job: Job, t: dict[str, Any], log: bool) -> None:
+    def send_outcome(self, s: Session, job_id: str, trace_id: str, t: dict[str, Any], log: bool) -> int:
+        """A job's terminal frame of outcome `t`, in the session's flavour; its seq."""
         usage = t.get("usage") or usage_wire()  # (a job restored from an older store has none)
         if t["error"] is None:
             payload = result_payload(t["value"], completed_at=t["completed_at"], flavour=s.flavour,
@@ -120,10 +121,14 @@ class Delivery:
             payload = error_payload(t["error"], status=t["status"], completed_at=t["completed_at"],
                                     flavour=s.flavour, usage=usage)
             kind = "job.error"
-        env = frame(kind, new_ulid(), payload, session_id=s.id, job_id=job.id, trace_id=job.trace_id,
+        env = frame(kind, new_ulid(), payload, session_id=s.id, job_id=job_id, trace_id=trace_id,
                     extensions={USAGE_KEY: usage})
+        return s.send_seq(env, job_id, log=log)
+
+    def send_terminal(self, s: Session, job: Job, t: dict[str, Any], log: bool) -> None:
+        usage = t.get("usage") or usage_wire()
         try:
-            seq = s.send_seq(env, job.id, log=log)
+            seq = self.send_outcome(s, job.id, job.trace_id, t, log)
         except FrameTooLarge:
             job.terminal = t = {**t, "status": "error", "value": None, "error": InternalError(
                 f"inline result of {len(orjson.dumps(t['value']))} bytes does not fit one frame "

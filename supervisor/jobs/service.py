@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
 import orjson
 
 from shared.envelope import Envelope, frame
-from shared.errors import InternalError, JobNotFound, PermissionDenied
+from shared.errors import DuplicateKey, InternalError, JobNotFound, PermissionDenied
 from shared.ids import new_id, new_ulid, now_ts
 from shared.messages import QUEUED
 from supervisor import metrics
@@ -26,7 +26,7 @@ from supervisor.core.session import FrameTooLarge, Session
 from supervisor.core.usage import outcome_of, usage_wire
 from supervisor.jobs.delivery import Delivery
 from supervisor.jobs.provisioning import Credentials
-from supervisor.state.base import StateStore, StoreError
+from supervisor.state.base import StateStore, StoredJob, StoreError
 
 log = logging.getLogger("arcp.runtime")
 INLINE_KEPT = 4096  # terminal values larger than this live only in the store
@@ -48,6 +48,9 @@ class JobService:
         self._layers = layers  # the sandbox layers a job of this request gets
         self._make_runner = make_runner
         self.draining = False
+        self.claim_keys = False  # several processes share the store: a key is claimed there, awaited
+        # a job of another process holding a submit's key, given to the session (supervisor/cluster/)
+        self.replay_held: Callable[[Session, Envelope, StoredJob], Awaitable[None]] | None = None
         self._starts = 0  # jobs started so far: each one's place in the start order
         self._ended = anyio.Event()  # set (and replaced) at every job's terminal
         self._delivering: set[str] = set()  # ended, the terminal frame waiting for revocations
@@ -66,6 +69,11 @@ class JobService:
             return
         self.admission.check(session.principal, req.limits.memory)  # overloaded
         job_id = new_id("job")
+        claimed = None
+        if self.claim_keys and req.idempotency_key is not None:
+            claimed = await self._claim(session, env, req, job_id)
+            if claimed is None:
+                return  # another process's job holds the key: replayed
         creds = None
         if self.credentials is not None and "provisioned_credentials" in session.features:
             creds = await self.credentials.issue(job_id, session.principal, req)
@@ -73,7 +81,7 @@ class JobService:
             if parent.done:  # it ended while the credentials were issued
                 raise JobNotFound(f"no running parent job {parent.id!r}")
             carve_budget(parent, req, time.time())
-        job = self._accept(session, req, job_id)
+        job = self._accept(session, req, job_id, claimed)
         if creds and self.credentials is not None:
             self.credentials.issued(job, creds)
         metrics.job_accepted(job, env, parent)
@@ -110,11 +118,39 @@ class JobService:
         self._admit(child)
         return child.id
 
-    def _accept(self, session: Session, req: SubmitRequest, job_id: str | None = None) -> Job:
-        """The job's record, its runner and its lease expiry; it starts when admitted."""
+    async def _claim(self, session: Session, env: Envelope, req: SubmitRequest, job_id: str) -> Job | None:
+        """Several processes share the store: the job's record is inserted now, awaited, so that
+        one job holds the key whichever process each submit reaches. The job (not yet running),
+        or None when another process's job held the key (then replayed to the session)."""
         job = self.jobs.create(session.principal, session, req, self._layers(req), job_id)
-        self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
-                              job.trace_id, job.idempotency_key, job.fingerprint, job.record())
+        try:
+            held = await self.store.claim_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status,
+                                              job.created_at, job.trace_id, job.idempotency_key, job.fingerprint,
+                                              job.record())
+        except BaseException:
+            self.jobs.discard(job)
+            raise
+        if held is None:
+            return job
+        self.jobs.discard(job)
+        if held.fingerprint != req.fingerprint():
+            raise DuplicateKey(f"idempotency key {req.idempotency_key!r} was used with different parameters "
+                               f"(job {held.job_id})")
+        if self.replay_held is None:
+            raise InternalError(f"idempotency key {req.idempotency_key!r} is held by job {held.job_id}")
+        await self.replay_held(session, env, held)
+        return None
+
+    def _accept(self, session: Session, req: SubmitRequest, job_id: str | None = None,
+                claimed: Job | None = None) -> Job:
+        """The job's record (inserted now, unless `claimed` already), its runner and its lease
+        expiry; it starts when admitted."""
+        if claimed is not None:
+            job = claimed
+        else:
+            job = self.jobs.create(session.principal, session, req, self._layers(req), job_id)
+            self.store.insert_job(job.id, job.principal, job.owner_id, job.agent_ref, job.status, job.created_at,
+                                  job.trace_id, job.idempotency_key, job.fingerprint, job.record())
         runner = self._make_runner(job)
         job.runner = runner
         runner.arm_timers()

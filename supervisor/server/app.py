@@ -119,11 +119,32 @@ async def serve(config: Config, reload: Callable[[], Config] | None = None) -> N
         async with anyio.create_task_group() as tg:
             if reloader is not None:
                 tg.start_soon(reloader.run)
+            if rt.cluster is not None:
+                tg.start_soon(_stop_when_fenced, rt, stop)
             if config.stdio:
                 await _serve_stdio(rt, stop)
             else:
                 await _serve_ws(rt, stop)
             tg.cancel_scope.cancel()
+        if rt.cluster is not None and rt.cluster.fenced_by is not None:
+            raise NodeFenced(f"node {rt.cluster.node_id} was declared lost by node {rt.cluster.fenced_by} (no "
+                             f"heartbeat for more than the node timeout): its jobs were ended there, so it stopped "
+                             f"(start it again to serve anew)")
+
+
+class NodeFenced(Exception):
+    """Another process sharing the state database declared this one lost."""
+
+
+async def _stop_when_fenced(rt: Runtime, stop: Stop) -> None:
+    """Declared lost by another node, whose terminals for this node's jobs are already on their
+    way: nothing more of this node's may reach a client. Its jobs are stopped at once and its
+    clients' transports closed (they resume on another node)."""
+    assert rt.cluster is not None
+    await rt.cluster.fenced.wait()
+    log.error("declared lost by node %s: stopping now", rt.cluster.fenced_by)
+    stop.now.set()
+    stop.drain.set()
 
 
 async def _serve_stdio(rt: Runtime, stop: Stop) -> None:

@@ -135,7 +135,7 @@ async def _handshake(rt: ConnectionHost, transport: Transport, first: str | byte
             log.debug("session %s opened for %s (%s flavour)", session.id, principal, session.flavour,
                       extra={"remote": peer, "session_id": session.id, "principal": principal})
         else:
-            session, replayed = await rt.resume_session(hello, principal, closer)
+            session, replayed = await rt.resume_session(hello, principal, frame_cap, closer)
             log.debug("session %s resumed; %d frames replayed", session.id, replayed,
                       extra={"remote": peer, "session_id": session.id, "principal": principal})
         return session

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from shared.envelope import Envelope, frame
 from shared.errors import ResumeWindowExpired
@@ -20,6 +20,24 @@ from supervisor.state.base import StateStore
 log = logging.getLogger("arcp.runtime")
 
 
+class SessionDirectory(Protocol):
+    """Where sessions are known beyond this process (supervisor/cluster/: several processes on
+    one database); without one, a session exists only in the process that opened it."""
+
+    def opened(self, s: Session) -> None:
+        """Opened or resumed here, with a transport."""
+
+    def detached(self, s: Session) -> None: ...
+
+    def expired(self, s: Session) -> None: ...
+
+    async def take(self, sid: str, token: str, last: int, principal: str) -> tuple[int, str]:
+        """A session another process numbered, for a resume here: its seq and flavour."""
+
+    def adopted(self, s: Session) -> None:
+        """A session taken over here is attached."""
+
+
 class SessionTable:
     def __init__(self, config: Callable[[], Config], store: StateStore, jobs: JobTable, delivery: Delivery,
                  features: tuple[str, ...], inventory: Callable[[], list[dict[str, Any]]]) -> None:
@@ -30,24 +48,50 @@ class SessionTable:
         self.features = features
         self._inventory = inventory
         self.sessions: dict[str, Session] = {}
+        self.directory: SessionDirectory | None = None
+
+    def _settings(self, principal: str, frame_cap: int) -> SessionSettings:
+        cfg = self._config()
+        return SessionSettings(resume_window=cfg.resume_window, heartbeat_interval=cfg.heartbeat_interval,
+                               back_pressure_threshold=cfg.back_pressure_threshold,
+                               log_bytes=cfg.session_log_bytes, frame_cap=frame_cap, admin=principal in cfg.admins)
 
     def open(self, hello: Envelope, principal: str, frame_cap: int, close: CloseTransport) -> Session:
-        cfg = self._config()
-        settings = SessionSettings(resume_window=cfg.resume_window, heartbeat_interval=cfg.heartbeat_interval,
-                                   back_pressure_threshold=cfg.back_pressure_threshold,
-                                   log_bytes=cfg.session_log_bytes, frame_cap=frame_cap,
-                                   admin=principal in cfg.admins)
-        s = Session(settings, principal, detect_flavour(hello), negotiate(hello, self.features),
-                    self.store.log_frame, close, time.monotonic())
+        s = Session(self._settings(principal, frame_cap), principal, detect_flavour(hello),
+                    negotiate(hello, self.features), self.store.log_frame, close, time.monotonic())
         self.sessions[s.id] = s
+        if self.directory is not None:
+            self.directory.opened(s)
         s.send(s.welcome(self._inventory()))
         return s
 
-    async def resume(self, hello: Envelope, principal: str, close: CloseTransport) -> tuple[Session, int]:
+    async def _take(self, hello: Envelope, principal: str, frame_cap: int, sid: str, token: str,
+                    last: int) -> Session | None:
+        """A session another process numbered, taken over (detached, not yet in the table), or
+        None without a directory."""
+        if self.directory is None:
+            return None
+        seq, _flavour = await self.directory.take(sid, token, last, principal)
+        s = Session(self._settings(principal, frame_cap), principal, detect_flavour(hello),
+                    negotiate(hello, self.features), self.store.log_frame, _unattached, time.monotonic(),
+                    session_id=sid, seq=seq)
+        s.resume_token = token  # (replaced below, as for any resume)
+        s.detach(time.monotonic())
+        return s
+
+    async def resume(self, hello: Envelope, principal: str, close: CloseTransport,
+                     frame_cap: int) -> tuple[Session, int]:
         """Take over a detached session (protocol.md §5.1): its welcome, then every frame
-        kept after the client's last seq, unchanged; the session and how many were replayed."""
+        kept after the client's last seq, unchanged; the session and how many were replayed.
+        A session this process does not have is asked of the directory (another process may
+        number it)."""
         sid, token, last = resume_request(hello)
         s = self.sessions.get(sid)
+        taken = None
+        if s is None:
+            taken = s = await self._take(hello, principal, frame_cap, sid, token, last)
+            if sid in self.sessions:  # resumed here meanwhile, by another connection
+                raise ResumeWindowExpired(f"session {sid!r} is live on another transport")
         now = time.monotonic()
         window = self._config().resume_window
         if s is not None and not s.expired and window_passed(s, now, window):
@@ -57,19 +101,27 @@ class SessionTable:
         check_log_kept(sid, last, s.seq, await self.store.oldest_seq(s.id))
         if s.detached_at is None or s.expired:  # taken or forgotten while the store answered
             raise ResumeWindowExpired(f"no resumable session {sid!r}")
+        if taken is not None:
+            self.sessions[sid] = s
         s.resume_token = new_resume_token()
         s.closed = False
         s.features = negotiate(hello, self.features)
         s.attach(close, now)
+        if self.directory is not None:
+            self.directory.opened(s)
         s.send(s.welcome(self._inventory()))
         # From the attach on, new frames are queued after the welcome; the read is queued in the
         # store now, before any of them is logged: it holds every frame kept until the attach.
         rows = await self.store.frames_since(s.id, last)
         s.outbox.insert(1, [data for _, data in rows])
+        if taken is not None and self.directory is not None:
+            self.directory.adopted(s)  # what was relayed to it meanwhile follows the replay
         return s, len(rows)
 
     def detached(self, s: Session) -> None:
         s.detach(time.monotonic())
+        if self.directory is not None and self.sessions.get(s.id) is s:
+            self.directory.detached(s)
 
     def expire(self, s: Session) -> None:
         s.expired = True
@@ -77,6 +129,8 @@ class SessionTable:
         self.sessions.pop(s.id, None)
         self.delivery.forget_session(s)
         self.store.forget_session(s.id)
+        if self.directory is not None:
+            self.directory.expired(s)
 
     def sweep(self, now: float) -> None:
         """Forget sessions past their resume window."""
@@ -95,3 +149,8 @@ class SessionTable:
                 s.close_transport(1001, "shutdown")
                 n += 1
         return n
+
+
+def _unattached(code: int, reason: str) -> None:
+    """A session taken over from another process has no transport until it is attached."""
+    return None

@@ -130,9 +130,11 @@ class PostgresStore(QueuedStore):
         await super().close()
 
     def put_session(self, session_id: str, principal: str, token: str, seq: int, *, detached: bool, closed: bool,
-                    flavour: str) -> None:
-        """This node numbers the session's frames (its row says so), with this resume token."""
-        self._put(SESSION_PUT, (session_id, principal, token_hash(token), seq, detached, closed, flavour))
+                    flavour: str, node_id: str | None = None) -> None:
+        """This node (or `node_id`, which it is handed over to) numbers the session's frames,
+        with this resume token."""
+        self._put(SESSION_PUT, (session_id, node_id or self.node_id, principal, token_hash(token), seq, detached,
+                                closed, flavour))
 
     def drop_session(self, session_id: str) -> None:
         """A session past its resume window (if this node holds it), with its relay rows."""

@@ -60,14 +60,15 @@ def lost_terminal(node_id: str, now_ns: int) -> dict[str, Any]:
 
 def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str, a: tuple[Any, ...]) -> Any:
     if kind == SESSION_PUT:
-        session_id, principal, digest, seq, detached, closed, flavour = a
+        session_id, node, principal, digest, seq, detached, closed, flavour = a
         conn.execute(
             "INSERT INTO sessions (session_id, node_id, principal, token_hash, seq, detached_at, closed, flavour)"
             " VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN now() END, %s, %s)"
             " ON CONFLICT (session_id) DO UPDATE SET node_id = EXCLUDED.node_id, token_hash = EXCLUDED.token_hash,"
             " seq = greatest(sessions.seq, EXCLUDED.seq), detached_at = EXCLUDED.detached_at,"
-            " closed = EXCLUDED.closed, flavour = EXCLUDED.flavour",
-            (session_id, node_id, principal, digest, seq, detached, closed, flavour))
+            " closed = EXCLUDED.closed, flavour = EXCLUDED.flavour"
+            " WHERE sessions.node_id = %s",  # (only the node numbering it says where it goes)
+            (session_id, node, principal, digest, seq, detached, closed, flavour, node_id))
     elif kind == SESSION_DROP:
         conn.execute("DELETE FROM sessions WHERE session_id = %s AND node_id = %s", (a[0], node_id))
         conn.execute("DELETE FROM relay WHERE session_id = %s", (a[0],))
@@ -135,15 +136,14 @@ def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
     """Mark `dead` lost, end its unfinished jobs and relay their terminals; how many ended."""
     now = time.time_ns()
     term = lost_terminal(dead, now)
-    body = orjson.dumps(term)
     conn.execute("UPDATE nodes SET lost_at = now(), lost_by = %s WHERE node_id = %s", (by, dead))
     ended = conn.execute("UPDATE jobs SET status = 'error', terminal = %s, finished_ns = %s"
-                         " WHERE node_id = %s AND finished_ns IS NULL RETURNING job_id, session_id",
-                         (body, now, dead)).fetchall()
-    sessions = sorted({s for _, s in ended})
+                         " WHERE node_id = %s AND finished_ns IS NULL RETURNING job_id, session_id, trace_id",
+                         (orjson.dumps(term), now, dead)).fetchall()
+    sessions = sorted({s for _, s, _ in ended})
     with conn.cursor() as cur:
         cur.executemany("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, 'terminal', %s, TRUE)",
-                        [(s, j, body) for j, s in ended])
+                        [(s, j, orjson.dumps({"trace_id": t, "terminal": term})) for j, s, t in ended])
         cur.executemany("SELECT pg_notify(%s, %s)", [(RELAY_CHANNEL, s) for s in sessions])
     log.warning("node %s declared lost (no heartbeat for more than the node timeout): %d unfinished jobs ended",
                 dead, len(ended))

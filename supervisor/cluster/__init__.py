@@ -1,0 +1,1 @@
+"""Several supervisor processes sharing one PostgreSQL state database (contract.md, "Several machines")."""
