@@ -46,7 +46,7 @@ from supervisor.state.postgres_cluster import COMMAND_CHANNEL, RELAY_CHANNEL, to
 from supervisor.state.postgres_listen import RECONNECTED
 
 log = logging.getLogger("arcp.cluster")
-HANDOVER_TIMEOUT = 5.0  # seconds a resume waits for the session's node to hand it over
+HANDOVER_TIMEOUT = 2.0  # seconds a resume waits for the session's node to hand it over (clients wait 5 s)
 HANDOVER_POLL = 0.25  # ... looking at the session's row meanwhile (a lost announcement)
 SEQUENCED = frozenset(("job.event", "job.result", "job.error", "job.cancelled"))
 TERMINALS = frozenset(("job.result", "job.error"))
@@ -111,7 +111,8 @@ class Cluster:
         if row["closed"] and not row["running_jobs"]:
             raise ResumeWindowExpired(f"session {sid!r} was closed and has no running jobs")
         node = row["node_id"]
-        if node != self.node_id and row["node_alive"]:
+        alive = row["node_alive"] and node != self.node_id and not await self.store.node_gone(node)
+        if alive:
             answer = await self._handover(sid, node)
             if answer.get("ok"):
                 seq = int(answer["seq"])
@@ -125,7 +126,7 @@ class Cluster:
         if node != self.node_id and not await self.store.take_session(sid, node):
             raise ResumeWindowExpired(f"session {sid!r} was taken over by another process meanwhile")
         log.info("session %s taken over from node %s (%s)", sid, node,
-                 "this node" if node == self.node_id else "lost" if not row["node_alive"] else "it had no such session")
+                 "this node" if node == self.node_id else "lost" if not alive else "it had no such session")
         return max(row["seq"], row["logged_seq"], last), row["flavour"]
 
     async def _handover(self, sid: str, node: str) -> dict[str, Any]:
@@ -143,6 +144,8 @@ class Cluster:
                 if row is not None and row["node_id"] == self.node_id:
                     return {"ok": True, "seq": row["seq"]}
         self._answers.pop(ref, None)
+        if await self.store.node_gone(node):
+            return {"ok": False, "unknown": True}  # (taken from the database by the caller)
         raise InternalError(f"the process holding session {sid!r} ({node}) did not hand it over within "
                             f"{HANDOVER_TIMEOUT:g} s", retryable=True)
 

@@ -192,6 +192,7 @@ class JobRunner:
             self._finish(*self._final_or_internal())
             return
         job.status = RUNNING
+        self.rt.store.job_running(job.id)
         # With usage accounting off ([server] usage = false) only the wall time is measured.
         meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic()) \
             if self.rt.config.usage else None

@@ -102,6 +102,11 @@ class StateStore(abc.ABC):
     def revocation_attempted(self, credential_id: str, revoked: bool) -> None:
         """Revoked: the credential is forgotten; not revoked: one more attempt is counted."""
 
+    def job_running(self, job_id: str) -> None:
+        """A job has started (a store that other processes read keeps its status; no other
+        store needs to: queued like any write)."""
+        return None
+
     # -- an awaited write ---------------------------------------------------------
     @abc.abstractmethod
     async def claim_job(self, job_id: str, principal: str, session_id: str, agent: str, status: str,

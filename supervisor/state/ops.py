@@ -24,7 +24,9 @@ SESSION_PUT = "session_put"
 SESSION_DROP = "session_drop"
 RELAY = "relay"
 COMMAND = "command"
-WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED, SESSION_PUT, SESSION_DROP, RELAY, COMMAND))
+RUNNING = "job_running"
+WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED, SESSION_PUT, SESSION_DROP, RELAY, COMMAND,
+                    RUNNING))
 SYNC = "sync"
 STOP = "close"
 CLAIM = "claim_job"  # an awaited write: its failure goes to its caller (like a read's)
@@ -39,7 +41,8 @@ SESSION_TAKE = "session_take"
 RELAY_TAKE = "relay_take"
 JOB_GET = "job_get"
 JOBS_OF = "jobs_of"
-CLUSTER_KINDS = frozenset((SESSION_PUT, SESSION_DROP, RELAY, COMMAND, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
+NODE_GONE = "node_gone"
+CLUSTER_KINDS = frozenset((NODE_GONE, SESSION_PUT, SESSION_DROP, RELAY, COMMAND, RUNNING, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
                            JOBS_OF))
 
 Undo = dict[str, int | None]  # session -> its byte tally before this transaction (None: had none)
@@ -131,12 +134,14 @@ def describe(kind: str, a: tuple[Any, ...]) -> str:
         return f"unrevoked_credentials finished_only={a[0]}"
     if kind in (SESSION_PUT, SESSION_DROP, SESSION_GET, RELAY_TAKE):
         return f"{kind} session={_s(a[0])}"
+    if kind == NODE_GONE:
+        return f"{kind} node={_s(a[0])}"
     if kind == SESSION_TAKE:
         return f"{kind} session={_s(a[0])} from={_s(a[1])}"
     if kind == RELAY:
         return f"relay session={_s(a[0])} job={_s(a[1])} kind={a[2]} ({len(a[3])} bytes)"
-    if kind == JOB_GET:
-        return f"job_get job={_s(a[0])}"
+    if kind in (JOB_GET, RUNNING):
+        return f"{kind} job={_s(a[0])}"
     if kind == JOBS_OF:
         return f"jobs_of principal={_s(a[0])}"
     return kind

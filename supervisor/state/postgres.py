@@ -45,7 +45,7 @@ import orjson
 
 from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StoredJob
 from supervisor.state.ops import (
-    COMMAND, JOB_GET, JOBS_OF, RELAY, RELAY_TAKE, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
 )
 from supervisor.state.postgres_cluster import NOTIFY_LIMIT, token_hash
 from supervisor.state.postgres_listen import Listener, Notify
@@ -136,6 +136,9 @@ class PostgresStore(QueuedStore):
         self._put(SESSION_PUT, (session_id, node_id or self.node_id, principal, token_hash(token), seq, detached,
                                 closed, flavour))
 
+    def job_running(self, job_id: str) -> None:
+        self._put(RUNNING, (job_id,))
+
     def drop_session(self, session_id: str) -> None:
         """A session past its resume window (if this node holds it), with its relay rows."""
         self._put(SESSION_DROP, (session_id,))
@@ -157,6 +160,11 @@ class PostgresStore(QueuedStore):
         """A session's row (see postgres_cluster.session_row), or None."""
         row: dict[str, Any] | None = await self._ask(SESSION_GET, (session_id,))
         return row
+
+    async def node_gone(self, node_id: str) -> bool:
+        """Whether another node is lost (declared so now if its connection is gone and its
+        heartbeats have stopped: postgres_cluster.node_gone)."""
+        return bool(await self._ask(NODE_GONE, (node_id,)))
 
     async def take_session(self, session_id: str, from_node: str) -> bool:
         """The session is this node's now, if it still was `from_node`'s."""

@@ -35,7 +35,7 @@ import psycopg
 
 from shared.ids import format_ts
 from supervisor.state.ops import (
-    COMMAND, JOB_COLUMNS, JOB_GET, JOBS_OF, RELAY, RELAY_TAKE, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, JOB_COLUMNS, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
     stored_job,
 )
 
@@ -58,7 +58,10 @@ def lost_terminal(node_id: str, now_ns: int) -> dict[str, Any]:
                       "details": {"reason": NODE_LOST, "node": node_id}}}
 
 
-def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str, a: tuple[Any, ...]) -> Any:
+def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str, a: tuple[Any, ...],
+          heartbeat: float = 2.0) -> Any:
+    if kind == NODE_GONE:
+        return node_gone(conn, a[0], node_id, heartbeat)
     if kind == SESSION_PUT:
         session_id, node, principal, digest, seq, detached, closed, flavour = a
         conn.execute(
@@ -77,6 +80,8 @@ def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str
         conn.execute("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, %s, %s, %s)",
                      (session_id, job_id, rkind, body, logged))
         conn.execute("SELECT pg_notify(%s, %s)", (RELAY_CHANNEL, session_id))
+    elif kind == RUNNING:
+        conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s AND finished_ns IS NULL", (a[0],))
     elif kind == COMMAND:
         conn.execute("SELECT pg_notify(%s, %s)", (COMMAND_CHANNEL, a[0]))
     elif kind == SESSION_GET:
@@ -148,6 +153,25 @@ def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
     log.warning("node %s declared lost (no heartbeat for more than the node timeout): %d unfinished jobs ended",
                 dead, len(ended))
     return len(ended)
+
+
+def node_gone(conn: psycopg.Connection[Any], node: str, by: str, heartbeat: float) -> bool:
+    """Whether `node` is lost: declared so already, or declared now because its connection is
+    gone (its advisory lock is free: a process killed, its socket closed) and it has missed two
+    heartbeats (not a reconnection under way). Sooner than its heartbeat's timeout, for a resume
+    that waits on it."""
+    row = conn.execute(
+        "SELECT lost_at IS NOT NULL, heartbeat_at < now() - make_interval(secs => %s) FROM nodes"
+        " WHERE node_id = %s FOR UPDATE", (2 * heartbeat, node)).fetchone()
+    if row is None or row[0]:
+        return True
+    if not row[1]:
+        return False
+    free = conn.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", (node,)).fetchone()
+    if not free or not free[0]:
+        return False
+    end_jobs_of(conn, node, by)
+    return True
 
 
 def renew(conn: psycopg.Connection[Any], node_id: str) -> bool:

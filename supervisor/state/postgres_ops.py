@@ -321,7 +321,7 @@ class PgDatabase(BatchApplier):
                 query += " JOIN jobs j ON j.job_id = c.job_id WHERE j.finished_ns IS NOT NULL"
             return [r[0] for r in conn.execute(query)]
         elif k in CLUSTER_KINDS:
-            return cluster.apply(conn, self.node_id, self.settings.timeout, k, a)
+            return cluster.apply(conn, self.node_id, self.settings.timeout, k, a, self.settings.heartbeat)
         else:
             raise AssertionError(f"unknown operation {k!r}")
         return None

@@ -85,3 +85,146 @@ def test_a_session_resumes_on_another_process_with_every_frame_in_order(make_ser
                 await resume_once_detached(srv.url, SessionResume(
                     session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0))
     asyncio.run(go())
+
+
+def test_subscribe_list_and_cancel_reach_the_process_running_the_job(make_server: type[Server], pg_url: str,
+                                                                      tmp_path: Any) -> None:
+    cfg = tmp_path / "auth.toml"
+    cfg.write_text('[auth]\ntokens = { a = "alice", b = "bob", r = "root" }\nadmins = ["root"]\n')
+    a, b = nodes(make_server, pg_url, 2, "--config", str(cfg))
+
+    async def go() -> None:
+        async with sdk_session(a.url, token="a") as (alice, reca), \
+                sdk_session(b.url, token="a") as (alice_b, recab), \
+                sdk_session(b.url, token="b") as (bob, recb), \
+                sdk_session(b.url, token="r") as (root, recr):
+            ticker = await alice.submit(agent="ticker", input={"n": 30, "interval": 0.03})
+            long = await alice.submit(agent="sleep", input={"seconds": 60})
+            other = await alice.submit(agent="sleep", input={"seconds": 60})
+            await reca.wait_for(lambda f: f.get("job_id") == ticker.job_id and f.get("type") == "job.event")
+
+            # listing on b sees a's jobs (running, then finished)
+            found = await listed(alice_b, ticker.job_id, long.job_id)
+            assert found[long.job_id].status == "running"
+            await bob.list_jobs()
+            assert [f for f in recb.frames if f.get("type") == "session.jobs"][-1]["payload"]["jobs"] == []
+
+            # a subscription through b: the history, then live, then the terminal, once each and in order
+            with pytest.raises(arcp.PermissionDeniedError):
+                await bob.subscribe(ticker.job_id, history=True)
+            await alice_b.subscribe(ticker.job_id, history=True)
+            term = await recab.terminal(ticker.job_id, timeout=30)
+            assert term["type"] == "job.result" and term["payload"]["result"] == {"ticks": 30}
+            assert _ticks(recab, ticker.job_id) == [f"tick {i}" for i in range(30)]
+            mine = [f["event_seq"] for f in recab.frames if "event_seq" in f]
+            assert mine == sorted(mine) and len(set(mine)) == len(mine)
+            assert (await listed(alice_b, ticker.job_id))[ticker.job_id].status == "success"
+            # a finished job of another process: subscribed to from the database
+            async with sdk_session(b.url, token="a") as (late, recl):
+                await late.subscribe(ticker.job_id, history=True)
+                assert (await recl.terminal(ticker.job_id))["payload"]["result"] == {"ticks": 30}
+                assert _ticks(recl, ticker.job_id) == [f"tick {i}" for i in range(30)]
+
+            # a cancel through b: refused for another principal, done for an admin
+            await bob.cancel_job(long.job_id)
+            await bob.list_jobs()
+            assert (await listed(alice, long.job_id))[long.job_id].status == "running"
+            await root.cancel_job(long.job_id, reason="operator stop")
+            err = await reca.terminal(long.job_id, timeout=15)
+            assert err["payload"]["code"] == "CANCELLED"
+            assert any(f.get("type") == "job.cancelled" and f.get("job_id") == long.job_id for f in reca.frames)
+    asyncio.run(go())
+
+
+def test_the_owner_cancels_through_another_process_after_resuming_there(make_server: type[Server],
+                                                                        pg_url: str) -> None:
+    a, b = nodes(make_server, pg_url, 2)
+
+    async def go() -> None:
+        client, rec, conn, welcome = await _open(a.url)
+        h = (await client.submit(agent="sleep", input={"seconds": 60})).job_id
+        await rec.wait_for(lambda f: f.get("type") == "job.accepted")
+        conn.transport.abort()
+        c2, _, rec2, _ = await resume_once_detached(b.url, SessionResume(
+            session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0))
+        await c2.cancel_job(h, reason="changed my mind")
+        term = await rec2.terminal(h, timeout=15)
+        assert term["payload"]["code"] == "CANCELLED"
+        cancelled = [f for f in rec2.frames if f.get("type") == "job.cancelled" and f.get("job_id") == h]
+        assert len(cancelled) == 1 and cancelled[0]["event_seq"] < term["event_seq"]
+    asyncio.run(go())
+
+
+def test_an_idempotency_key_raced_on_two_processes_makes_one_job(make_server: type[Server], pg_url: str) -> None:
+    a, b = nodes(make_server, pg_url, 2)
+
+    async def go() -> None:
+        async with sdk_session(a.url) as (ca, reca), sdk_session(b.url) as (cb, recb):
+            for round_ in range(5):
+                key = f"race-{round_}"
+                ha, hb = await asyncio.gather(
+                    ca.submit(agent="ticker", input={"n": 3, "interval": 0.02}, idempotency_key=key),
+                    cb.submit(agent="ticker", input={"n": 3, "interval": 0.02}, idempotency_key=key))
+                assert ha.job_id == hb.job_id, f"round {round_}: two jobs for one key"
+                for rec in (reca, recb):  # each submitter sees the job to its end
+                    assert (await rec.terminal(ha.job_id, timeout=15))["payload"]["result"] == {"ticks": 3}
+            with pytest.raises(arcp.ARCPError) as e:  # the same key with other parameters
+                await cb.submit(agent="echo", input="other", idempotency_key="race-0")
+            assert e.value.code == "DUPLICATE_KEY"
+    asyncio.run(go())
+
+
+def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_server: type[Server],
+                                                                          pg_url: str) -> None:
+    a, b, c = nodes(make_server, pg_url, 3)
+
+    async def go() -> None:
+        client, rec, conn, welcome = await _open(a.url)
+        jobs = [(await client.submit(agent="sleep", input={"seconds": 60})).job_id for _ in range(3)]
+        await rec.wait_for(lambda f: f.get("job_id") == jobs[-1] and f.get("type") == "job.accepted")
+        async with sdk_session(b.url) as (watcher, recw):
+            killed = time.monotonic()
+            os.killpg(a.pid, signal.SIGKILL)
+            # the session's client comes back through another process and hears of its jobs' end
+            _, _, rec2, _ = await resume_once_detached(c.url, SessionResume(
+                session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0), timeout=30)
+            for job_id in jobs:
+                term = await rec2.terminal(job_id, timeout=float(TIMEOUT) + 10)
+                assert term["type"] == "job.error"
+                p = term["payload"]
+                assert p["code"] == "INTERNAL_ERROR" and p["retryable"] is True
+                assert p["details"] == {"reason": "node lost", "node": "node0"}
+            assert time.monotonic() - killed < float(TIMEOUT) + 2 + 1.5  # (the resume's own waits aside)
+            seqs = _seqs(rec2)
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            # listed as ended on every live process
+            found = await listed(watcher, *jobs)
+            assert all(found[j].status == "error" for j in jobs)
+    asyncio.run(go())
+
+
+def test_postgres_stopped_for_five_seconds_under_load_loses_nothing(make_server: type[Server],
+                                                                     pg_server: PgServer, pg_url: str) -> None:
+    a, b = nodes(make_server, pg_url, 2, "--node-timeout", "30")  # (no node is taken for lost meanwhile)
+
+    async def go() -> None:
+        client, rec, conn, welcome = await _open(a.url)
+        jobs = [(await client.submit(agent="ticker", input={"n": 100, "interval": 0.1})).job_id for _ in range(4)]
+        await rec.wait_for(lambda f: f.get("type") == "job.event" and f.get("job_id") == jobs[-1])
+        await asyncio.to_thread(pg_server.halt)
+        try:
+            await asyncio.sleep(5)
+        finally:
+            await asyncio.to_thread(pg_server.start)
+        for job_id in jobs:  # the jobs ran on, and their client saw everything
+            assert (await rec.terminal(job_id, timeout=60))["payload"]["result"] == {"ticks": 100}
+            assert _ticks(rec, job_id) == [f"tick {i}" for i in range(100)]
+        # every frame was logged once the database was back: a resume on the other process gets them all
+        conn.transport.abort()
+        _, _, rec2, _ = await resume_once_detached(b.url, SessionResume(
+            session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0), timeout=30)
+        for job_id in jobs:
+            await rec2.terminal(job_id, timeout=30)
+            assert _ticks(rec2, job_id) == [f"tick {i}" for i in range(100)]
+        assert _seqs(rec2) == _seqs(rec)
+    asyncio.run(go())
