@@ -8,14 +8,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from shared.envelope import Envelope, frame
-from shared.errors import ResumeWindowExpired
+from shared.errors import InternalError, ResumeWindowExpired
 from shared.ids import new_resume_token, new_ulid
 from supervisor.config import Config
 from supervisor.core.jobs import JobTable
 from supervisor.core.resume import check_log_kept, check_resume, resume_request, window_passed
 from supervisor.core.session import CloseTransport, Session, SessionSettings, detect_flavour, negotiate
 from supervisor.jobs.delivery import Delivery
-from supervisor.state.base import StateStore
+from supervisor.state.base import StateStore, StoreError
 
 log = logging.getLogger("arcp.runtime")
 
@@ -49,6 +49,7 @@ class SessionTable:
         self._inventory = inventory
         self.sessions: dict[str, Session] = {}
         self.directory: SessionDirectory | None = None
+        self._unlogged: set[str] = set()  # sessions told that their log misses frames
 
     def _settings(self, principal: str, frame_cap: int) -> SessionSettings:
         cfg = self._config()
@@ -58,7 +59,7 @@ class SessionTable:
 
     def open(self, hello: Envelope, principal: str, frame_cap: int, close: CloseTransport) -> Session:
         s = Session(self._settings(principal, frame_cap), principal, detect_flavour(hello),
-                    negotiate(hello, self.features), self.store.log_frame, close, time.monotonic())
+                    negotiate(hello, self.features), self._keep, close, time.monotonic())
         self.sessions[s.id] = s
         if self.directory is not None:
             self.directory.opened(s)
@@ -73,7 +74,7 @@ class SessionTable:
             return None
         seq, _flavour = await self.directory.take(sid, token, last, principal)
         s = Session(self._settings(principal, frame_cap), principal, detect_flavour(hello),
-                    negotiate(hello, self.features), self.store.log_frame, _unattached, time.monotonic(),
+                    negotiate(hello, self.features), self._keep, _unattached, time.monotonic(),
                     session_id=sid, seq=seq)
         s.resume_token = token  # (replaced below, as for any resume)
         s.detach(time.monotonic())
@@ -118,6 +119,27 @@ class SessionTable:
             self.directory.adopted(s)  # what was relayed to it meanwhile follows the replay
         return s, len(rows)
 
+    def _keep(self, session_id: str, seq: int, job_id: str, data: bytes) -> None:
+        """Log a session's frame for resume. A store that refuses it (its queue is full: the
+        database has been away too long) does not stop the frame: it is sent, and the session's
+        client is told, once until the store takes its frames again, that a resume may miss it."""
+        try:
+            self.store.log_frame(session_id, seq, job_id, data)
+        except StoreError as e:
+            if session_id in self._unlogged:
+                return
+            self._unlogged.add(session_id)
+            log.error("session %s: frame %d is not kept for resume: %s", session_id, seq, e)
+            s = self.sessions.get(session_id)
+            if s is not None:
+                s.error(InternalError(f"event_seq {seq} and later may be missing from this session's resume "
+                                      f"log: the state store cannot keep them now", retryable=True,
+                                      details={"reason": "state store full", "event_seq": seq}))
+            return
+        if session_id in self._unlogged:
+            self._unlogged.discard(session_id)
+            log.warning("session %s: frames are kept for resume again from %d", session_id, seq)
+
     def detached(self, s: Session) -> None:
         s.detach(time.monotonic())
         if self.directory is not None and self.sessions.get(s.id) is s:
@@ -129,6 +151,7 @@ class SessionTable:
         self.sessions.pop(s.id, None)
         self.delivery.forget_session(s)
         self.store.forget_session(s.id)
+        self._unlogged.discard(s.id)
         if self.directory is not None:
             self.directory.expired(s)
 
