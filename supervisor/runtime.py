@@ -307,11 +307,16 @@ class Runtime:
                 await cluster.subscribe(session, request.env, request.job_id)
             else:
                 await self.delivery.subscribe(session, request.env, request.job_id)
+                job = self.jobs.jobs.get(request.job_id)
+                if cluster is not None and job is not None:
+                    cluster.followed(session, job)
         elif isinstance(request, Unsubscribe):
             if cluster is not None and request.job_id not in self.jobs.jobs:
                 await cluster.unsubscribe(session, request.job_id)
             else:
                 self.delivery.unsubscribe(session, request.job_id)
+                if cluster is not None:
+                    cluster.unfollowed(session, request.job_id)
 
     # -- what a job runner asks (supervisor/jobs/host.py) ---------------------------------
     def _runner(self, job: Job) -> JobRunner:
@@ -353,7 +358,8 @@ def store_for(config: Config) -> StateStore:
     """PostgreSQL with --state-url (several processes may share it), else SQLite."""
     if config.state_url:
         return PostgresStore(config.state_url, config.session_log_bytes, node_id=config.node_id,
-                             node_heartbeat=config.node_heartbeat, node_timeout=config.node_timeout)
+                             node_heartbeat=config.node_heartbeat, node_timeout=config.node_timeout,
+                             resume_window=config.resume_window)
     return SqliteStore(config.state_dir, config.session_log_bytes)
 
 

@@ -50,6 +50,7 @@ HANDOVER_TIMEOUT = 2.0  # seconds a resume waits for the session's node to hand 
 HANDOVER_POLL = 0.25  # ... looking at the session's row meanwhile (a lost announcement)
 SEQUENCED = frozenset(("job.event", "job.result", "job.error", "job.cancelled"))
 TERMINALS = frozenset(("job.result", "job.error"))
+RELAY_BATCH = 256  # relayed frames read at once for a session (the rest wait in the database)
 ENDED_KEPT = 4096  # jobs whose terminal a session got by relay, remembered to drop what follows
 
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]
@@ -237,8 +238,12 @@ class Cluster:
                 s = self.sessions.get(sid)
                 if s is None:
                     return
-                for job_id, kind, body, logged in await self.store.take_relay(sid):
+                rows = await self.store.take_relay(sid, RELAY_BATCH)
+                for job_id, kind, body, logged in rows:
                     self._deliver(s, job_id, kind, body, logged)
+                if len(rows) == RELAY_BATCH:  # more waiting: in the database, until the client reads
+                    self._again.add(sid)
+                    await s.outbox.wait_writable()
                 if sid not in self._again:
                     return
         finally:
@@ -285,6 +290,15 @@ class Cluster:
         ended.add(job_id)
 
     # -- jobs of other nodes -------------------------------------------------------------------
+    def followed(self, session: Session, job: Job) -> None:
+        """A session subscribed to a job running here: recorded, so that if this node is lost,
+        the job's terminal still reaches the session wherever it resumes."""
+        if not job.done and session.id != job.owner_id:
+            self.store.follow(job.id, session.id)
+
+    def unfollowed(self, session: Session, job_id: str) -> None:
+        self.store.follow(job_id, session.id, follows=False)
+
     async def remote_job(self, job_id: str) -> tuple[Job, str] | None:
         """A job this node does not have in memory: its record from the database (a finished one
         is kept here from now on, like a restored one) and the node that runs or ran it."""
@@ -324,6 +338,7 @@ class Cluster:
         if job.done:  # its record, history and terminal are in the database: answered here
             await self.delivery.subscribe(session, env, job_id)
             return
+        self.store.follow(job_id, session.id)
         self.store.command({"op": "subscribe", "to": node, "from": self.node_id, "job": job_id,
                             "session": session.id, "principal": session.principal, "admin": session.admin,
                             "flavour": session.flavour, "features": session.features,
@@ -332,6 +347,7 @@ class Cluster:
     async def unsubscribe(self, session: Session, job_id: str) -> None:
         """The job is not here: the node running it drops this session's subscription."""
         row = await self.store.job_row(job_id)
+        self.store.follow(job_id, session.id, follows=False)
         if row is not None and row[0].terminal is None:
             self.store.command({"op": "unsubscribe", "to": row[1], "from": self.node_id, "job": job_id,
                                 "session": session.id})
@@ -351,6 +367,7 @@ class Cluster:
                            session_id=session.id, job_id=job.id, trace_id=job.trace_id,
                            extensions=job.accepted_extensions()))
         if row is not None and session.id != job.owner_id:
+            self.store.follow(job.id, session.id)
             self.store.command({"op": "subscribe", "to": row[1], "from": self.node_id, "job": job.id,
                                 "session": session.id, "principal": session.principal, "admin": session.admin,
                                 "flavour": session.flavour, "features": session.features,

@@ -25,8 +25,9 @@ SESSION_DROP = "session_drop"
 RELAY = "relay"
 COMMAND = "command"
 RUNNING = "job_running"
+FOLLOW = "follow"
 WRITES = frozenset((FRAME, INSERT, FINISH, DELETE, FORGET, CREDS, REVOKED, SESSION_PUT, SESSION_DROP, RELAY, COMMAND,
-                    RUNNING))
+                    RUNNING, FOLLOW))
 SYNC = "sync"
 STOP = "close"
 CLAIM = "claim_job"  # an awaited write: its failure goes to its caller (like a read's)
@@ -42,7 +43,7 @@ RELAY_TAKE = "relay_take"
 JOB_GET = "job_get"
 JOBS_OF = "jobs_of"
 NODE_GONE = "node_gone"
-CLUSTER_KINDS = frozenset((NODE_GONE, SESSION_PUT, SESSION_DROP, RELAY, COMMAND, RUNNING, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
+CLUSTER_KINDS = frozenset((NODE_GONE, FOLLOW, SESSION_PUT, SESSION_DROP, RELAY, COMMAND, RUNNING, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
                            JOBS_OF))
 
 Undo = dict[str, int | None]  # session -> its byte tally before this transaction (None: had none)
@@ -132,6 +133,8 @@ def describe(kind: str, a: tuple[Any, ...]) -> str:
         return f"job_frames session={_s(a[0])} job={_s(a[1])} after={a[2]}"
     if kind == UNREVOKED:
         return f"unrevoked_credentials finished_only={a[0]}"
+    if kind == FOLLOW:
+        return f"follow job={_s(a[0])} session={_s(a[1])} follows={a[2]}"
     if kind in (SESSION_PUT, SESSION_DROP, SESSION_GET, RELAY_TAKE):
         return f"{kind} session={_s(a[0])}"
     if kind == NODE_GONE:

@@ -45,7 +45,7 @@ import orjson
 
 from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StoredJob
 from supervisor.state.ops import (
-    COMMAND, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, FOLLOW, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
 )
 from supervisor.state.postgres_cluster import NOTIFY_LIMIT, token_hash
 from supervisor.state.postgres_listen import Listener, Notify
@@ -64,7 +64,7 @@ class PostgresStore(QueuedStore):
     def __init__(self, url: str, session_log_bytes: int = DEFAULT_LOG_BYTES, *, node_id: str | None = None,
                  max_queued_ops: int = MAX_QUEUED_OPS, max_queued_bytes: int = MAX_QUEUED_BYTES,
                  connect_timeout: int = 10, close_timeout: float = 30.0, node_heartbeat: float = 2.0,
-                 node_timeout: float = 10.0) -> None:
+                 node_timeout: float = 10.0, resume_window: float = 600.0) -> None:
         """Start the writer thread, which connects to `url` (postgresql://...), creates or migrates
         the schema and registers this node; `await PostgresStore.open(...)` also waits for that
         and raises StoreError if it fails (otherwise the first operations do)."""
@@ -77,6 +77,7 @@ class PostgresStore(QueuedStore):
         self.started_at = datetime.now(timezone.utc)
         self.node_heartbeat = node_heartbeat
         self.node_timeout = node_timeout
+        self.resume_window = resume_window
         self.fenced_by: str | None = None  # the node that declared this one lost, once one has
         self.on_fenced: Callable[[str], None] | None = None  # called on the loop that set it
         self._fence_loop: asyncio.AbstractEventLoop | None = None
@@ -98,7 +99,7 @@ class PostgresStore(QueuedStore):
     def _connect(self) -> Backend:
         return PgDatabase(self, Settings(self.url, self.node_id, self.started_at, self.log_bytes,
                                          self.connect_timeout, self.close_timeout, self.node_heartbeat,
-                                         self.node_timeout))
+                                         self.node_timeout, self.resume_window))
 
     # -- several nodes (supervisor/state/postgres_cluster.py) ---------------------------
     def listen(self, notify: Notify, on_fenced: Callable[[str], None]) -> None:
@@ -170,11 +171,16 @@ class PostgresStore(QueuedStore):
         """The session is this node's now, if it still was `from_node`'s."""
         return bool(await self._ask(SESSION_TAKE, (session_id, from_node)))
 
-    async def take_relay(self, session_id: str) -> list[tuple[str, str, bytes, bool]]:
-        """(job_id, kind, body, logged) of every frame relayed to the session, oldest first; gone
-        from the database once read."""
-        rows: list[tuple[str, str, bytes, bool]] = await self._ask(RELAY_TAKE, (session_id,))
+    async def take_relay(self, session_id: str, limit: int) -> list[tuple[str, str, bytes, bool]]:
+        """(job_id, kind, body, logged) of the oldest frames relayed to the session (at most
+        `limit`), in order; gone from the database once read."""
+        rows: list[tuple[str, str, bytes, bool]] = await self._ask(RELAY_TAKE, (session_id, limit))
         return rows
+
+    def follow(self, job_id: str, session_id: str, follows: bool = True) -> None:
+        """A session follows (or no longer follows) a running job: a lost node's terminal of it
+        reaches it too."""
+        self._put(FOLLOW, (job_id, session_id, follows))
 
     async def job_row(self, job_id: str) -> tuple[StoredJob, str] | None:
         """A job of any node, with the node running it (or that ran it)."""

@@ -35,7 +35,7 @@ import psycopg
 
 from shared.ids import format_ts
 from supervisor.state.ops import (
-    COMMAND, JOB_COLUMNS, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, FOLLOW, JOB_COLUMNS, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
     stored_job,
 )
 
@@ -93,8 +93,16 @@ def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str
         return row is not None
     elif kind == RELAY_TAKE:
         return [(r[0], r[1], bytes(r[2]), r[3]) for r in conn.execute(
-            "WITH d AS (DELETE FROM relay WHERE session_id = %s RETURNING id, job_id, kind, body, logged)"
-            " SELECT job_id, kind, body, logged FROM d ORDER BY id", (a[0],))]
+            "WITH d AS (DELETE FROM relay WHERE id IN (SELECT id FROM relay WHERE session_id = %s ORDER BY id"
+            " LIMIT %s) RETURNING id, job_id, kind, body, logged)"
+            " SELECT job_id, kind, body, logged FROM d ORDER BY id", (a[0], a[1]))]
+    elif kind == FOLLOW:
+        job_id, session_id, follows = a
+        if follows:
+            conn.execute("INSERT INTO follows (job_id, session_id) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                         (job_id, session_id))
+        else:
+            conn.execute("DELETE FROM follows WHERE job_id = %s AND session_id = %s", (job_id, session_id))
     elif kind == JOB_GET:
         row = conn.execute(f"SELECT {JOB_COLUMNS}, node_id FROM jobs WHERE job_id = %s", (a[0],)).fetchone()
         return None if row is None else (stored_job(row[:-1]), row[-1])
@@ -145,10 +153,16 @@ def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
     ended = conn.execute("UPDATE jobs SET status = 'error', terminal = %s, finished_ns = %s"
                          " WHERE node_id = %s AND finished_ns IS NULL RETURNING job_id, session_id, trace_id",
                          (orjson.dumps(term), now, dead)).fetchall()
-    sessions = sorted({s for _, s, _ in ended})
+    # to each job's session, and to the sessions following it (they get it wherever they resume)
+    to = [(s, j, t) for j, s, t in ended]
+    if ended:
+        traces = {j: t for j, _, t in ended}
+        to += [(s, j, traces[j]) for j, s in conn.execute(
+            "SELECT job_id, session_id FROM follows WHERE job_id = ANY(%s)", (list(traces),))]
+    sessions = sorted({s for s, _, _ in to})
     with conn.cursor() as cur:
         cur.executemany("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, 'terminal', %s, TRUE)",
-                        [(s, j, orjson.dumps({"trace_id": t, "terminal": term})) for j, s, t in ended])
+                        [(s, j, orjson.dumps({"trace_id": t, "terminal": term})) for s, j, t in to])
         cur.executemany("SELECT pg_notify(%s, %s)", [(RELAY_CHANNEL, s) for s in sessions])
     log.warning("node %s declared lost (no heartbeat for more than the node timeout): %d unfinished jobs ended",
                 dead, len(ended))
@@ -172,6 +186,18 @@ def node_gone(conn: psycopg.Connection[Any], node: str, by: str, heartbeat: floa
         return False
     end_jobs_of(conn, node, by)
     return True
+
+
+def clean_up(conn: psycopg.Connection[Any], window: float) -> None:
+    """What no node will read any more: the sessions of nodes lost longer ago than the resume
+    window (never resumed), relay rows and follows of sessions that have no row (forgotten) once
+    older than the window, follows of finished jobs."""
+    conn.execute("DELETE FROM sessions s USING nodes n WHERE n.node_id = s.node_id"
+                 " AND n.lost_at < now() - make_interval(secs => %s)", (window,))
+    conn.execute("DELETE FROM relay r WHERE r.created_at < now() - make_interval(secs => %s)"
+                 " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = r.session_id)", (window,))
+    conn.execute("DELETE FROM follows f WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = f.session_id)"
+                 " OR EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = f.job_id AND j.finished_ns IS NOT NULL)")
 
 
 def renew(conn: psycopg.Connection[Any], node_id: str) -> bool:

@@ -50,6 +50,7 @@ class NodeStore(Protocol):
 log = logging.getLogger("arcp.store")
 TRIM_STEP = 1024 * 1024  # as SQLite's: a trim frees this much below the bound (an eighth of a smaller one)
 EXPIRE_EVERY = 1.0  # seconds between two looks for lost nodes
+CLEAN_EVERY = 60.0  # seconds between two clean-ups of what lost nodes and forgotten sessions left
 RECONNECT_FIRST = 0.1  # seconds before the first reconnection attempt, doubled after each failure ...
 RECONNECT_MAX = 5.0  # ... up to this
 INSERT_SQL = ("INSERT INTO jobs (job_id, principal, session_id, agent, status, created_at, created_ns, trace_id,"
@@ -71,6 +72,7 @@ class Settings:
     close_timeout: float  # seconds close() waits for an unreachable database
     heartbeat: float  # seconds between two renewals of this node's heartbeat_at
     timeout: float  # a node whose heartbeat is older than this is declared lost
+    window: float  # the resume window: what no session can come back for after it is cleaned up
 
 
 class PgDatabase(BatchApplier):
@@ -87,6 +89,7 @@ class PgDatabase(BatchApplier):
         self.conn: psycopg.Connection[Any] | None = None
         self.heartbeat_due = 0.0
         self.expire_due = 0.0  # the first look for lost nodes: once connected for the node timeout
+        self.clean_due = time.monotonic() + CLEAN_EVERY
         self.connect()  # the first time, a failure is the store's failure to open
 
     # -- the connection ---------------------------------------------------------------
@@ -204,6 +207,9 @@ class PgDatabase(BatchApplier):
         if now >= self.expire_due:
             self.expire_due = now + min(EXPIRE_EVERY, self.settings.heartbeat)
             cluster.expire_nodes(self.conn, self.node_id, self.settings.timeout)
+        if now >= self.clean_due:
+            self.clean_due = now + CLEAN_EVERY
+            cluster.clean_up(self.conn, self.settings.window)
 
     def commit(self) -> None:
         assert self.conn is not None

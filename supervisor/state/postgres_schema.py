@@ -25,6 +25,8 @@ Version 2, for sessions and jobs served by several nodes (supervisor/cluster/):
                session has moved, frames for a remote subscriber, a lost node's jobs' terminals.
                kind 'frame' (an envelope without event_seq) or 'terminal' (a job's outcome, the
                frame built by the session's node for its client's flavour).
+  follows      (job_id, session_id): sessions subscribed to a running job, so that a lost node's
+               job's terminal reaches them too.
 Records and terminal outcomes are stored as the JSON bytes the store serialised (bytea, as in
 SQLite): the store never queries inside them, and jsonb would refuse a \\u0000 in a string.
 """
@@ -104,6 +106,11 @@ CREATE TABLE relay (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX relay_session ON relay (session_id, id);
+CREATE TABLE follows (
+    job_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, session_id)
+);
 """,
 }
 

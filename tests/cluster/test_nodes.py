@@ -183,6 +183,8 @@ def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_s
         jobs = [(await client.submit(agent="sleep", input={"seconds": 60})).job_id for _ in range(3)]
         await rec.wait_for(lambda f: f.get("job_id") == jobs[-1] and f.get("type") == "job.accepted")
         async with sdk_session(b.url) as (watcher, recw):
+            await watcher.subscribe(jobs[0], history=False)  # another process's session follows one
+            await recw.wait_for(lambda f: f.get("type") == "job.subscribed")
             killed = time.monotonic()
             os.killpg(a.pid, signal.SIGKILL)
             # the session's client comes back through another process and hears of its jobs' end
@@ -197,6 +199,9 @@ def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_s
             assert time.monotonic() - killed < float(TIMEOUT) + 2 + 1.5  # (the resume's own waits aside)
             seqs = _seqs(rec2)
             assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+            # the follower hears of it too
+            followed = await recw.terminal(jobs[0], timeout=10)
+            assert followed["payload"]["details"] == {"reason": "node lost", "node": "node0"}
             # listed as ended on every live process
             found = await listed(watcher, *jobs)
             assert all(found[j].status == "error" for j in jobs)
