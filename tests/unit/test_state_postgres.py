@@ -460,8 +460,8 @@ def test_two_stores_on_one_database_see_each_others_commits(pg_url: str) -> None
         assert [j.job_id for j in jobs] == ["job_a", "job_b"] and interrupted == 1
         assert jobs[1].terminal is not None and jobs[1].terminal["error"]["retryable"] is True
         assert jobs[1].terminal["error"]["details"] == {"reason": "node lost", "node": "node_b"}
-        assert [r[:2] for r in await a.take_relay("sb")] == [("job_b", "terminal")]  # for sb's next node
-        assert await a.take_relay("sb") == []
+        assert [r[:2] for r in await a.take_relay("sb", 10)] == [("job_b", "terminal")]  # for sb's next node
+        assert await a.take_relay("sb", 10) == []
         await a.close()
 
     _run(main())
