@@ -137,16 +137,17 @@ def expire_nodes(conn: psycopg.Connection[Any], node_id: str, timeout: float) ->
     """Declare lost every other node whose heartbeat is older than `timeout` that no other node
     is declaring now; end their unfinished jobs and relay the terminals to the jobs' sessions.
     The node ids declared lost."""
-    lost = [r[0] for r in conn.execute(
-        "SELECT node_id FROM nodes WHERE node_id <> %s AND lost_at IS NULL"
-        " AND heartbeat_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED", (node_id, timeout))]
-    for dead in lost:
-        end_jobs_of(conn, dead, node_id)
-    return lost
+    lost = conn.execute(
+        "SELECT node_id, heartbeat_at = '-infinity' FROM nodes WHERE node_id <> %s AND lost_at IS NULL"
+        " AND heartbeat_at < now() - make_interval(secs => %s) FOR UPDATE SKIP LOCKED", (node_id, timeout)).fetchall()
+    for dead, closed in lost:
+        end_jobs_of(conn, dead, node_id, closed=closed)
+    return [dead for dead, _ in lost]
 
 
-def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
-    """Mark `dead` lost, end its unfinished jobs and relay their terminals; how many ended."""
+def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str, *, closed: bool = False) -> int:
+    """Mark `dead` lost, end its unfinished jobs and relay their terminals; how many ended.
+    `closed`: it closed its store (a stop), leaving these behind."""
     now = time.time_ns()
     term = lost_terminal(dead, now)
     conn.execute("UPDATE nodes SET lost_at = now(), lost_by = %s WHERE node_id = %s", (by, dead))
@@ -164,8 +165,12 @@ def end_jobs_of(conn: psycopg.Connection[Any], dead: str, by: str) -> int:
         cur.executemany("INSERT INTO relay (session_id, job_id, kind, body, logged) VALUES (%s, %s, 'terminal', %s, TRUE)",
                         [(s, j, orjson.dumps({"trace_id": t, "terminal": term})) for s, j, t in to])
         cur.executemany("SELECT pg_notify(%s, %s)", [(RELAY_CHANNEL, s) for s in sessions])
-    log.warning("node %s declared lost (no heartbeat for more than the node timeout): %d unfinished jobs ended",
-                dead, len(ended))
+    if closed and not ended:
+        log.info("node %s has stopped", dead)
+    else:
+        log.warning("node %s declared lost (%s): %d unfinished jobs ended", dead,
+                    "it stopped before they did" if closed else "no heartbeat for more than the node timeout",
+                    len(ended))
     return len(ended)
 
 
