@@ -144,9 +144,12 @@ def test_a_cancel_ends_a_worker_that_ignores_it_and_sigterm_through_the_one_esca
 
 
 class _Store:
-    """The state store's back-pressure, never holding."""
+    """The state store's back-pressure, never holding, and a job's start, kept nowhere."""
 
     async def writable(self) -> None:
+        return None
+
+    def job_running(self, job_id: str) -> None:
         return None
 
 
