@@ -71,6 +71,7 @@ class Cluster:
         self.fenced = anyio.Event()
         self.fenced_by: str | None = None
         self._answers: dict[str, dict[str, Any]] = {}  # handover answers, by request ref
+        self._awaited: set[str] = set()  # the refs of handovers being waited for
         self._answered = anyio.Event()
         self._draining: set[str] = set()
         self._again: set[str] = set()
@@ -132,6 +133,14 @@ class Cluster:
 
     async def _handover(self, sid: str, node: str) -> dict[str, Any]:
         ref = new_ulid()
+        self._awaited.add(ref)
+        try:
+            return await self._await_handover(sid, node, ref)
+        finally:
+            self._awaited.discard(ref)
+            self._answers.pop(ref, None)
+
+    async def _await_handover(self, sid: str, node: str, ref: str) -> dict[str, Any]:
         self.store.command({"op": "handover", "to": node, "from": self.node_id, "session": sid, "ref": ref})
         deadline = time.monotonic() + HANDOVER_TIMEOUT
         while time.monotonic() < deadline:
@@ -144,7 +153,6 @@ class Cluster:
                 row = await self.store.session_row(sid)
                 if row is not None and row["node_id"] == self.node_id:
                     return {"ok": True, "seq": row["seq"]}
-        self._answers.pop(ref, None)
         if await self.store.node_gone(node):
             return {"ok": False, "unknown": True}  # (taken from the database by the caller)
         raise InternalError(f"the process holding session {sid!r} ({node}) did not hand it over within "
@@ -177,6 +185,8 @@ class Cluster:
             if op == "handover":
                 self._hand_over(str(msg["session"]), str(msg["from"]), str(msg["ref"]))
             elif op == "handed":
+                if str(msg["ref"]) not in self._awaited:
+                    return  # (an answer that came after its resume gave up)
                 self._answers[str(msg["ref"])] = msg
                 answered, self._answered = self._answered, anyio.Event()
                 answered.set()
