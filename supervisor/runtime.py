@@ -40,7 +40,7 @@ from supervisor.jobs.pool import WorkerPool
 from supervisor.sandbox.cgroups import Cgroups
 from supervisor.sandbox.host import job_uid_range, worker_env
 from supervisor.sandbox.job_dirs import JobDirs
-from supervisor.sandbox.job_uids import UidPool
+from supervisor.sandbox.job_uids import HOST_CLAIMS, HostUidClaims, UidPool
 from supervisor.sandbox.worker_runtime import WorkerRuntime, supervisor_package_dirs
 from supervisor.server.sessions import SessionTable
 from supervisor.state.base import StateStore, StoredJob
@@ -138,7 +138,7 @@ class Runtime:
         self._stack.callback(self.worker_runtime.close)
         await self._start_environments()
         if self.job_uid_range is not None:
-            self.uids = UidPool(*self.job_uid_range)
+            self.uids = UidPool(*self.job_uid_range, claims=_host_uid_claims())
             log.info("jobs run as uids %d-%d%s", *self.job_uid_range,
                      f" (a private mount view opens {', '.join(self.fork_server.opened)})"
                      if self.fork_server.opened else "")
@@ -169,6 +169,8 @@ class Runtime:
         self.service.cancel_jobs("server shutting down")
         await self.service.wait_jobs(self.config.grace + 1.0)
         await self.environments.aclose()
+        if self.uids is not None and self.uids.claims is not None:
+            self.uids.claims.close()  # (the workers are gone: their uids are free on this host)
         self.cgroups.close()
         self.job_dirs.close()
         if self._tg is not None:
@@ -361,6 +363,18 @@ def store_for(config: Config) -> StateStore:
                              node_heartbeat=config.node_heartbeat, node_timeout=config.node_timeout,
                              resume_window=config.resume_window)
     return SqliteStore(config.state_dir, config.session_log_bytes)
+
+
+def _host_uid_claims() -> HostUidClaims | None:
+    """The host's uid claims, so that another supervisor on this host (whose job uid range
+    overlaps ours: the default one, say) never runs a job under a uid a job of ours has."""
+    try:
+        return HostUidClaims()
+    except OSError as e:
+        log.warning("job uids are not claimed host-wide (%s: %s): another supervisor on this host with an "
+                    "overlapping [sandbox] job_uids range could give its jobs the uids ours have",
+                    HOST_CLAIMS, e)
+        return None
 
 
 def _provisioner(config: Config) -> Provisioner | None:

@@ -143,3 +143,22 @@ def test_net_fetch_works_under_job_uids(uid_server: Server) -> None:
         assert t["payload"]["result"]["body"] == "hello from /uid", t
     finally:
         origin.close()
+
+
+@needs_root
+def test_two_supervisors_on_one_host_never_give_their_jobs_one_uid(make_server: type[Server]) -> None:
+    """The attack: two supervisors on one host with one range (here, both on the default one),
+    each running jobs at the same time. A job that shared a uid with another supervisor's job
+    could reach that job's files and processes as their owner."""
+    a, b = make_server(), make_server()
+
+    async def on(url: str) -> list[int]:
+        async with sdk_session(url) as (client, _):
+            handles = [await client.submit(agent="status", input={"hold": 1.5}) for _ in range(4)]
+            return [(await asyncio.wait_for(h.done, 30)).result["uid"][0] for h in handles]
+
+    async def go() -> None:
+        ua, ub = await asyncio.gather(on(a.url), on(b.url))
+        assert len(set(ua)) == 4 and len(set(ub)) == 4
+        assert not set(ua) & set(ub), f"jobs of two supervisors ran under the same uids: {set(ua) & set(ub)}"
+    asyncio.run(go())
