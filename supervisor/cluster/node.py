@@ -77,9 +77,12 @@ class Cluster:
         self._again: set[str] = set()
         self._ended: dict[str, set[str]] = {}  # session -> jobs whose terminal it got by relay
         self._followers: dict[str, Session] = {}  # other nodes' sessions following jobs here
+        self._taking = False  # reading this node's commands
+        self._take_again = False
 
     def start(self) -> None:
         self.store.listen(self.notified, self._fence)
+        self._spawn(self.take_commands)  # any sent while this node id was away
 
     def _fence(self, by: str) -> None:
         self.fenced_by = by
@@ -168,16 +171,36 @@ class Cluster:
             if payload in self.sessions:
                 self._spawn(lambda: self.drain(payload))
         elif channel == COMMAND_CHANNEL:
-            try:
-                msg = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                log.warning("a command that is not JSON: %.200r", payload)
-                return
-            if isinstance(msg, dict) and msg.get("to") == self.node_id:
-                self._command(msg)
+            if payload == self.node_id:
+                self._spawn(self.take_commands)
         elif channel == RECONNECTED:  # announcements may have been missed: read again
             for sid in list(self.sessions):
                 self._spawn(lambda sid=sid: self.drain(sid))  # type: ignore[misc]
+            self._spawn(self.take_commands)
+
+    async def take_commands(self) -> None:
+        """Run the commands sent to this node, oldest first (one reader at a time; an
+        announcement meanwhile makes it read again)."""
+        if self._taking:
+            self._take_again = True
+            return
+        self._taking = True
+        try:
+            while True:
+                self._take_again = False
+                bodies = await self.store.take_commands()
+                for body in bodies:
+                    try:
+                        msg = orjson.loads(body)
+                    except orjson.JSONDecodeError:
+                        log.warning("a command that is not JSON: %.200r", body)
+                        continue
+                    if isinstance(msg, dict):
+                        self._command(msg)
+                if not bodies and not self._take_again:
+                    return
+        finally:
+            self._taking = False
 
     def _command(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")

@@ -143,6 +143,9 @@ async def _stop_when_fenced(rt: Runtime, stop: Stop) -> None:
     assert rt.cluster is not None
     await rt.cluster.fenced.wait()
     log.error("declared lost by node %s: stopping now", rt.cluster.fenced_by)
+    # Its clients go first, with nothing more sent, before its jobs' cancels could reach them:
+    # their jobs' terminals (node lost) wait for them on the process they resume on.
+    rt.sessions_table.cut_all("declared lost: resume on another process")
     stop.now.set()
     stop.drain.set()
 

@@ -162,6 +162,17 @@ class SessionTable:
             if window_passed(s, now, window):
                 self.expire(s)
 
+    def cut_all(self, reason: str) -> int:
+        """Close every connected client's transport now (1012), with nothing more sent: what is
+        queued is dropped (the sessions stay resumable from their logs); how many."""
+        n = 0
+        for s in list(self.sessions.values()):
+            if s.detached_at is None and not s.expired:
+                s.outbox.detach()
+                s.close_transport(1012, reason)
+                n += 1
+        return n
+
     def close_all(self, reason: str = "server shutting down") -> int:
         """Tell each connected client the server is going (session.bye) and close its
         transport (1001) once what is queued for it has been written; how many."""

@@ -43,7 +43,8 @@ RELAY_TAKE = "relay_take"
 JOB_GET = "job_get"
 JOBS_OF = "jobs_of"
 NODE_GONE = "node_gone"
-CLUSTER_KINDS = frozenset((NODE_GONE, FOLLOW, SESSION_PUT, SESSION_DROP, RELAY, COMMAND, RUNNING, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
+COMMANDS_TAKE = "commands_take"
+CLUSTER_KINDS = frozenset((NODE_GONE, COMMANDS_TAKE, FOLLOW, SESSION_PUT, SESSION_DROP, RELAY, COMMAND, RUNNING, SESSION_GET, SESSION_TAKE, RELAY_TAKE, JOB_GET,
                            JOBS_OF))
 
 Undo = dict[str, int | None]  # session -> its byte tally before this transaction (None: had none)
@@ -137,7 +138,7 @@ def describe(kind: str, a: tuple[Any, ...]) -> str:
         return f"follow job={_s(a[0])} session={_s(a[1])} follows={a[2]}"
     if kind in (SESSION_PUT, SESSION_DROP, SESSION_GET, RELAY_TAKE):
         return f"{kind} session={_s(a[0])}"
-    if kind == NODE_GONE:
+    if kind in (NODE_GONE, COMMANDS_TAKE, COMMAND):
         return f"{kind} node={_s(a[0])}"
     if kind == SESSION_TAKE:
         return f"{kind} session={_s(a[0])} from={_s(a[1])}"

@@ -45,9 +45,9 @@ import orjson
 
 from supervisor.state.base import DEFAULT_LOG_BYTES, MAX_QUEUED_BYTES, MAX_QUEUED_OPS, StoredJob
 from supervisor.state.ops import (
-    COMMAND, FOLLOW, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, COMMANDS_TAKE, FOLLOW, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
 )
-from supervisor.state.postgres_cluster import NOTIFY_LIMIT, token_hash
+from supervisor.state.postgres_cluster import token_hash
 from supervisor.state.postgres_listen import Listener, Notify
 from supervisor.state.postgres_ops import PgDatabase, Settings
 from supervisor.state.postgres_schema import SCHEMA_VERSION
@@ -112,6 +112,11 @@ class PostgresStore(QueuedStore):
             loop.call_soon(on_fenced, self.fenced_by)
         self._listener = Listener(self.url, self.connect_timeout, loop, notify)
 
+    @property
+    def fenced(self) -> bool:
+        """Declared lost by another node: writes are dropped (supervisor/state/postgres_ops.py)."""
+        return self.fenced_by is not None
+
     def _fence(self, by: str) -> None:
         """(writer thread) Another node has declared this one lost."""
         if self.fenced_by is not None:
@@ -150,12 +155,14 @@ class PostgresStore(QueuedStore):
         self._put(RELAY, (session_id, job_id, "frame", body, logged), len(body))
 
     def command(self, message: dict[str, Any]) -> None:
-        """A command to another node (message["to"]), sent once what was queued before it is
-        committed. ValueError if it is too large for a notification."""
-        payload = orjson.dumps(message).decode()
-        if len(payload) > NOTIFY_LIMIT:
-            raise ValueError(f"a command of {len(payload)} bytes does not fit a notification")
-        self._put(COMMAND, (payload,))
+        """A command to another node (message["to"]), kept in the database and announced once
+        what was queued before it is committed."""
+        self._put(COMMAND, (str(message["to"]), orjson.dumps(message)))
+
+    async def take_commands(self) -> list[bytes]:
+        """The oldest commands to this node (at most 256), in order; gone once read."""
+        rows: list[bytes] = await self._ask(COMMANDS_TAKE, (self.node_id,))
+        return rows
 
     async def session_row(self, session_id: str) -> dict[str, Any] | None:
         """A session's row (see postgres_cluster.session_row), or None."""

@@ -12,8 +12,10 @@ as JSON; the session's node builds the frame for its client's flavour). Each ins
 by NOTIFY on RELAY_CHANNEL with the session id; a node that misses one (a reconnection) reads the
 relay rows of all its sessions again.
 
-Commands between nodes go by NOTIFY on COMMAND_CHANNEL (JSON with "to": the node's id), queued
-like writes so that one ordered after a write is sent only once that write is committed.
+Commands between nodes are rows of `commands` (JSON, to one node), announced by NOTIFY on
+COMMAND_CHANNEL with the node's id; that node reads and deletes its rows in id order, and reads
+them again after a reconnection, so that no command is lost with an announcement. They are queued
+like writes, so one ordered after a write is sent only once that write is committed.
 
 Liveness: a node renews nodes.heartbeat_at every heartbeat; another node, connected itself for
 at least the node timeout, declares a node whose heartbeat is older than the timeout lost (a
@@ -35,14 +37,13 @@ import psycopg
 
 from shared.ids import format_ts
 from supervisor.state.ops import (
-    COMMAND, FOLLOW, JOB_COLUMNS, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
+    COMMAND, COMMANDS_TAKE, FOLLOW, JOB_COLUMNS, JOB_GET, JOBS_OF, NODE_GONE, RELAY, RELAY_TAKE, RUNNING, SESSION_DROP, SESSION_GET, SESSION_PUT, SESSION_TAKE,
     stored_job,
 )
 
 log = logging.getLogger("arcp.store")
 RELAY_CHANNEL = "arcp_relay"
 COMMAND_CHANNEL = "arcp_command"
-NOTIFY_LIMIT = 7900  # bytes of a NOTIFY payload (the server's limit is 8000)
 NODE_LOST = "node lost"
 
 
@@ -83,7 +84,13 @@ def apply(conn: psycopg.Connection[Any], node_id: str, timeout: float, kind: str
     elif kind == RUNNING:
         conn.execute("UPDATE jobs SET status = 'running' WHERE job_id = %s AND finished_ns IS NULL", (a[0],))
     elif kind == COMMAND:
-        conn.execute("SELECT pg_notify(%s, %s)", (COMMAND_CHANNEL, a[0]))
+        to, body = a
+        conn.execute("INSERT INTO commands (to_node, body) VALUES (%s, %s)", (to, body))
+        conn.execute("SELECT pg_notify(%s, %s)", (COMMAND_CHANNEL, to))
+    elif kind == COMMANDS_TAKE:
+        return [bytes(r[0]) for r in conn.execute(
+            "WITH d AS (DELETE FROM commands WHERE id IN (SELECT id FROM commands WHERE to_node = %s ORDER BY id"
+            " LIMIT 256) RETURNING id, body) SELECT body FROM d ORDER BY id", (node_id,))]
     elif kind == SESSION_GET:
         return session_row(conn, a[0], timeout)
     elif kind == SESSION_TAKE:
@@ -181,8 +188,11 @@ def node_gone(conn: psycopg.Connection[Any], node: str, by: str, heartbeat: floa
     that waits on it."""
     row = conn.execute(
         "SELECT lost_at IS NOT NULL, heartbeat_at < now() - make_interval(secs => %s) FROM nodes"
-        " WHERE node_id = %s FOR UPDATE", (2 * heartbeat, node)).fetchone()
-    if row is None or row[0]:
+        " WHERE node_id = %s FOR UPDATE SKIP LOCKED", (2 * heartbeat, node)).fetchone()
+    if row is None:  # no such node, or its row is locked (by its own transaction, or a declaration)
+        return conn.execute("SELECT NOT EXISTS (SELECT 1 FROM nodes WHERE node_id = %s AND lost_at IS NULL)",
+                            (node,)).fetchone() == (True,)
+    if row[0]:
         return True
     if not row[1]:
         return False
@@ -196,11 +206,15 @@ def node_gone(conn: psycopg.Connection[Any], node: str, by: str, heartbeat: floa
 def clean_up(conn: psycopg.Connection[Any], window: float) -> None:
     """What no node will read any more: the sessions of nodes lost longer ago than the resume
     window (never resumed), relay rows and follows of sessions that have no row (forgotten) once
-    older than the window, follows of finished jobs."""
+    older than the window, commands to lost nodes or older than the window, follows of finished
+    jobs."""
     conn.execute("DELETE FROM sessions s USING nodes n WHERE n.node_id = s.node_id"
                  " AND n.lost_at < now() - make_interval(secs => %s)", (window,))
     conn.execute("DELETE FROM relay r WHERE r.created_at < now() - make_interval(secs => %s)"
                  " AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = r.session_id)", (window,))
+    conn.execute("DELETE FROM commands c WHERE c.created_at < now() - make_interval(secs => %s)"
+                 " OR EXISTS (SELECT 1 FROM nodes n WHERE n.node_id = c.to_node AND n.lost_at IS NOT NULL)",
+                 (window,))
     conn.execute("DELETE FROM follows f WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.session_id = f.session_id)"
                  " OR EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = f.job_id AND j.finished_ns IS NOT NULL)")
 

@@ -29,7 +29,7 @@ import psycopg
 from supervisor.state.base import StoredJob, StoreError, interrupted_terminal
 from supervisor.state.ops import (
     CLAIM, CLUSTER_KINDS, CREDS, DELETE, FINISH, FORGET, INSERT, JOB_COLUMNS, JOB_FRAMES, OLDEST, RECOVER, REVOKED, SINCE,
-    TERMINAL, UNREVOKED, BatchApplier, Op, Undo, describe, stored_job,
+    TERMINAL, UNREVOKED, WRITES, BatchApplier, Op, Undo, describe, stored_job,
 )
 from supervisor.state import postgres_cluster as cluster
 from supervisor.state.postgres_schema import migrate
@@ -46,6 +46,9 @@ class NodeStore(Protocol):
     def _pause(self, seconds: float) -> None: ...
 
     def _fence(self, by: str) -> None: ...
+
+    @property
+    def fenced(self) -> bool: ...
 
 log = logging.getLogger("arcp.store")
 TRIM_STEP = 1024 * 1024  # as SQLite's: a trim frees this much below the bound (an eighth of a smaller one)
@@ -90,12 +93,17 @@ class PgDatabase(BatchApplier):
         self.heartbeat_due = 0.0
         self.expire_due = 0.0  # the first look for lost nodes: once connected for the node timeout
         self.clean_due = time.monotonic() + CLEAN_EVERY
+        self.fenced_drops = 0  # writes dropped since this node was found declared lost
         self.connect()  # the first time, a failure is the store's failure to open
 
     # -- the connection ---------------------------------------------------------------
     def connect(self) -> None:
         conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self.settings.connect_timeout)
         try:
+            # A process that stops in the middle of a transaction (frozen, cut off) would hold its
+            # row locks, its node row's among them, and no other node could declare it lost:
+            # the server ends such a session once it has been idle in its transaction this long.
+            conn.execute(f"SET idle_in_transaction_session_timeout = {max(1, int(self.settings.timeout * 1000))}")
             migrate(conn)
             row = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.node_id,)).fetchone()
             if not row or not row[0]:
@@ -225,6 +233,16 @@ class PgDatabase(BatchApplier):
 
     # -- batches ------------------------------------------------------------------------
     def apply_batch(self, ops: list[Op]) -> int:
+        if self.store.fenced and any(op.kind in WRITES for op in ops):
+            # Declared lost: another node has ended this one's jobs and may number its sessions
+            # now; nothing of this node's may be written over theirs (reads still answer).
+            dropped = sum(op.kind in WRITES for op in ops)
+            self.fenced_drops += dropped
+            if self.fenced_drops == dropped:
+                log.error("state store: this node was declared lost: its writes are dropped from now on")
+            ops = [op for op in ops if op.kind not in WRITES]
+            if not ops:
+                return 0
         while True:
             undo: Undo = {}
             try:

@@ -25,6 +25,8 @@ Version 2, for sessions and jobs served by several nodes (supervisor/cluster/):
                session has moved, frames for a remote subscriber, a lost node's jobs' terminals.
                kind 'frame' (an envelope without event_seq) or 'terminal' (a job's outcome, the
                frame built by the session's node for its client's flavour).
+  commands     commands to a node (a cancel, a subscribe, a handover and its answer), in id order,
+               read and deleted by that node.
   follows      (job_id, session_id): sessions subscribed to a running job, so that a lost node's
                job's terminal reaches them too.
 Records and terminal outcomes are stored as the JSON bytes the store serialised (bytea, as in
@@ -106,6 +108,13 @@ CREATE TABLE relay (
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX relay_session ON relay (session_id, id);
+CREATE TABLE commands (
+    id BIGSERIAL PRIMARY KEY,
+    to_node TEXT NOT NULL,
+    body BYTEA NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX commands_to ON commands (to_node, id);
 CREATE TABLE follows (
     job_id TEXT NOT NULL,
     session_id TEXT NOT NULL,

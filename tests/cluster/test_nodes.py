@@ -233,3 +233,44 @@ def test_postgres_stopped_for_five_seconds_under_load_loses_nothing(make_server:
             assert _ticks(rec2, job_id) == [f"tick {i}" for i in range(100)]
         assert _seqs(rec2) == _seqs(rec)
     asyncio.run(go())
+
+
+def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_others(
+        make_server: type[Server], pg_url: str) -> None:
+    """A process cut off (here: stopped) past the node timeout is declared lost and its jobs
+    ended by another; when it runs again it finds that out, closes its clients, writes none of
+    its own ends over the terminals the others wrote, and exits 1. Its session, resumed on the
+    other process, has one terminal per job."""
+    a, b = nodes(make_server, pg_url, 2)
+
+    async def go() -> None:
+        client, rec, conn, welcome = await _open(a.url)
+        h = (await client.submit(agent="sleep", input={"seconds": 60})).job_id
+        await rec.wait_for(lambda f: f.get("type") == "job.accepted")
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            await b.wait_stderr_async("node node0 declared lost", timeout=float(TIMEOUT) + 10)
+            _, _, rec2, conn2 = await resume_once_detached(b.url, SessionResume(
+                session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0), timeout=30)
+            term = await rec2.terminal(h, timeout=10)
+            assert term["payload"]["details"] == {"reason": "node lost", "node": "node0"}
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        assert await asyncio.to_thread(a.proc.wait, 30) == 1
+        assert any("declared lost by node node1" in line for line in a.stderr_lines), "".join(a.stderr_lines[-20:])
+        assert not any(f.get("type") in ("job.result", "job.error") and f.get("payload", {}).get("code") != "INTERNAL_ERROR"
+                       for f in rec.frames), "the lost process told its client of its own end of the job"
+        # the session's log has the one terminal, from the process that declared the loss
+        conn2.transport.abort()
+        _, _, rec3, _ = await resume_once_detached(b.url, SessionResume(
+            session_id=welcome.session_id, resume_token=(await _token(rec2)), last_event_seq=0), timeout=30)
+        await rec3.terminal(h, timeout=10)
+        ends = [f for f in rec3.frames if f.get("job_id") == h and f.get("type") in ("job.result", "job.error")]
+        assert len(ends) == 1 and ends[0]["payload"]["details"]["reason"] == "node lost"
+        assert _seqs(rec3) == sorted(set(_seqs(rec3)))
+    asyncio.run(go())
+
+
+async def _token(rec: Recorder) -> str:
+    welcome = next(f for f in rec.frames if f.get("type") == "session.welcome")
+    return str(welcome["payload"]["resume_token"])

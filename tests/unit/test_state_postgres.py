@@ -415,7 +415,7 @@ def test_the_schema_is_created_at_open_and_a_newer_one_is_refused(pg_url: str) -
         with psycopg.connect(pg_url, autocommit=True) as side:
             tables = {r[0] for r in side.execute(
                 "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
-            assert tables == {"schema_version", "nodes", "jobs", "frames", "credentials", "sessions", "relay", "follows"}
+            assert tables == {"schema_version", "nodes", "jobs", "frames", "credentials", "sessions", "relay", "follows", "commands"}
             assert side.execute("SELECT max(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
             columns = {r[0] for r in side.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs'")}
