@@ -35,9 +35,10 @@ from supervisor.jobs.service import JobService, usage_of
 from supervisor.jobs.worker_dirs import WorkerDirs
 from supervisor.jobs.environments import EnvironmentWorkers, WorkerEnvironments
 from supervisor.jobs.fork_server import ForkServer, ForkServerStartError
-from supervisor.jobs.worker_handle import WorkerSpawnError
+from supervisor.jobs.worker_handle import WorkerHandle, WorkerSpawnError
 from supervisor.jobs.pool import WorkerPool
 from supervisor.sandbox.cgroups import Cgroups
+from supervisor.sandbox.worker_cgroup import LimitNotApplied
 from supervisor.sandbox.host import job_uid_range, worker_env
 from supervisor.sandbox.job_dirs import JobDirs
 from supervisor.sandbox.job_uids import HOST_CLAIMS, HostUidClaims, UidPool
@@ -235,8 +236,21 @@ class Runtime:
                         python=env.python, import_path=env.path, runtime=self.worker_runtime.path,
                         hide=self._hidden_packages, label=env.describe())
         pool = WorkerPool(fs, min(self.config.warm_workers, self.config.max_jobs), self.config.reuse_workers,
-                          on_spawn=self.worker_dirs.give, on_keep=self.worker_dirs.empty)
+                          on_spawn=self._ready_worker, on_keep=self.worker_dirs.empty)
         return EnvironmentWorkers(env, fs, pool)
+
+    def _ready_worker(self, worker: WorkerHandle) -> None:
+        """On a thread, a new worker before it waits in the pool: its temp dir, and its group
+        set to the operator's default limits, which most jobs have. A first job with those
+        limits finds them there (written and read back) and starts without a thread hop
+        (jobs/runner.py); a job with others has them written at its start, as before."""
+        limits = self.config.limits
+        self.worker_dirs.give(worker, min(self.config.tmp_size, limits.memory // 2))
+        if worker.cgroup is not None:
+            try:
+                worker.cgroup.set_limits(limits.memory, limits.max_procs)
+            except LimitNotApplied as e:  # the job's start writes them again, and reports it
+                log.debug("worker %d: the default limits are not in its group yet: %s", worker.pid, e)
 
     def _check_environment(self, workers: EnvironmentWorkers) -> None:
         """ForkServerStartError unless this environment's fork server set up job uids (when

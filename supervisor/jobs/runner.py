@@ -162,6 +162,15 @@ class JobRunner:
             for t in self._timers:
                 t.cancel()
 
+    def _ready_for(self, worker: WorkerHandle) -> bool:
+        """A fresh worker whose group already holds this job's limits (the operator's default
+        ones, written at spawn) and whose temp dir is already of this job's size."""
+        limits = self.request.limits
+        cg = worker.cgroup
+        if worker.tmp_dir is None or (cg is not None and cg.verified != (limits.memory, limits.max_procs)):
+            return False
+        return not worker.tmp_capped or worker.tmp_size == min(self.rt.config.tmp_size, limits.memory // 2)
+
     def _prepare(self, worker: WorkerHandle, meter: UsageMeter | None) -> bool:
         """On a thread, the job's start on its worker: its limits in the worker's cgroup
         (writes read back: 0.1 ms and more, a lower limit reclaims), its temp dir (a mkdir, a
@@ -197,7 +206,8 @@ class JobRunner:
         meter = UsageMeter(worker.cgroup, worker.pid, self.started_at or time.monotonic()) \
             if self.rt.config.usage else None
         try:
-            if worker.jobs_run:  # a kept worker (its key includes the limits): its group holds them
+            if worker.jobs_run or self._ready_for(worker):  # a kept worker (its key includes the
+                # limits), or a fresh one readied with this job's limits: its group holds them
                 # already and its dir exists at its size; what is left is a few counter reads and
                 # one write, microseconds, less than a thread hop (a reload's new tmp size aside)
                 watch = self._prepare(worker, meter)

@@ -24,8 +24,9 @@ class WorkerDirs:
         self._tmp_size = tmp_size  # the operator's cap, as currently configured
         self._spawn = spawn
 
-    def give(self, worker: WorkerHandle) -> None:
-        size = self._tmp_size()
+    def give(self, worker: WorkerHandle, size: int | None = None) -> None:
+        """The worker's directory, of `size` bytes (by default the operator's cap)."""
+        size = self._tmp_size() if size is None else size
         path, capped = self.job_dirs.create(f"w{worker.pid}", size)
         worker.tmp_dir, worker.tmp_capped, worker.tmp_size = path, capped, size
         worker.on_close.append(lambda: self._remove(path, capped))
