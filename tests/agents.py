@@ -572,7 +572,7 @@ REGISTRY = [
     "fetch=tests.agents:fetch", "httpxfetch=tests.agents:httpx_fetch", "netescape=tests.agents:net_escape",
     "rawproxy=tests.agents:raw_proxy", "filldisk=tests.agents:fill_disk",
     "flood=tests.agents:flood", "watchbudget=tests.agents:watch_budget", "ownlimits=tests.agents:own_limits",
-    "forgedfail=tests.agents:forged_fail",
+    "forgedfail=tests.agents:forged_fail", "readerthread=tests.agents:reader_thread",
 ]
 
 
@@ -782,3 +782,42 @@ def import_from(input: Any, job: JobContext) -> Any:
 
 
 REGISTRY += ["importfrom=tests.agents:import_from"]
+
+
+def reader_thread(input: Any, job: JobContext) -> Any:
+    """The attack: get the worker's pipe-reader thread (started before the sandbox) to run the
+    agent's code, by replacing the method it calls for each frame from the supervisor, then
+    try there what the sandbox refuses: read a file outside the lease, make an AF_UNIX socket."""
+    import socket
+    import threading
+
+    import worker.rpc_client as rc
+
+    seen: dict[str, Any] = {}
+    original = rc.Channel._dispatch
+
+    def tries() -> dict[str, str]:
+        out = {"thread": threading.current_thread().name}
+        try:
+            with open(input["path"]) as f:
+                out["read"] = "read: " + f.read(32)
+        except OSError as e:
+            out["read"] = type(e).__name__
+        try:
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).close()
+            out["unix"] = "created"
+        except OSError as e:
+            out["unix"] = type(e).__name__
+        return out
+
+    def dispatch(self: Any, frame: Any) -> Any:
+        if "reader" not in seen:
+            seen["reader"] = tries()
+        return original(self, frame)
+
+    rc.Channel._dispatch = dispatch  # type: ignore[method-assign]
+    try:
+        job.budget()  # a call: its reply comes through the reader thread
+    finally:
+        rc.Channel._dispatch = original  # type: ignore[method-assign]
+    return {"main": tries(), "reader": seen.get("reader")}

@@ -73,9 +73,18 @@ class Channel:
         self._go = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="arcp-pipe", daemon=True)
 
+    @property
+    def started(self) -> bool:
+        return self._reader.ident is not None
+
     def start(self) -> None:
-        """Start the reader thread; it waits until `first_job()` hands the pipe over."""
-        self._reader.start()
+        """Start the reader thread (once); it waits until `first_job()` hands the pipe over.
+        Started only once the first job's sandbox is applied: a thread inherits its creator's
+        Landlock domain and seccomp filters, but one that exists before them keeps none of
+        them (Landlock restricts the calling thread only), and the agent could get it to run
+        its code (worker/runner.py)."""
+        if not self.started:
+            self._reader.start()
 
     def first_job(self) -> dict[str, Any]:
         """Read the first job on this thread (no thread hand-off on a job's critical path)."""

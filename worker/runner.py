@@ -157,7 +157,7 @@ class Runner:
     def serve(self) -> None:
         self.run(self.ch.first_job())
         for _ in range(self.reuse - 1):
-            if self.left:  # the supervisor retires this worker: take no other job
+            if self.left or not self.ch.started:  # retired by the supervisor, or no sandbox: no other job
                 return
             self.run(self.ch.jobs.get())
 
@@ -176,6 +176,10 @@ class Runner:
         modules = self._modules if self._modules is not None else dict(sys.modules)
         try:
             self._enter_sandbox(spec)
+            # Only now the pipe's reader thread: made inside the sandbox, it is as confined as
+            # the agent (a thread from before would hold neither Landlock nor the filters).
+            self.ch.start()
+            threads = threading.active_count()  # (the reader counts as the worker's own from here)
             import_path.enter()  # the job's import path, only now that nothing can leave the sandbox
             name_import_refusals()  # an import the sandbox refuses says so (worker/import_refusals.py)
             fn = load_entry(spec["entry"])
@@ -385,9 +389,8 @@ def worker_main(sock_fd: int, reuse: int) -> None:
     sock = socket.socket(fileno=sock_fd)
     channel = Channel(sock)
     runner = Runner(channel, reuse)
-    channel.start()
     runner.warm_up()
-    runner.serve()
+    runner.serve()  # (the pipe's reader thread starts inside the first job's sandbox)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

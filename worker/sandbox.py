@@ -198,6 +198,7 @@ class Sandbox:
         self._rlimits(limits, jobs_left)
         if self.landlocked:
             return  # a reused worker: same lease, same rules (the supervisor's reuse key)
+        only_thread()
         if not PRIVILEGES_DROPPED:
             drop_capabilities()
             _no_new_privs()
@@ -297,6 +298,16 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _PR_CAPBSET_DROP = 24
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+
+
+def only_thread() -> None:
+    """The sandbox is applied by the worker's one thread: Landlock (and capset) hold only for
+    the thread that applies them and the threads it makes afterwards, so another thread would
+    be left outside. OSError (the job does not run) if there is one."""
+    tasks = os.listdir("/proc/self/task")
+    if len(tasks) != 1:
+        raise OSError(0, f"the worker has {len(tasks)} threads when its sandbox is applied: only the one "
+                         f"applying it would be confined")
 
 
 def drop_capabilities(keep: int = 0) -> None:

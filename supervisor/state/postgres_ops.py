@@ -232,17 +232,19 @@ class PgDatabase(BatchApplier):
         self.restore_sizes(undo)
 
     # -- batches ------------------------------------------------------------------------
+    def _unfenced(self, ops: list[Op]) -> list[Op]:
+        """Declared lost: another node has ended this one's jobs and may number its sessions
+        now; nothing of this node's may be written over theirs (reads still answer)."""
+        if not self.store.fenced or not any(op.kind in WRITES for op in ops):
+            return ops
+        dropped = sum(op.kind in WRITES for op in ops)
+        self.fenced_drops += dropped
+        if self.fenced_drops == dropped:
+            log.error("state store: this node was declared lost: its writes are dropped from now on")
+        return [op for op in ops if op.kind not in WRITES]
+
     def apply_batch(self, ops: list[Op]) -> int:
-        if self.store.fenced and any(op.kind in WRITES for op in ops):
-            # Declared lost: another node has ended this one's jobs and may number its sessions
-            # now; nothing of this node's may be written over theirs (reads still answer).
-            dropped = sum(op.kind in WRITES for op in ops)
-            self.fenced_drops += dropped
-            if self.fenced_drops == dropped:
-                log.error("state store: this node was declared lost: its writes are dropped from now on")
-            ops = [op for op in ops if op.kind not in WRITES]
-            if not ops:
-                return 0
+        ops = self._unfenced(ops)
         while True:
             undo: Undo = {}
             try:
@@ -250,7 +252,8 @@ class PgDatabase(BatchApplier):
                     raise Lost("not connected")
                 now = time.monotonic()
                 if now >= self.heartbeat_due or now >= self.expire_due:
-                    self.housekeeping()
+                    self.housekeeping()  # (which may find this node declared lost: checked next)
+                ops = self._unfenced(ops)
                 self.apply_all(ops, undo)
                 self.commit()
                 return 1
@@ -269,6 +272,8 @@ class PgDatabase(BatchApplier):
     def apply_one_by_one(self, ops: list[Op]) -> int:
         committed = 0
         for op in ops:
+            if self.store.fenced and op.kind in WRITES:
+                continue  # (declared lost meanwhile: see _unfenced)
             while True:
                 undo: Undo = {}
                 try:

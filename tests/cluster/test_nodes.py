@@ -264,7 +264,11 @@ def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_o
         conn2.transport.abort()
         _, _, rec3, _ = await resume_once_detached(b.url, SessionResume(
             session_id=welcome.session_id, resume_token=(await _token(rec2)), last_event_seq=0), timeout=30)
-        await rec3.terminal(h, timeout=10)
+        try:
+            await rec3.terminal(h, timeout=10)
+        except TimeoutError:
+            raise AssertionError(f"no terminal replayed: {[(f.get('type'), f.get('event_seq')) for f in rec3.frames]}; "
+                                 f"live before: {[(f.get('type'), f.get('event_seq')) for f in rec2.frames]}") from None
         ends = [f for f in rec3.frames if f.get("job_id") == h and f.get("type") in ("job.result", "job.error")]
         assert len(ends) == 1 and ends[0]["payload"]["details"]["reason"] == "node lost"
         assert _seqs(rec3) == sorted(set(_seqs(rec3)))

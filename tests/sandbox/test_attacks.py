@@ -143,3 +143,19 @@ def test_bad_limit_requests_name_the_key(server: Server, limits: list[str], key:
                 await client.submit(agent="echo", lease_request={"x-vendor.arcp-supervisor.limits": limits})
             assert ei.value.code == "INVALID_REQUEST" and key in ei.value.message, ei.value.message
     asyncio.run(go())
+
+
+def test_the_workers_own_threads_are_sandboxed_too(server: Server, world: Path) -> None:
+    """The attack: the agent gets the worker's pipe-reader thread, started before the job's
+    sandbox, to run its code (it replaces the method that thread calls for each frame from the
+    supervisor), and tries there what the sandbox refuses. The thread must be as confined as
+    the agent's own: Landlock and both seccomp filters on every thread of the worker."""
+    async def go() -> None:
+        async with sdk_session(server.url) as (client, _):
+            h = await client.submit(agent="readerthread", input={"path": str(world / "outside" / "secret.txt")})
+            r: dict[str, Any] = (await asyncio.wait_for(h.done, 15)).result
+            assert r["main"]["read"] == "PermissionError" and r["main"]["unix"] == "PermissionError", r
+            assert r["reader"] is not None and r["reader"]["thread"] == "arcp-pipe", r
+            assert r["reader"]["read"] == "PermissionError", f"the reader thread read outside the lease: {r}"
+            assert r["reader"]["unix"] == "PermissionError", f"the reader thread made an AF_UNIX socket: {r}"
+    asyncio.run(go())

@@ -125,6 +125,11 @@ class _Channel:
         self.jobs_received = 0
         self.cancelled_job = -1
 
+    started = True  # (a kept worker's reader thread: started in its first job's sandbox)
+
+    def start(self) -> None:
+        pass
+
     def send_now(self, msg: list[Any]) -> None:
         self.outcomes.append(msg)
 
