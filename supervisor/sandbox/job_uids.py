@@ -48,7 +48,10 @@ class HostUidClaims:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def claim(self, uid: int) -> bool:
-        """True once `uid` is ours; False if another process holds it."""
+        """True once `uid` is ours; False if another process holds it (or the claims are
+        closed: the supervisor is stopping)."""
+        if self._fd < 0:
+            return False
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, uid, os.SEEK_SET)
         except OSError as e:
@@ -58,10 +61,14 @@ class HostUidClaims:
         return True
 
     def unclaim(self, uid: int) -> None:
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, uid, os.SEEK_SET)
+        if self._fd >= 0:  # (closed: every claim went with the descriptor)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, uid, os.SEEK_SET)
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Give up every claim (closing the file drops all of this process's locks on it)."""
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 class UidPool:

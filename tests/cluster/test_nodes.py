@@ -24,6 +24,8 @@ from tests.interop.client import FEATURES, Recorder, listed, resume_once_detache
 from tests.postgres import PgServer, pg_server, pg_url  # noqa: F401 (fixtures)
 
 HEARTBEAT, TIMEOUT = "0.5", "3"  # a lost node is found within seconds
+# Each test takes pg_url before make_server: fixtures end in the reverse order, so its servers
+# stop before its database is dropped (else they would spend their stop reconnecting to it).
 
 
 def nodes(make_server: type[Server], url: str, n: int, *extra: str) -> list[Server]:
@@ -52,8 +54,8 @@ def _seqs(rec: Recorder) -> list[int]:
     return [f["event_seq"] for f in rec.frames if "event_seq" in f]
 
 
-def test_a_session_resumes_on_another_process_with_every_frame_in_order(make_server: type[Server],
-                                                                         pg_url: str) -> None:
+def test_a_session_resumes_on_another_process_with_every_frame_in_order(pg_url: str,
+                                                                         make_server: type[Server]) -> None:
     a, b = nodes(make_server, pg_url, 2)
 
     async def go() -> None:
@@ -87,7 +89,7 @@ def test_a_session_resumes_on_another_process_with_every_frame_in_order(make_ser
     asyncio.run(go())
 
 
-def test_subscribe_list_and_cancel_reach_the_process_running_the_job(make_server: type[Server], pg_url: str,
+def test_subscribe_list_and_cancel_reach_the_process_running_the_job(pg_url: str, make_server: type[Server],
                                                                       tmp_path: Any) -> None:
     cfg = tmp_path / "auth.toml"
     cfg.write_text('[auth]\ntokens = { a = "alice", b = "bob", r = "root" }\nadmins = ["root"]\n')
@@ -136,8 +138,8 @@ def test_subscribe_list_and_cancel_reach_the_process_running_the_job(make_server
     asyncio.run(go())
 
 
-def test_the_owner_cancels_through_another_process_after_resuming_there(make_server: type[Server],
-                                                                        pg_url: str) -> None:
+def test_the_owner_cancels_through_another_process_after_resuming_there(pg_url: str,
+                                                                        make_server: type[Server]) -> None:
     a, b = nodes(make_server, pg_url, 2)
 
     async def go() -> None:
@@ -145,17 +147,18 @@ def test_the_owner_cancels_through_another_process_after_resuming_there(make_ser
         h = (await client.submit(agent="sleep", input={"seconds": 60})).job_id
         await rec.wait_for(lambda f: f.get("type") == "job.accepted")
         conn.transport.abort()
-        c2, _, rec2, _ = await resume_once_detached(b.url, SessionResume(
+        c2, _, rec2, conn2 = await resume_once_detached(b.url, SessionResume(
             session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0))
         await c2.cancel_job(h, reason="changed my mind")
         term = await rec2.terminal(h, timeout=15)
         assert term["payload"]["code"] == "CANCELLED"
         cancelled = [f for f in rec2.frames if f.get("type") == "job.cancelled" and f.get("job_id") == h]
         assert len(cancelled) == 1 and cancelled[0]["event_seq"] < term["event_seq"]
+        conn2.transport.abort()  # (a client that goes: the servers' stops need not wait for it)
     asyncio.run(go())
 
 
-def test_an_idempotency_key_raced_on_two_processes_makes_one_job(make_server: type[Server], pg_url: str) -> None:
+def test_an_idempotency_key_raced_on_two_processes_makes_one_job(pg_url: str, make_server: type[Server]) -> None:
     a, b = nodes(make_server, pg_url, 2)
 
     async def go() -> None:
@@ -174,8 +177,8 @@ def test_an_idempotency_key_raced_on_two_processes_makes_one_job(make_server: ty
     asyncio.run(go())
 
 
-def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_server: type[Server],
-                                                                          pg_url: str) -> None:
+def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(pg_url: str,
+                                                                          make_server: type[Server]) -> None:
     a, b, c = nodes(make_server, pg_url, 3)
 
     async def go() -> None:
@@ -188,7 +191,7 @@ def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_s
             killed = time.monotonic()
             os.killpg(a.pid, signal.SIGKILL)
             # the session's client comes back through another process and hears of its jobs' end
-            _, _, rec2, _ = await resume_once_detached(c.url, SessionResume(
+            _, _, rec2, conn2 = await resume_once_detached(c.url, SessionResume(
                 session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0), timeout=30)
             for job_id in jobs:
                 term = await rec2.terminal(job_id, timeout=float(TIMEOUT) + 10)
@@ -205,11 +208,12 @@ def test_a_killed_process_has_its_jobs_ended_retryable_through_the_others(make_s
             # listed as ended on every live process
             found = await listed(watcher, *jobs)
             assert all(found[j].status == "error" for j in jobs)
+            conn2.transport.abort()
     asyncio.run(go())
 
 
-def test_postgres_stopped_for_five_seconds_under_load_loses_nothing(make_server: type[Server],
-                                                                     pg_server: PgServer, pg_url: str) -> None:
+def test_postgres_stopped_for_five_seconds_under_load_loses_nothing(pg_server: PgServer, pg_url: str,
+                                                                     make_server: type[Server]) -> None:
     a, b = nodes(make_server, pg_url, 2, "--node-timeout", "30")  # (no node is taken for lost meanwhile)
 
     async def go() -> None:
@@ -226,17 +230,18 @@ def test_postgres_stopped_for_five_seconds_under_load_loses_nothing(make_server:
             assert _ticks(rec, job_id) == [f"tick {i}" for i in range(100)]
         # every frame was logged once the database was back: a resume on the other process gets them all
         conn.transport.abort()
-        _, _, rec2, _ = await resume_once_detached(b.url, SessionResume(
+        _, _, rec2, conn2 = await resume_once_detached(b.url, SessionResume(
             session_id=welcome.session_id, resume_token=welcome.resume_token, last_event_seq=0), timeout=30)
         for job_id in jobs:
             await rec2.terminal(job_id, timeout=30)
             assert _ticks(rec2, job_id) == [f"tick {i}" for i in range(100)]
         assert _seqs(rec2) == _seqs(rec)
+        conn2.transport.abort()
     asyncio.run(go())
 
 
 def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_others(
-        make_server: type[Server], pg_url: str) -> None:
+        pg_url: str, make_server: type[Server]) -> None:
     """A process cut off (here: stopped) past the node timeout is declared lost and its jobs
     ended by another; when it runs again it finds that out, closes its clients, writes none of
     its own ends over the terminals the others wrote, and exits 1. Its session, resumed on the
@@ -262,7 +267,7 @@ def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_o
                        for f in rec.frames), "the lost process told its client of its own end of the job"
         # the session's log has the one terminal, from the process that declared the loss
         conn2.transport.abort()
-        _, _, rec3, _ = await resume_once_detached(b.url, SessionResume(
+        _, _, rec3, conn3 = await resume_once_detached(b.url, SessionResume(
             session_id=welcome.session_id, resume_token=(await _token(rec2)), last_event_seq=0), timeout=30)
         try:
             await rec3.terminal(h, timeout=10)
@@ -272,6 +277,7 @@ def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_o
         ends = [f for f in rec3.frames if f.get("job_id") == h and f.get("type") in ("job.result", "job.error")]
         assert len(ends) == 1 and ends[0]["payload"]["details"]["reason"] == "node lost"
         assert _seqs(rec3) == sorted(set(_seqs(rec3)))
+        conn3.transport.abort()
     asyncio.run(go())
 
 
