@@ -75,12 +75,18 @@ class JobService:
             if claimed is None:
                 return  # another process's job holds the key: replayed
         creds = None
-        if self.credentials is not None and "provisioned_credentials" in session.features:
-            creds = await self.credentials.issue(job_id, session.principal, req)
-        if parent is not None:
-            if parent.done:  # it ended while the credentials were issued
-                raise JobNotFound(f"no running parent job {parent.id!r}")
-            carve_budget(parent, req, time.time())
+        try:
+            if self.credentials is not None and "provisioned_credentials" in session.features:
+                creds = await self.credentials.issue(job_id, session.principal, req)
+            if parent is not None:
+                if parent.done:  # it ended while the credentials were issued
+                    raise JobNotFound(f"no running parent job {parent.id!r}")
+                carve_budget(parent, req, time.time())
+        except BaseException:
+            if claimed is not None:  # the submit failed: its key is free again, in the database too
+                self.jobs.discard(claimed)
+                self.store.delete_jobs([claimed.id])
+            raise
         job = self._accept(session, req, job_id, claimed)
         if creds and self.credentials is not None:
             self.credentials.issued(job, creds)
