@@ -29,8 +29,10 @@ READY = re.compile(r"listening on (ws://\S+)")
 AGENTS = ["--agent", "noop=examples.agents:echo", "--agent", "other=examples.agents:count"]
 
 
-def measure(extra: list[str]) -> dict[str, float]:
-    """MiB: the whole tree's PSS, and per fork server (with its warm workers) USS and PSS."""
+def measure(extra: list[str], venv_python: str) -> dict[str, float]:
+    """MiB: the whole tree's PSS, and per fork server (with its warm workers) USS and PSS. A
+    fork server is the extra environment's when its interpreter is `venv_python` (every
+    fork server runs `PYTHON -I -S`, so only the interpreter tells them apart)."""
     proc = subprocess.Popen([str(EXE), "run", "--port", "0", *AGENTS, *extra], cwd=ROOT, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
@@ -57,7 +59,7 @@ def measure(extra: list[str]) -> dict[str, float]:
                     continue
                 uss += info.uss / 2**20
                 pss += info.pss / 2**20
-            env = "default" if "-S" in fs.cmdline()[:3] else "venv"
+            env = "venv" if os.path.abspath(fs.cmdline()[0]) == os.path.abspath(venv_python) else "default"
             out[f"{env}_uss"], out[f"{env}_pss"], out[f"{env}_workers"] = uss, pss, float(len(workers))
         return out
     finally:
@@ -80,8 +82,10 @@ def main() -> int:
     args = ap.parse_args()
     one, two = [], []
     for _ in range(args.reps):
-        one.append(measure([]))
-        two.append(measure(["--agent-python", f"other={args.venv_python}"]))
+        one.append(measure([], args.venv_python))
+        two.append(measure(["--agent-python", f"other={args.venv_python}"], args.venv_python))
+    if any("venv_uss" not in m for m in two):
+        raise SystemExit(f"no fork server ran {args.venv_python}: the extra environment did not start")
     print("## What an agent environment costs in memory\n")
     print(f"{args.reps} repetitions, MiB, min / **median** / max; a fork server counted with its warm workers "
           f"({int(two[0].get('venv_workers', 0))} here); USS is what only those processes hold, PSS adds "
