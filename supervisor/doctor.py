@@ -86,7 +86,7 @@ def report(as_json: bool, job_uids: tuple[int, int] | None = None, allow_shared_
            host: Host | None = None, setup: Setup | None = None) -> tuple[str, int]:
     host = host or Host.read()
     layers, guarantees = examine(job_uids, allow_shared_uid, host=host, setup=setup)
-    shared_uid = not host.root
+    shared_uid = not host.own_uids
     ok = all(g.ok or (allow_shared_uid and shared_uid and g.name in SHARED_UID_ACCEPTS) for g in guarantees)
     if as_json:
         import json

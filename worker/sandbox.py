@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from shared import capabilities
 from shared.exit_codes import BOOT_ERROR
 from shared.landlock import SYS_LANDLOCK_CREATE_RULESET, landlock_abi
 from worker import idmap, seccomp_filter, seccomp_self
@@ -102,8 +103,7 @@ _READ_DIRS: dict[str, list[str]] = {}  # agent module -> what its jobs may read 
 SETID_KEPT = False  # the fork server kept what each worker needs to take its job's uid (see `prepare`)
 SELF_FILTER: tuple[int, dict[str, int]] | None = None  # arch and numbers for seccomp_self
 PARENT = 0  # the fork server's pid, which each worker must die with
-CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_SYS_ADMIN = 6, 7, 12, 21
-KEPT_FOR_JOB_UIDS = (1 << CAP_SETUID) | (1 << CAP_SETGID) | (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)
+KEPT_FOR_JOB_UIDS = capabilities.mask([*capabilities.FOR_JOB_UIDS, capabilities.CAP_NET_ADMIN])
 PR_SET_PDEATHSIG = 1
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_REC, MS_SLAVE = 0x4000, 1 << 19
@@ -114,7 +114,7 @@ def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False,
     """In the fork server: everything about the sandbox that is the same for every job.
 
     With `keep_setid` (job uids), CAP_SETUID, CAP_SETGID, CAP_SYS_ADMIN and CAP_NET_ADMIN
-    stay in the effective and permitted sets (nothing else; the bounding set is emptied):
+    stay in the effective and permitted sets, those of them it holds (nothing else; the bounding set is emptied):
     the fork server needs them to reach into a worker's network namespace for its egress
     port, and each worker to make its namespaces and its leased paths' idmapped mounts,
     before it trades them all for its job's uid, which clears them. With `shared_netns`
@@ -126,7 +126,9 @@ def prepare(agent_modules: list[str], agent_dirs: Any, keep_setid: bool = False,
     SELF_FILTER = seccomp_self.resolve() if SECCOMP_BPF is not None else None
     for module in agent_modules:
         _READ_DIRS[module] = python_read_dirs(agent_dirs(module))
-    drop_capabilities(keep=KEPT_FOR_JOB_UIDS if keep_setid else 0)
+    # Only what it holds: without CAP_NET_ADMIN (a container that drops it) the workers' loopback
+    # stays down and jobs with net.fetch get no network, as `doctor` says; the rest is unchanged.
+    drop_capabilities(keep=KEPT_FOR_JOB_UIDS & capabilities.held("CapPrm") if keep_setid else 0)
     _no_new_privs()
     PRIVILEGES_DROPPED = True
     SETID_KEPT = keep_setid

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from shared import capabilities
 from shared.landlock import landlock_abi
 from shared.seccomp import seccomp_available
 from supervisor.sandbox.cgroup_host import CgroupHost, detect
@@ -66,6 +67,12 @@ class Host:
     root: bool
     namespaces: tuple[str, ...] = NAMESPACES  # those the kernel has
     container: bool = False
+    setid_caps: bool = True  # holds what job uids take (shared/capabilities.py FOR_JOB_UIDS)
+
+    @property
+    def own_uids(self) -> bool:
+        """Can jobs be given uids of their own here (root, with the capabilities for it)?"""
+        return self.root and self.setid_caps
 
     @classmethod
     def read(cls) -> Host:
@@ -73,6 +80,7 @@ class Host:
                    seccomp_kernel=bool(_libc.prctl(PR_GET_SECCOMP, 0, 0, 0, 0) >= 0),
                    libseccomp=seccomp_available(),
                    root=os.geteuid() == 0,
+                   setid_caps=not capabilities.missing(capabilities.FOR_JOB_UIDS),
                    namespaces=tuple(ns for ns in NAMESPACES if os.path.exists(f"/proc/self/ns/{ns}")),
                    container=os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"))
 
@@ -184,6 +192,10 @@ def job_uids_check(host: Host, job_uids: tuple[int, int] | None) -> tuple[bool, 
     Python, the venv and the agents? And the detail that says so."""
     if not host.root:
         return False, "jobs would run under the supervisor's uid (job uids need root)"
+    lacking = capabilities.missing(capabilities.FOR_JOB_UIDS)
+    if lacking:
+        return False, (f"jobs would run under the supervisor's uid: job uids need {', '.join(lacking)}, "
+                       "which the supervisor lacks; `run` will not start without --allow-shared-uid")
     from shared.reachability import blocked_dirs, unreadable_files
     from supervisor.config import DEFAULT_JOB_UIDS, ConfigError, check_uid_range
 
@@ -409,12 +421,13 @@ def decide(host: Host, setup: Setup) -> Decision:
         always("parent-death-signal", "each worker killed when the fork server goes, and it when the supervisor does"),
         always("scrubbed-env", "PATH, LANG, LC_*, TZ; HOME and TMPDIR private"),
         Layer("root", host.root, host.root, "supervisor runs as root" if host.root else "supervisor is unprivileged"),
-        Layer("job-uids", host.root, setup.job_uids,
-              setup.job_uids_detail or ("" if host.root else "jobs run under the supervisor's uid (job uids need "
-                                                               "root)"), ("job-uids",)),
-        Layer("shared-uid", not host.root, not host.root and not setup.job_uids,
+        Layer("job-uids", host.own_uids, setup.job_uids,
+              setup.job_uids_detail or ("" if host.own_uids else "jobs run under the supervisor's uid (job uids "
+                                                                   "need root and CAP_SETUID, CAP_SETGID, "
+                                                                   "CAP_SYS_ADMIN)"), ("job-uids",)),
+        Layer("shared-uid", not host.own_uids, not host.own_uids and not setup.job_uids,
               "jobs run under the supervisor's own uid (accepted with --allow-shared-uid; `run` refuses otherwise)"
-              if not host.root else "jobs have uids of their own", ("shared-uid",)),
+              if not host.own_uids else "jobs have uids of their own", ("shared-uid",)),
         Layer("container", host.container, False, "inside a container" if host.container else "not a container"),
     )
     warnings = []
