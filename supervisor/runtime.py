@@ -44,7 +44,7 @@ from supervisor.sandbox.job_dirs import JobDirs
 from supervisor.sandbox.job_uids import HOST_CLAIMS, HostUidClaims, UidPool
 from supervisor.sandbox.worker_runtime import WorkerRuntime, supervisor_package_dirs
 from supervisor.server.sessions import SessionTable
-from supervisor.state.base import StateStore, StoredJob
+from supervisor.state.base import StateStore, StoredJob, StoreError
 from supervisor.state.postgres import PostgresStore
 from supervisor.state.sqlite import SqliteStore
 from supervisor.core.authority import Authority
@@ -134,7 +134,9 @@ class Runtime:
         if self.cluster is not None:
             self.cluster.start()
         if self.credentials is not None:
-            await self.credentials.revoke_left_behind()
+            await self.credentials.revoke_left_behind(shared=self.cluster is not None)
+            if self.cluster is not None:  # what another process finished, or was lost with, unrevoked
+                self.spawn(self._sweep_credentials)
         self.fork_server.runtime_dir = await anyio.to_thread.run_sync(self.worker_runtime.build)
         self._stack.callback(self.worker_runtime.close)
         await self._start_environments()
@@ -176,6 +178,17 @@ class Runtime:
         self.job_dirs.close()
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
+
+    async def _sweep_credentials(self) -> None:
+        """Every node timeout, as long as the runtime runs (several processes on one database):
+        what jobs finished at least a node timeout ago left unrevoked."""
+        assert self.credentials is not None
+        while True:
+            await anyio.sleep(self.config.node_timeout)
+            try:
+                await self.credentials.sweep(self.config.node_timeout)
+            except StoreError as e:  # the database away: the next sweep
+                log.warning("credential sweep: %s", e)
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, None]]) -> bool:
         """Run `fn` in the runtime's task group (a job, a retry, a subscriber's history, a

@@ -159,8 +159,9 @@ class StateStore(abc.ABC):
         """A job's frames in a session's log after after_seq, in order."""
 
     @abc.abstractmethod
-    async def unrevoked_credentials(self, finished_only: bool) -> list[str]:
-        """Credentials still to revoke: of finished jobs, or of every job (after a restart)."""
+    async def unrevoked_credentials(self, finished_only: bool, finished_before_ns: int = 0) -> list[str]:
+        """Credentials still to revoke: of finished jobs (those finished before
+        `finished_before_ns`, wall-clock ns, if given), or of every job (after a restart)."""
 
     # -- lifetime and health ------------------------------------------------------
     @abc.abstractmethod

@@ -133,7 +133,7 @@ def describe(kind: str, a: tuple[Any, ...]) -> str:
     if kind == JOB_FRAMES:
         return f"job_frames session={_s(a[0])} job={_s(a[1])} after={a[2]}"
     if kind == UNREVOKED:
-        return f"unrevoked_credentials finished_only={a[0]}"
+        return f"unrevoked_credentials finished_only={a[0]} finished_before_ns={a[1]}"
     if kind == FOLLOW:
         return f"follow job={_s(a[0])} session={_s(a[1])} follows={a[2]}"
     if kind in (SESSION_PUT, SESSION_DROP, SESSION_GET, RELAY_TAKE):

@@ -348,6 +348,8 @@ class PgDatabase(BatchApplier):
             query = "SELECT c.credential_id FROM credentials c"
             if a[0]:
                 query += " JOIN jobs j ON j.job_id = c.job_id WHERE j.finished_ns IS NOT NULL"
+                if a[1]:
+                    query += f" AND j.finished_ns < {int(a[1])}"
             return [r[0] for r in conn.execute(query)]
         elif k in CLUSTER_KINDS:
             return cluster.apply(conn, self.node_id, self.settings.timeout, k, a, self.settings.heartbeat)

@@ -174,8 +174,8 @@ class QueuedStore(StateStore):
         result: list[bytes] = await self._ask(JOB_FRAMES, (session_id, job_id, after_seq))
         return result
 
-    async def unrevoked_credentials(self, finished_only: bool) -> list[str]:
-        result: list[str] = await self._ask(UNREVOKED, (finished_only,))
+    async def unrevoked_credentials(self, finished_only: bool, finished_before_ns: int = 0) -> list[str]:
+        result: list[str] = await self._ask(UNREVOKED, (finished_only, finished_before_ns))
         return result
 
     # -- lifetime and health ------------------------------------------------------

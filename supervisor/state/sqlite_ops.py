@@ -202,6 +202,8 @@ class Database(BatchApplier):
             query = "SELECT c.credential_id FROM credentials c"
             if a[0]:
                 query += " JOIN jobs j ON j.job_id = c.job_id WHERE j.finished_ns IS NOT NULL"
+                if a[1]:
+                    query += f" AND j.finished_ns < {int(a[1])}"
             return [r[0] for r in db.execute(query)]
         else:
             raise AssertionError(f"unknown operation {k!r}")

@@ -11,9 +11,11 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import arcp
+import psycopg
 import pytest
 from arcp import ClientInfo, SessionResume, WebSocketTransport
 from arcp.client import ARCPClient
@@ -33,14 +35,14 @@ def nodes(make_server: type[Server], url: str, n: int, *extra: str) -> list[Serv
                         "--node-timeout", TIMEOUT, *extra) for i in range(n)]
 
 
-def _client() -> ARCPClient:
-    return ARCPClient(client=ClientInfo(name="tests", version="1"), token="", features=FEATURES)
+def _client(*features: str) -> ARCPClient:
+    return ARCPClient(client=ClientInfo(name="tests", version="1"), token="", features=FEATURES + features)
 
 
-async def _open(url: str) -> tuple[ARCPClient, Recorder, Any, Any]:
+async def _open(url: str, *features: str) -> tuple[ARCPClient, Recorder, Any, Any]:
     conn = await connect(url)
     rec = Recorder(WebSocketTransport(conn))
-    client = _client()
+    client = _client(*features)
     welcome = await client.connect(rec)
     return client, rec, conn, welcome
 
@@ -284,3 +286,34 @@ def test_a_process_declared_lost_while_alive_stops_and_writes_nothing_over_the_o
 async def _token(rec: Recorder) -> str:
     welcome = next(f for f in rec.frames if f.get("type") == "session.welcome")
     return str(welcome["payload"]["resume_token"])
+
+
+def test_a_process_that_starts_keeps_the_others_credentials_and_a_lost_ones_are_revoked(
+        pg_url: str, make_server: type[Server], tmp_path: Path) -> None:
+    cfg = tmp_path / "creds.toml"
+    cfg.write_text('[credentials]\nprovisioner = "static"\n')
+    a, = nodes(make_server, pg_url, 1, "--config", str(cfg))
+
+    def unrevoked() -> set[str]:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            return {r[0] for r in conn.execute("SELECT credential_id FROM credentials")}
+
+    async def go() -> None:
+        client, rec, conn, _ = await _open(a.url, "provisioned_credentials")
+        job = await client.submit(agent="sleep", input={"seconds": 60})
+        accepted = await rec.wait_for(lambda f: f.get("job_id") == job.job_id and f.get("type") == "job.accepted")
+        cred = accepted["payload"]["credentials"][0]["id"]
+        assert cred in unrevoked()
+        # a second process starts: it revokes what finished jobs left, not a running job's
+        b, = (make_server("--state-url", pg_url, "--node-id", "node1", "--node-heartbeat", HEARTBEAT,
+                          "--node-timeout", TIMEOUT, "--config", str(cfg)),)
+        assert cred in unrevoked(), "the start of another process revoked a running job's credential"
+        # the job's process dies: the one left declares it lost and revokes its job's credential
+        os.killpg(a.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 4 * float(TIMEOUT) + 10
+        while cred in unrevoked() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert cred not in unrevoked(), "a lost process's job kept its credential"
+        assert any("never revoked" in line and cred in line for line in b.stderr_lines)
+        conn.transport.abort()
+    asyncio.run(go())

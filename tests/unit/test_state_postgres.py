@@ -152,6 +152,9 @@ def test_every_operation_round_trips(maker: Maker) -> None:
         store.finish_job("job_a", "success", terminal, {"input": {"n": 1}, "job": "job_a", "ended": True})
         assert await store.terminal_of("job_a") == terminal
         assert sorted(await store.unrevoked_credentials(finished_only=True)) == ["cred_1", "cred_2"]
+        # a bound on when the job finished (a sweep leaves the newest to their own process)
+        assert await store.unrevoked_credentials(True, time.time_ns() - 60 * 10**9) == []
+        assert sorted(await store.unrevoked_credentials(True, time.time_ns() + 10**9)) == ["cred_1", "cred_2"]
         store.revocation_attempted("cred_1", revoked=False)
         store.revocation_attempted("cred_2", revoked=True)
         assert await store.unrevoked_credentials(finished_only=True) == ["cred_1"]
