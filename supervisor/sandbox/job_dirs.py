@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -171,9 +172,14 @@ class JobDirs:
                     os.unlink(e.path)
 
     def remove(self, path: str, capped: bool) -> None:
-        """Unmount (lazily: a dying process may still hold it) and remove."""
+        """Unmount (lazily: a dying process may still hold it) and remove. A directory that is
+        gone, or no longer a mount point, was removed already (by `close()`, which unmounts
+        everything under the root at the runtime's end, before the workers' own removals)."""
         if capped and not _unmount(path):
-            log.warning("could not unmount %s: %s", path, os.strerror(ctypes.get_errno()))
+            err = ctypes.get_errno()
+            if err in (errno.ENOENT, errno.EINVAL):
+                return
+            log.warning("could not unmount %s: %s", path, os.strerror(err))
         try:
             os.rmdir(path)  # the common case: nothing left
         except OSError:

@@ -51,6 +51,19 @@ def test_a_job_dir_is_a_capped_tmpfs_removed_at_the_end(base: str) -> None:
 
 
 @needs_mount
+def test_a_removal_after_the_close_says_nothing(base: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker's dir removed after the runtime's end unmounted everything (a warm worker's
+    removal runs late) finds nothing left to do, and is no warning."""
+    dirs = JobDirs(base, size=4 << 20)
+    path, capped = dirs.create("w1", 2 << 20)
+    dirs.close()
+    with caplog.at_level("WARNING", logger="arcp"):
+        dirs.remove(path, capped)
+    assert not os.path.exists(path)
+    assert not [r for r in caplog.records if "unmount" in r.getMessage()], caplog.text
+
+
+@needs_mount
 def test_a_dead_supervisors_dirs_are_cleaned_and_a_live_ones_kept(base: str) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
