@@ -204,7 +204,7 @@ class Exchange:
                 await self._stop_relays()
             self.release()
             if not job.closed:
-                job.report()
+                job.report_soon()
 
     async def _stop_relays(self) -> None:
         running = [r for r in self.relays if not r.finished.is_set()]
