@@ -43,6 +43,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from supervisor import metrics
@@ -94,13 +95,18 @@ class EgressJob:
         self._handed: MemoryObjectSendStream[Exchange]
         self._queued: MemoryObjectReceiveStream[Exchange]
         self._handed, self._queued = anyio.create_memory_object_stream[Exchange](math.inf)
-        self._serving: anyio.CancelScope | None = None  # run()'s task group, while it runs
+        self._serving: anyio.CancelScope | None = None  # run()'s task group's scope, while it runs
+        self._tasks: TaskGroup | None = None  # run()'s task group, once it has taken what waited
 
     def admit(self, conn: socket.socket) -> None:
-        """A connection from the job, under its caps: a task of run()'s task group serves it."""
+        """A connection from the job, under its caps: a task of run()'s task group serves it,
+        started here (no hop through run()'s queue) once run() runs; until then it waits."""
         ex = Exchange(self, conn)
         self.exchanges.add(ex)
-        self._handed.send_nowait(ex)
+        if self._tasks is not None:
+            self._tasks.start_soon(ex.serve, name=f"egress exchange {self.job_id}")
+        else:
+            self._handed.send_nowait(ex)
 
     async def run(self) -> None:
         """Serve the job's connections, each in a task of this task group, until `close()`;
@@ -112,11 +118,13 @@ class EgressJob:
                 self._serving = tg.cancel_scope
                 if self.closed:
                     tg.cancel_scope.cancel()
-                async for ex in self._queued:
+                self._tasks = tg  # from now on admit() starts each connection's task itself
+                async for ex in self._queued:  # those handed over before; then it waits for the close
                     tg.start_soon(ex.serve, name=f"egress exchange {self.job_id}")
         except Exception:
             log.exception("job %s: the egress proxy failed; the job's connections are cut", self.job_id)
         finally:
+            self._tasks = None
             self._serving = None
             self.close()
             for ex in list(self.exchanges):  # their tasks were cancelled before they ever ran
