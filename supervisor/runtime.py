@@ -19,6 +19,7 @@ from shared.envelope import Envelope
 from shared.messages import FEATURES
 from shared.seccomp import seccomp_available
 from supervisor import metrics
+from supervisor.async_library import declare_asyncio
 from supervisor.cluster.node import Cluster
 from supervisor.config import DEFAULT_ENVIRONMENT, AgentEnvironment, Config, ConfigError, default_memory_budget
 from supervisor.core.admission import Admission
@@ -109,6 +110,7 @@ class Runtime:
 
     # -- start and close ----------------------------------------------------------
     async def __aenter__(self) -> Runtime:
+        declare_asyncio()  # in its owner's task (`run`, `doctor`): its callbacks start tasks too
         await self._stack.__aenter__()
         try:
             await self._start()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import anyio
 
 from supervisor.agent_check import check_agents
+from supervisor.async_library import declare_asyncio
 from supervisor.config import Config, ConfigError
 from supervisor.server.connection import SHUTDOWN_DRAIN
 from supervisor.logs import configure as configure_logs
@@ -98,6 +99,7 @@ async def drain(rt: Runtime, stop: Stop) -> None:
 async def serve(config: Config, reload: Callable[[], Config] | None = None) -> None:
     from supervisor.doctor import report
 
+    declare_asyncio()  # before any task or callback is made (supervisor/async_library.py)
     raise_open_files_limit()
     if not limit_malloc_arenas():
         log.debug("mallopt is not available: threads keep the C library's default arenas")
