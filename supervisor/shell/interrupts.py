@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import anyio
 
+from supervisor.async_library import declare_asyncio
 from supervisor.shell import INTERRUPTED, JOB_FAILED, USAGE
 from supervisor.shell.connection import ShellExit
 from supervisor.shell.render import Lines
@@ -75,6 +76,7 @@ def run(command: Callable[[Interrupts], Awaitable[int]]) -> int:
     """Run one subcommand to its exit status; its messages go to stderr, never a traceback."""
 
     async def main() -> int:
+        declare_asyncio()  # (supervisor/async_library.py)
         intr = Interrupts()
         with _sigint(intr.on_sigint):
             with intr.scope:
