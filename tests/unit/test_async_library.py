@@ -1,19 +1,22 @@
 """The runtime starts tasks from the event loop's own callbacks (timers, readers, futures'
-callbacks). With sniffio installed (a test dependency for this reason), anyio asks it which
-library runs, and it answers only inside a task unless the context says so: the server
-marks its context at start, and a task started from a callback then runs."""
+callbacks, and callbacks handed over from its threads). With sniffio installed (a test
+dependency for this reason), anyio asks it which library runs, and it answers only inside a
+task unless told: the server tells it at start, for the thread running the loop, and a task
+started from any such callback then runs."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import anyio
+import pytest
 import sniffio
 
 from supervisor.async_library import declare_asyncio
 
 
-async def _start_from_a_callback() -> list[BaseException]:
+async def _start_from_a_callback(from_thread: bool) -> list[BaseException]:
     errors: list[BaseException] = []
     ran = asyncio.Event()
 
@@ -28,16 +31,24 @@ async def _start_from_a_callback() -> list[BaseException]:
                 errors.append(e)
                 ran.set()
 
-        asyncio.get_running_loop().call_later(0.01, callback)
+        loop = asyncio.get_running_loop()
+        if from_thread:  # as the PostgreSQL listener's thread hands a notification over
+            threading.Thread(target=loop.call_soon_threadsafe, args=(callback,)).start()
+        else:  # as a job's timeout timer fires
+            loop.call_later(0.01, callback)
         with anyio.fail_after(5):
             await ran.wait()
     return errors
 
 
-def test_a_task_started_from_a_loop_callback_runs_once_the_context_is_marked() -> None:
+@pytest.mark.parametrize("from_thread", [False, True], ids=["timer", "another-thread"])
+def test_a_task_started_from_a_loop_callback_runs_once_the_loop_thread_is_marked(from_thread: bool) -> None:
     async def main() -> list[BaseException]:
         assert declare_asyncio() is True
         assert sniffio.current_async_library() == "asyncio"
-        return await _start_from_a_callback()
+        return await _start_from_a_callback(from_thread)
 
-    assert asyncio.run(main()) == []
+    try:
+        assert asyncio.run(main()) == []
+    finally:
+        sniffio.thread_local.name = None  # (this test's thread is pytest's own)
