@@ -8,7 +8,10 @@ thread), where sniffio finds no task: every such start_soon raised "Not currentl
 on any asynchronous event loop", so a job's max_runtime_sec, its lease's expiry or the
 runtime ceiling never ended it. sniffio is installed beside many libraries, so this is not
 rare. Its per-thread answer, set in the thread that runs the event loop, holds for every
-task and every callback that loop runs, whichever context or thread scheduled it.
+task and every callback that loop runs, whichever context or thread scheduled it. Whoever
+runs a loop for the runtime's parts calls `declare_asyncio()` first: `run`, `doctor` and the
+shell client do (and `Runtime` on entry), as do the tests that drive a part on a loop of
+their own.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
+from supervisor.async_library import declare_asyncio
 from supervisor.egress import caps as egress
 from supervisor.core.authority import Authority
 from supervisor.egress.proxy import EgressJob, EgressListener
@@ -128,7 +129,10 @@ async def proxy(lease: dict[str, Any], table: dict[str, list[str]] | None = None
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
+    async def owner() -> Any:  # as the runtime's owner does: the proxy starts tasks from its accept callback
+        declare_asyncio()
+        return await asyncio.wait_for(coro, 30)
+    return asyncio.run(owner())
 
 
 async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
