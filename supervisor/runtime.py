@@ -110,7 +110,7 @@ class Runtime:
 
     # -- start and close ----------------------------------------------------------
     async def __aenter__(self) -> Runtime:
-        declare_asyncio()  # in its owner's task (`run`, `doctor`): its callbacks start tasks too
+        declare_asyncio()  # on its owner's loop thread (`run`, `doctor`): its callbacks start tasks too
         await self._stack.__aenter__()
         try:
             await self._start()
