@@ -98,15 +98,11 @@ class UidPool:
         """A uid no live process of an earlier job has, and no other supervisor's job; waits
         while every uid is in use. Waiters are served lowest `order` first (the job's start
         order), then first come."""
-        if self._free and not self._waiters:
+        while self._free and not self._waiters:
             uid = self._take()
-            while uid is None:  # every free one is another supervisor's now: look again soon
-                await asyncio.sleep(CLAIM_RETRY)
-                uid = self._take() if self._free and not self._waiters else None
-                if uid is None and (not self._free or self._waiters):
-                    break
             if uid is not None:
                 return uid
+            await asyncio.sleep(CLAIM_RETRY)  # every free one is another supervisor's now: look again soon
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (order, next(self._arrivals), fut))
         try:
