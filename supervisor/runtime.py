@@ -33,7 +33,7 @@ from supervisor.jobs.delivery import Delivery
 from supervisor.jobs.provisioning import Credentials
 from supervisor.jobs.runner import JobRunner
 from supervisor.jobs.service import JobService, usage_of
-from supervisor.jobs.worker_dirs import WorkerDirs
+from supervisor.jobs.worker_dirs import WorkerDirs, tmp_size_for
 from supervisor.jobs.environments import EnvironmentWorkers, WorkerEnvironments
 from supervisor.jobs.fork_server import ForkServer, ForkServerStartError
 from supervisor.jobs.worker_handle import WorkerHandle, WorkerSpawnError
@@ -260,7 +260,7 @@ class Runtime:
         limits finds them there (written and read back) and starts without a thread hop
         (jobs/runner.py); a job with others has them written at its start, as before."""
         limits = self.config.limits
-        self.worker_dirs.give(worker, min(self.config.tmp_size, limits.memory // 2))
+        self.worker_dirs.give(worker, tmp_size_for(self.config.tmp_size, limits.memory))
         if worker.cgroup is not None:
             try:
                 worker.cgroup.set_limits(limits.memory, limits.max_procs)

@@ -39,6 +39,7 @@ from supervisor.jobs.environments import EnvironmentWorkers
 from supervisor.jobs.frame_pump import Died, FramePump
 from supervisor.jobs.limit_watch import LimitWatch, limit_fields
 from supervisor.jobs.path_checks import PathChecks
+from supervisor.jobs.worker_dirs import tmp_size_for
 from supervisor.jobs.worker_handle import CGROUP_LINGER, EXIT_WAIT, WorkerHandle, WorkerSpawnError
 from supervisor.jobs.worker_rpc import Call, Done, Event, Fail, WorkerFrames, WorkerProtocolError
 
@@ -169,7 +170,7 @@ class JobRunner:
         cg = worker.cgroup
         if worker.tmp_dir is None or (cg is not None and cg.verified != (limits.memory, limits.max_procs)):
             return False
-        return not worker.tmp_capped or worker.tmp_size == min(self.rt.config.tmp_size, limits.memory // 2)
+        return not worker.tmp_capped or worker.tmp_size == tmp_size_for(self.rt.config.tmp_size, limits.memory)
 
     def _prepare(self, worker: WorkerHandle, meter: UsageMeter | None) -> bool:
         """On a thread, the job's start on its worker: its limits in the worker's cgroup

@@ -18,6 +18,12 @@ from supervisor.sandbox.job_dirs import JobDirs
 Spawn = Callable[[Callable[[], Coroutine[Any, Any, None]]], bool]  # False: not run (closing)
 
 
+def tmp_size_for(cap: int, memory: int) -> int:
+    """A job's HOME/TMPDIR size: the operator's cap, or half the job's memory limit if that is
+    smaller (its pages count as the job's memory)."""
+    return min(cap, memory // 2)
+
+
 class WorkerDirs:
     def __init__(self, job_dirs: JobDirs, tmp_size: Callable[[], int], spawn: Spawn) -> None:
         self.job_dirs = job_dirs
@@ -58,7 +64,7 @@ class WorkerDirs:
         assert job.request is not None
         if worker.tmp_dir is None:
             self.give(worker)
-        size = min(self._tmp_size(), job.request.limits.memory // 2)
+        size = tmp_size_for(self._tmp_size(), job.request.limits.memory)
         if worker.tmp_capped and worker.tmp_size != size and self.job_dirs.resize(worker.tmp_dir or "", size):
             worker.tmp_size = size
         job.tmp_dir, job.tmp_capped = worker.tmp_dir, worker.tmp_capped
