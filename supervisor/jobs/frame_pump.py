@@ -7,8 +7,9 @@ invalid frame (`WorkerProtocolError`, `CodecError`), or `Died` (the pipe closed 
 one). The next frame is read only while the submitter's and every follower's outbox are
 below their high-water marks.
 
-A call whose answer waits (calls.Later) is answered from a task of the pump's group
-(`group`, the runner's while the pump runs): cancelled, with its answer, when the pump ends.
+A call whose answer waits (calls.Later) is answered from a task of the job's task group
+(`group`, the runner's, while the pump runs), in a cancel scope of its own: cancelled, with
+its answer, when the pump ends (`cancel_waiting`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ class FramePump:
         self.owner = owner
         self.frames = frames
         self.host = host
-        self.group: TaskGroup | None = None  # the pump's, while it runs: calls answered later
+        self.group: TaskGroup | None = None  # the job's, while the pump runs: calls answered later
         self._waiting: dict[str, int] = {}  # calls answered later, by kind, waiting for their answer
+        self._scopes: set[anyio.CancelScope] = set()  # theirs, until each is answered
 
     async def run(self, worker: WorkerHandle) -> Any:
         reader, writer = worker.reader, worker.writer
@@ -122,25 +124,38 @@ class FramePump:
             writer.write(encode(reply))
 
     def _answer_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
-        """A call whose answer waits: answered from a task of the pump's group (cancelled, with
-        its answer, when the pump ends); at most MAX_WAITING of a kind wait at once."""
+        """A call whose answer waits: answered from a task of the job's group, in a cancel scope
+        of its own (cancelled, with its answer, when the pump ends); at most MAX_WAITING of a
+        kind wait at once."""
         assert self.group is not None  # calls come from the pump
         waiting = self._waiting.get(later.name, 0)
         if waiting >= MAX_WAITING:
             raise InvalidRequest(f"{call.op}: more than {MAX_WAITING} {later.name}s of this job "
                                  "are waiting for their answer", retryable=True)
         self._waiting[later.name] = waiting + 1
-        self.group.start_soon(self._answered_later, writer, call, later)
+        scope = anyio.CancelScope()
+        self._scopes.add(scope)
+        self.group.start_soon(self._answered_later, writer, call, later, scope)
 
-    async def _answered_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later) -> None:
+    def cancel_waiting(self) -> None:
+        """The pump has ended: calls still waiting are cancelled, and never answered."""
+        scopes, self._scopes = self._scopes, set()
+        for scope in scopes:
+            scope.cancel()
+
+    async def _answered_later(self, writer: asyncio.StreamWriter, call: Call, later: calls.Later,
+                              scope: anyio.CancelScope) -> None:
         try:
-            reply = [pm.REPLY, call.call_id, True, await later.answer()]
-        except ARCPError as e:
-            reply = [pm.REPLY, call.call_id, False, e.to_wire()]
-        except Exception as e:  # a supervisor fault: the job hears of it, the loop goes on
-            log.exception("job %s: %s failed", self.job.id, later.name)
-            reply = [pm.REPLY, call.call_id, False,
-                     InternalError(f"the {later.name} failed: {type(e).__name__}").to_wire()]
+            with scope:
+                try:
+                    reply = [pm.REPLY, call.call_id, True, await later.answer()]
+                except ARCPError as e:
+                    reply = [pm.REPLY, call.call_id, False, e.to_wire()]
+                except Exception as e:  # a supervisor fault: the job hears of it, the loop goes on
+                    log.exception("job %s: %s failed", self.job.id, later.name)
+                    reply = [pm.REPLY, call.call_id, False,
+                             InternalError(f"the {later.name} failed: {type(e).__name__}").to_wire()]
+                self._reply(writer, reply)  # (not reached once cancelled)
         finally:
             self._waiting[later.name] -= 1
-        self._reply(writer, reply)
+            self._scopes.discard(scope)

@@ -18,6 +18,7 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from supervisor.core.usage import sample_tree
 from supervisor.sandbox.worker_cgroup import LimitNotApplied
@@ -25,7 +26,7 @@ from supervisor.sandbox.worker_cgroup import LimitNotApplied
 if TYPE_CHECKING:
     from supervisor.core.jobs import Job, SubmitRequest
     from supervisor.core.lifecycle import JobLifecycle
-    from supervisor.core.usage import UsageMeter
+    from supervisor.core.usage import TreeSample, UsageMeter
     from supervisor.jobs.worker_handle import WorkerHandle
     from supervisor.sandbox.worker_cgroup import WorkerCgroup
 
@@ -51,6 +52,8 @@ class LimitWatch:
         self.cpu_base = 0  # the group's CPU time (ns) when the job started: a recycled group has run others
         self.cpu_exceeded = False
         self.cpu_unreadable: LimitNotApplied | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the next look, as a timer's callback
+        self._scope: anyio.CancelScope | None = None  # or the watch's task, where it walks the tree
 
     def apply(self, worker: WorkerHandle, cg: WorkerCgroup) -> bool:
         """On a thread: the job's memory and process limits in the worker's group, and the
@@ -64,33 +67,73 @@ class LimitWatch:
                 raise self.cpu_limit_error(worker, e) from None
         return not cg.limits_memory
 
-    async def run(self, worker: WorkerHandle, meter: UsageMeter | None, watch_memory: bool) -> None:
-        """Every POLL_INTERVAL while the job runs: the memory limit where no memory cgroup holds
-        it (`watch_memory`), the CPU time limit of the whole tree (from its cgroup), and the usage
-        samples. The process tree is walked on a thread (psutil reads /proc: milliseconds); the
-        group's counters are read here (a pread each, about 2 µs)."""
+    def start(self, tasks: TaskGroup, worker: WorkerHandle, meter: UsageMeter | None, watch_memory: bool) -> None:
+        """Watch the job until `stop()`. Where every figure comes from the worker's group (a
+        pread of a counter: about 2 µs) the look is a timer's callback on the loop; where the
+        process tree must be walked (psutil reads /proc: milliseconds, on a thread) it is a
+        task of `tasks` (the job's), in a cancel scope of its own."""
+        if watch_memory or (meter is not None and meter.needs_tree):
+            self._scope = anyio.CancelScope()
+            tasks.start_soon(self.run, worker, meter, watch_memory, self._scope, name=f"watch {self.job.id}")
+        else:
+            self._arm(worker, meter)
+
+    def stop(self) -> None:
+        """The job's worker runs nothing of the job any more: no further look."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._scope is not None:
+            self._scope.cancel()
+            self._scope = None
+
+    def _arm(self, worker: WorkerHandle, meter: UsageMeter | None) -> None:
+        self._timer = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._tick, worker, meter)
+
+    def _tick(self, worker: WorkerHandle, meter: UsageMeter | None) -> None:
+        self._timer = None
         try:
-            while True:
-                await anyio.sleep(POLL_INTERVAL)
-                if not worker.alive or self.job.done:
-                    return
-                tree = None
-                if watch_memory or (meter is not None and meter.needs_tree):
+            if not worker.alive or self.job.done or self.pump_done.is_set():
+                return
+            if not self._look(worker, meter, None, False):
+                self._arm(worker, meter)
+        except Exception:  # the job goes on; its limits stay with the kernel's own layers
+            log.exception("job %s: the watch failed", self.job.id)
+
+    async def run(self, worker: WorkerHandle, meter: UsageMeter | None, watch_memory: bool,
+                  scope: anyio.CancelScope) -> None:
+        """Every POLL_INTERVAL while the job runs: the process tree's sample (on a thread), then
+        the look (`_look`)."""
+        try:
+            with scope:
+                while True:
+                    await anyio.sleep(POLL_INTERVAL)
+                    if not worker.alive or self.job.done:
+                        return
                     tree = await anyio.to_thread.run_sync(sample_tree, worker.pid)
                     await anyio.lowlevel.checkpoint_if_cancelled()  # the pump has ended meanwhile
                     if not worker.alive or self.job.done:
                         return
-                if watch_memory and tree is not None and self.memory_over(worker, tree.rss):
-                    return
-                cg = worker.cgroup
-                if cg is not None and cg.counts_cpu and not self.life.stopping and not self.pump_done.is_set() \
-                        and self.cpu_over(worker):
-                    worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
-                    return
-                if meter is not None:
-                    meter.sample(tree)
+                    if self._look(worker, meter, tree, watch_memory):
+                        return
         except Exception:  # the job goes on; its limits stay with the kernel's own layers
             log.exception("job %s: the watch failed", self.job.id)
+
+    def _look(self, worker: WorkerHandle, meter: UsageMeter | None, tree: TreeSample | None,
+              watch_memory: bool) -> bool:
+        """One look: the memory limit where no memory cgroup holds it (`watch_memory`, from the
+        tree's sample), the CPU time limit of the whole tree (from its cgroup), the usage
+        samples. True when a limit was passed and the worker killed: the watch is over."""
+        if watch_memory and tree is not None and self.memory_over(worker, tree.rss):
+            return True
+        cg = worker.cgroup
+        if cg is not None and cg.counts_cpu and not self.life.stopping and not self.pump_done.is_set() \
+                and self.cpu_over(worker):
+            worker.signal(signal.SIGKILL)  # the worker's group and every task of its cgroup
+            return True
+        if meter is not None:
+            meter.sample(tree)
+        return False
 
     def memory_over(self, worker: WorkerHandle, rss: int) -> bool:
         """The last line for the memory limit: the resident size of the job's process tree."""

@@ -6,9 +6,11 @@ decides the terminal at once, tells the worker, gives it `--grace` seconds,
 then SIGTERM and SIGKILL (WorkerHandle.stop), and sends the terminal when the
 worker is gone: never later than grace + 0.5 s.
 
-Every task of a job belongs to its runner: the stopper to `_life()`'s task group, and,
-while the worker runs the job, the watch (limits and usage, limit_watch.py) and the calls
-answered later (calls.Later, frame_pump.py) to the pump's. None outlives `run()`.
+Every task of a job belongs to its runner's one task group (`run()`'s): the stopper, the
+egress proxy, and, while the worker runs the job, a watch that walks the process tree
+(limits and usage, limit_watch.py; where the cgroup has every figure the watch is a timer's
+callback instead) and the calls answered later (calls.Later, frame_pump.py), each of those
+two in a cancel scope of its own, cancelled when the pump ends. None outlives `run()`.
 """
 
 from __future__ import annotations
@@ -66,15 +68,15 @@ class JobRunner:
         self.life = JobLifecycle(job.request.limits.max_runtime, job.request.max_runtime_sec, job.request.expires_at)
         self.started = False  # admitted (see admission.py); until then the job waits in the queue
         self.order = 0  # its place in the start order: jobs waiting for a job uid are served by it
-        self._pump_done = asyncio.Event()  # its worker runs no job of it any more (or never did): see _life()
+        self._pump_done = asyncio.Event()  # its worker runs no job of it any more (or never did): see run()
         self._sent = False  # its spec went to its worker: a stop from then on tells the worker
         self.started_at: float | None = None  # (monotonic) when admitted
         self.meter: UsageMeter | None = None  # its usage, once it has a worker
         self.limit_watch = LimitWatch(job, job.request, self.life, self._pump_done)
-        self._tg: TaskGroup | None = None  # _life()'s, while it runs: the stopper's
+        self._tg: TaskGroup | None = None  # run()'s, while it runs: every task of the job
+        self._stopper = False  # a stopper was started: it ends the job
         self._paths = PathChecks(job)
         self.egress: EgressJob | None = None
-        self._egress_tasks: TaskGroup | None = None  # holds the egress proxy's task while the job runs
         self._timers: list[asyncio.TimerHandle] = []
         cap = runtime.frame_cap
         self.frames = WorkerFrames(job.id, runtime.config.max_result_bytes,
@@ -128,20 +130,16 @@ class JobRunner:
         job.status = stop.status  # nothing of the job is sent from here on but its terminal
         if stop.finish_now:  # nothing runs yet: the terminal now
             self._finish(stop.status, stop.error)
-        elif self.worker is not None and self._tg is not None:  # the worker is _life()'s until it ends
+        elif self.worker is not None and self._tg is not None:  # the worker is run()'s until it ends
+            self._stopper = True
             self._tg.start_soon(self._stopping, self.worker, name=f"stop {job.id}")
 
     # -- the job's life -------------------------------------------------------
     async def run(self) -> None:
-        """The job's life, in a task group that also holds its egress proxy (`EgressJob.run`,
-        started by `_open_egress`); once the life is over, so is the proxy."""
-        async with anyio.create_task_group() as tasks:
-            self._egress_tasks = tasks
-            await self._life()
-            tasks.cancel_scope.cancel()
-
-    async def _life(self) -> None:
-        """`_run()`, and the stopper if a stop comes: both end before this returns."""
+        """The job's life, in one task group: `_run()`, the stopper if a stop comes, the
+        job's egress proxy (`EgressJob.run`, started by `_open_egress`; it returns once the
+        job's end closes it), a watch that walks the process tree, and calls answered later
+        (frame_pump.py). All of them end before this returns."""
         job = self.job
         try:
             async with anyio.create_task_group() as tg:
@@ -158,6 +156,8 @@ class JobRunner:
                     # was never sent (a stop, or a failure, while its worker was made ready). A
                     # stopper waiting for the job's end waits no longer.
                     self._pump_done.set()
+                    if not self._stopper and self.egress is not None:  # (the end closes it: only if
+                        self.egress.close()  # none came, the proxy would wait for it for ever)
         finally:
             self._tg = None
             for t in self._timers:
@@ -227,23 +227,24 @@ class JobRunner:
             spec["uid"] = await self._job_uid(worker)
         self.meter = meter
         if self.life.stopping:  # stopped while its worker was made ready (the awaits above): the job
-            return  # is not sent, and the stopper ends the worker once this returns (see _life)
+            return  # is not sent, and the stopper ends the worker once this returns (see run)
         assert worker.writer is not None
         worker.writer.write(encode([pm.JOB, spec], pm.MAX_PIPE_FRAME))
         self._sent = True
         metrics.job_phase(job, "agent.run")
-        async with anyio.create_task_group() as helpers:
-            self._frame_pump.group = helpers
-            helpers.start_soon(self.limit_watch.run, worker, meter, watch, name=f"watch {job.id}")
-            try:
-                outcome = await self._pump(worker)
-            finally:
-                self._frame_pump.group = None
-                self._pump_done.set()
-                helpers.cancel_scope.cancel()  # calls still waiting: their job is over, nobody waits for them
+        assert self._tg is not None
+        self._frame_pump.group = self._tg
+        self.limit_watch.start(self._tg, worker, meter, watch)
+        try:
+            outcome = await self._pump(worker)
+        finally:
+            self._frame_pump.group = None
+            self._pump_done.set()
+            self.limit_watch.stop()
+            self._frame_pump.cancel_waiting()  # calls still waiting: their job is over, nobody waits for them
         if not self.life.stopping:
             await self._ended(worker, outcome)
-        # else the stopper, in _life()'s group, sends the terminal once the worker is gone
+        # else the stopper, in run()'s group, sends the terminal once the worker is gone
 
     def _limit_not_applied(self, worker: WorkerHandle, e: LimitNotApplied) -> None:
         """A layer could not apply a limit: the job does not run, and neither its worker nor
@@ -288,8 +289,8 @@ class JobRunner:
             return None
         self.egress = EgressJob(job.id, job.authority, self._egress_event, self.rt.config.egress_header_timeout)
         worker.egress.job = self.egress
-        assert self._egress_tasks is not None
-        self._egress_tasks.start_soon(self.egress.run, name=f"egress {job.id}")
+        assert self._tg is not None
+        self._tg.start_soon(self.egress.run, name=f"egress {job.id}")
         return worker.egress.port
 
     def _egress_event(self, kind: str, body: dict[str, Any]) -> None:
@@ -346,7 +347,7 @@ class JobRunner:
         A stop that comes while the worker is made ready for the job (before its spec is sent)
         tells the worker nothing: a worker takes a cancel for the job it has (one that comes
         before its job would be lost), and `_run()` does not send the job after a stop. The wait
-        for the job's end is then the set-up's: `_life()` sets `_pump_done` once `_run()` is over."""
+        for the job's end is then the set-up's: `run()` sets `_pump_done` once `_run()` is over."""
         try:
             assert worker.writer is not None
             if self._sent:

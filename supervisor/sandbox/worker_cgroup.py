@@ -77,6 +77,7 @@ class WorkerCgroup:
         # limits (a reused worker) finds them in place and is spared the reads
         self.verified: tuple[int, int] | None = None
         self._counters: dict[str, int] = {}  # counter file -> a descriptor kept open (_counter)
+        self._files: dict[tuple[str, str], str] = {}  # (controller, file name) -> its path (_file)
 
     def procs_files(self) -> list[str]:
         """The files the worker writes "0" to, to move itself into its groups."""
@@ -169,30 +170,36 @@ class WorkerCgroup:
     def cpu_usage_ns(self) -> int:
         """CPU time used by every task the group ever held, in ns (OSError, ValueError)."""
         if self.v2:
-            for line in self._counter(os.path.join(self.dirs["unified"], "cpu.stat")).splitlines():
+            for line in self._counter(self._file("unified", "cpu.stat")).splitlines():
                 k, _, v = line.partition(" ")
                 if k == "usage_usec":
                     return int(v) * 1000
             raise ValueError("cpu.stat has no usage_usec")
-        return int(self._counter(os.path.join(self.dirs["cpuacct"], "cpuacct.usage")))
+        return int(self._counter(self._file("cpuacct", "cpuacct.usage")))
 
     def cpu_split(self) -> tuple[int, int]:
         """The group's CPU time as (user, system), in a unit of the kernel's (v1 `cpuacct.stat`
         ticks, v2 microseconds): what the two are of a stretch of `cpu_usage_ns` (OSError, ValueError)."""
         if self.v2:
-            stat = _keyed(self.fs.read(os.path.join(self.dirs["unified"], "cpu.stat")), "cpu.stat",
-                          "user_usec", "system_usec")
+            stat = _keyed(self._counter(self._file("unified", "cpu.stat")), "cpu.stat", "user_usec", "system_usec")
             return stat["user_usec"], stat["system_usec"]
-        stat = _keyed(self.fs.read(os.path.join(self.dirs["cpuacct"], "cpuacct.stat")), "cpuacct.stat",
-                      "user", "system")
+        stat = _keyed(self._counter(self._file("cpuacct", "cpuacct.stat")), "cpuacct.stat", "user", "system")
         return stat["user"], stat["system"]
 
     # -- usage: memory and tasks (supervisor/usage.py) ------------------------------
     def _usage_file(self, ctl: str, v1_name: str, v2_name: str) -> str | None:
         if self.v2:
-            return os.path.join(self.dirs["unified"], v2_name)
-        d = self.dirs.get(ctl)
-        return None if d is None else os.path.join(d, v1_name)
+            return self._file("unified", v2_name)
+        return None if ctl not in self.dirs else self._file(ctl, v1_name)
+
+    def _file(self, ctl: str, name: str) -> str:
+        """The path of controller `ctl`'s file `name` in this group (joined once: the runner
+        reads the same few files at every job's start and end)."""
+        key = (ctl, name)
+        path = self._files.get(key)
+        if path is None:
+            path = self._files[key] = os.path.join(self.dirs[ctl], name)
+        return path
 
     def _read_count(self, path: str | None) -> int | None:
         """A counter file's value; None where the group has no such file or it cannot be read."""

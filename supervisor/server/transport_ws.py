@@ -17,6 +17,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from supervisor import metrics
 from supervisor.server.connection import serve_connection
@@ -41,17 +42,32 @@ class WSTransport:
     async def send_many(self, frames: list[bytes]) -> None:
         """Frame a batch in the websockets protocol, then write it with one syscall.
 
-        `send_context` checks the connection is open and, on exit, waits for the
-        socket to drain (flow control); one write per batch instead of one per
-        frame halves the supervisor's CPU per event.
+        On an open connection whose transport is not paused (the usual case) the batch is
+        written at once, and the writer waits only if that write filled the transport's buffer
+        (the flow control `send_context` applies on its exit). Otherwise, or when the batch
+        leaves a close to be handled, it goes through `send_context`, which checks the
+        connection is open and, on exit, waits for the socket to drain. One write per batch
+        instead of one per frame halves the supervisor's CPU per event.
         """
         ws = self.ws
+        protocol = ws.protocol
+        if protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing():
+            for data in frames:
+                protocol.send_text(data)
+            chunks = protocol.data_to_send()
+            if b"" not in chunks and not protocol.close_expected():
+                ws.transport.write(b"".join(chunks))
+                if ws.paused:
+                    await ws.drain()
+                return
+            frames = []  # framed already: what is left is to write them, and the close, below
+        else:
+            chunks = []
         try:
             async with ws.send_context():
-                protocol = ws.protocol
                 for data in frames:
                     protocol.send_text(data)
-                chunks = protocol.data_to_send()
+                chunks += protocol.data_to_send()
                 if b"" in chunks:  # an end of stream is queued: let websockets handle it
                     for chunk in chunks:
                         if chunk:

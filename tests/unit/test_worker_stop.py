@@ -130,7 +130,7 @@ def test_a_cancel_ends_a_worker_that_ignores_it_and_sigterm_through_the_one_esca
         t0 = time.monotonic()
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(runner._life)
+                tg.start_soon(runner.run)
                 await on_worker.wait()
                 t0 = time.monotonic()
                 runner.request_stop("cancel", "stop it")
@@ -222,7 +222,7 @@ def test_a_stop_while_the_worker_is_made_ready_does_not_send_the_job_and_does_no
         runner.life.admitted(time.monotonic())
         with anyio.fail_after(grace + 10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(runner._life)
+                tg.start_soon(runner.run)
                 await anyio.to_thread.run_sync(preparing.wait, 5)
                 t0 = time.monotonic()
                 runner.request_stop("cancel", "stop it")
