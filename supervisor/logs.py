@@ -40,6 +40,7 @@ CHATTY = ("websockets",)  # libraries whose info records are per-connection chat
 RESERVED = ("ts", "level", "logger", "msg")
 # What every LogRecord has: anything else in its __dict__ came from `extra`.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_FIRST_EXTRA = len(logging.LogRecord("", 0, "", 0, "", (), None).__dict__)  # where `extra` begins
 _PLAIN = (str, int, float, bool, type(None), list, dict)
 _QUOTED = re.compile(r'[\s"=\\]')  # a text value with any of these (or unprintable) is JSON-quoted
 _state = {"format": "text"}
@@ -59,9 +60,14 @@ def check_level(value: Any, what: str) -> str:
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The structured fields of a record (its `extra`), plain values only."""
-    return {k: v for k, v in record.__dict__.items()
-            if k not in _STANDARD and not k.startswith("_") and isinstance(v, _PLAIN)}
+    """The structured fields of a record (its `extra`), plain values only, in their order.
+
+    A record's own attributes come first in its __dict__ (its __init__ sets them), `extra`'s
+    after them (makeRecord adds them), so only the keys past those are looked at."""
+    d = record.__dict__
+    keys = list(d)
+    return {k: d[k] for k in keys[_FIRST_EXTRA:] if k not in _STANDARD and not k.startswith("_")
+            and isinstance(d[k], _PLAIN)}
 
 
 def _text_value(v: Any) -> str:
@@ -91,12 +97,24 @@ class TextFormatter(logging.Formatter):
         return f"{cached[1]},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        """What logging.Formatter(TEXT_FORMAT) makes of the record (its traceback and stack on
+        the lines after), with the fields on the first line; built directly, without the
+        format string's generic machinery (two records per job)."""
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        text = f"{record.asctime} {record.levelname} {record.name}: {record.message}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}" if text[-1:] != "\n" else text + record.exc_text
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}" if text[-1:] != "\n" \
+                else text + self.formatStack(record.stack_info)
         extra = fields(record)
         if not extra:
             return text
         line, nl, rest = text.partition("\n")  # fields stay on the record's first line
-        kv = " ".join(f"{k}={_text_value(v)}" for k, v in extra.items())
+        kv = " ".join([f"{k}={_text_value(v)}" for k, v in extra.items()])
         return f"{line} {kv}{nl}{rest}"
 
 
