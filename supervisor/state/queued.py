@@ -3,11 +3,15 @@ base.py for the contract): SqliteStore (sqlite.py) and PostgresStore (postgres.p
 engine with a database behind it (a `Backend`).
 
 One writer thread owns the only connection; the event loop never touches the
-database. Every operation, read or write, goes into one FIFO queue. Operations
-wake the thread at the end of the event-loop turn that queued them (at once when
-no loop runs in the caller's thread), and the thread hands everything queued by
-then (at most BATCH_BYTES of frames) to the backend, which applies it in ONE
-transaction, so writes batch up under load. Results go back to the asyncio loop
+database. Every operation, read or write, goes into one FIFO queue. An operation
+someone awaits (a read, a claim, a sync) wakes the thread at the end of the
+event-loop turn that queued it, as does a queue of GROUP_OPS operations or
+GROUP_BYTES of frames; other writes wake it within GROUP_DELAY (2 ms), so that
+the writes of a job's acceptance, events and end make one batch instead of
+waking the thread once per turn (at once when no loop runs in the caller's
+thread). The thread hands everything queued by then (at most BATCH_BYTES of
+frames) to the backend, which applies it in ONE transaction, so writes batch up
+under load. Results go back to the asyncio loop
 that asked with `call_soon_threadsafe`. The thread is a daemon: `await close()`
 before the process exits, or what is still queued is lost.
 
@@ -55,6 +59,8 @@ log = logging.getLogger("arcp.store")
 FAILURES_LOGGED = 20  # failed operations of one batch logged one by one; the rest in one line
 UNREPORTED_KEPT = 1000  # failures waiting for a sync() to report them, kept by name (the rest counted)
 BATCH_BYTES = 4 * 1024 * 1024  # bytes of frames one transaction takes at most: the WAL stays small
+GROUP_DELAY = 0.002  # seconds a write nobody awaits may wait for others to join its batch
+GROUP_OPS, GROUP_BYTES = 256, 256 * 1024  # a queue this long is handed over at the end of the turn
 
 
 class Backend(Protocol):
@@ -100,7 +106,8 @@ class QueuedStore(StateStore):
         self._refusing = False
         self._room: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # writable()'s waiters
         # the event loop's own
-        self._wake_loop: asyncio.AbstractEventLoop | None = None
+        self._wake_loop: asyncio.AbstractEventLoop | None = None  # a wake is due at the end of its turn
+        self._wake_timer: asyncio.TimerHandle | None = None  # a grouped wake is due (GROUP_DELAY)
         # the writer thread's own
         self._db: Backend | None = None  # the connection, with the sessions' log sizes
         self._connected = True  # False while the backend reconnects
@@ -249,7 +256,7 @@ class QueuedStore(StateStore):
             raise refused
         if log_recovery:
             log.warning("state store: accepting writes again (%d refused so far)", self._refused)
-        self._kick()
+        self._kick(waiter is not None)
 
     async def writable(self) -> None:
         if self._queued_bytes <= HIGH_WATER_BYTES:  # (a read without the lock: a hint, checked below)
@@ -269,16 +276,31 @@ class QueuedStore(StateStore):
         self._put(kind, args, 0, loop, waiter)
         return await waiter
 
-    def _kick(self) -> None:
-        """Wake the writer at the end of this loop turn, so the turn's writes make one batch."""
+    def _kick(self, urgent: bool) -> None:
+        """Wake the writer. For an operation someone awaits (`urgent`: a read, a claim, a
+        sync), or a queue of GROUP_OPS operations or GROUP_BYTES of frames, at the end of this
+        loop turn, so that the turn's writes make one batch; for other writes within
+        GROUP_DELAY, so that those of several turns (a job's acceptance, its events, its end)
+        make one batch, and one wake of the thread instead of one per turn."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._wake_now()
             return
-        if self._wake_loop is not loop:
-            self._wake_loop = loop
-            loop.call_soon(self._wake_now)
+        if urgent or self._queued_ops >= GROUP_OPS or self._queued_bytes >= GROUP_BYTES:
+            if self._wake_timer is not None:
+                self._wake_timer.cancel()
+                self._wake_timer = None
+            if self._wake_loop is not loop:
+                self._wake_loop = loop
+                loop.call_soon(self._wake_now)
+        elif self._wake_loop is None and self._wake_timer is None:
+            self._wake_timer = loop.call_later(GROUP_DELAY, self._wake_grouped)
+
+    def _wake_grouped(self) -> None:
+        self._wake_timer = None
+        if self._wake_loop is None and self._queue:  # (else a wake is due this turn, or came)
+            self._wake_now()
 
     def _wake_now(self) -> None:
         self._wake_loop = None

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from supervisor.state.base import RESTART_MESSAGE, StateStore, StoreError
+from supervisor.state import queued
 from supervisor.state.sqlite import DB_NAME, SqliteStore
 
 MiB = 1024 * 1024
@@ -134,6 +135,44 @@ def test_the_writes_of_one_loop_turn_make_one_transaction(tmp_path: Path) -> Non
         assert store.commits == commits + 1
         assert store.batches == batches + 1
         assert len(await store.frames_since("s", 0)) == 20_000
+        await store.close()
+
+    _run(main())
+
+
+def test_writes_nobody_awaits_wait_for_others_and_a_read_takes_them_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's writes come over several loop turns: they make one batch. A read (someone
+    awaits it) does not wait for the grouping delay, and sees them."""
+    monkeypatch.setattr(queued, "GROUP_DELAY", 5.0)
+
+    async def main() -> None:
+        store = await SqliteStore.open(str(tmp_path))
+        batches = store.batches
+        for i in range(3):  # acceptance, an event, the end: one turn each
+            store.log_frame("s", i + 1, "job_a", b"frame %d" % i)
+            await asyncio.sleep(0)
+        t0 = time.monotonic()
+        assert [s for s, _ in await store.frames_since("s", 0)] == [1, 2, 3]
+        assert time.monotonic() - t0 < 4.0, "the read waited for the grouping delay"
+        assert store.batches == batches + 1
+        await store.close()
+
+    _run(main())
+
+
+def test_writes_nobody_awaits_reach_the_database_unasked(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = await SqliteStore.open(str(tmp_path))
+        side = _side(store)
+        for i in range(3):
+            store.log_frame("s", i + 1, "job_a", b"frame %d" % i)
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while side.execute("SELECT count(*) FROM frames").fetchone()[0] < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert side.execute("SELECT count(*) FROM frames").fetchone()[0] == 3
+        side.close()
         await store.close()
 
     _run(main())
