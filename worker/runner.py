@@ -183,8 +183,10 @@ class Runner:
             import_path.enter()  # the job's import path, only now that nothing can leave the sandbox
             name_import_refusals()  # an import the sandbox refuses says so (worker/import_refusals.py)
             fn = load_entry(spec["entry"])
-            # the agent's own imports: the same for every job of this worker (no copy when unchanged)
-            modules = modules if _unchanged(modules) else dict(sys.modules)
+            # The agent's own imports: the same for every job of this worker (no copy when none
+            # came). A count is enough here: an import adds entries, and a change it hides (one
+            # added, one removed) is still a change at the job's end, which retires the worker.
+            modules = modules if len(sys.modules) == len(modules) else dict(sys.modules)
             if spec.get("check"):  # the start-up check: the import and the function, not a call
                 raise _Checked()
             value = self._call_agent(fn, spec.get("input"), ctx)

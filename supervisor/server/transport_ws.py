@@ -39,6 +39,20 @@ class WSTransport:
         except ConnectionClosed:
             return None
 
+    def can_write_now(self) -> bool:
+        """Open, its transport not paused by flow control, and no close to be handled."""
+        ws = self.ws
+        return ws.protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing() \
+            and not ws.protocol.close_expected()
+
+    def write_now(self, frames: list[bytes]) -> None:
+        """Frame a batch and write it (after `can_write_now`); the next `send_many` waits for
+        the socket to drain if this filled the transport's buffer."""
+        protocol = self.ws.protocol
+        for data in frames:
+            protocol.send_text(data)
+        self.ws.transport.write(b"".join(protocol.data_to_send()))
+
     async def send_many(self, frames: list[bytes]) -> None:
         """Frame a batch in the websockets protocol, then write it with one syscall.
 
@@ -50,24 +64,20 @@ class WSTransport:
         instead of one per frame halves the supervisor's CPU per event.
         """
         ws = self.ws
-        protocol = ws.protocol
-        if protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing():
-            for data in frames:
-                protocol.send_text(data)
-            chunks = protocol.data_to_send()
-            if b"" not in chunks and not protocol.close_expected():
-                ws.transport.write(b"".join(chunks))
-                if ws.paused:
+        if self.can_write_now():
+            self.write_now(frames)
+            if ws.paused:
+                try:
                     await ws.drain()
-                return
-            frames = []  # framed already: what is left is to write them, and the close, below
-        else:
-            chunks = []
+                except OSError:  # the connection was lost meanwhile: its reader sees it end
+                    pass
+            return
+        protocol = ws.protocol
         try:
             async with ws.send_context():
                 for data in frames:
                     protocol.send_text(data)
-                chunks += protocol.data_to_send()
+                chunks = protocol.data_to_send()
                 if b"" in chunks:  # an end of stream is queued: let websockets handle it
                     for chunk in chunks:
                         if chunk:
