@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import statistics
-import subprocess
 import time
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from authority import HERE, READY, ROOT, ulid  # noqa: E402  (run as a script: its directory is on the path)
+from authority import HERE, ROOT, ulid  # noqa: E402  (run as a script: its directory is on the path)
+from procgroup import started_server, stop_process_group  # noqa: E402
 
 
 async def hello(url: str, token: str) -> tuple[ClientConnection, str]:
@@ -92,19 +90,11 @@ def main() -> None:
             "--token", "a=alice", "--token", "b=bob", "--agent", "span=bench_agents:span"]
     runs = []
     for rep in range(args.reps):
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc, url = started_server(argv, HERE)
         try:
-            assert proc.stdout is not None
-            url = ""
-            deadline = time.monotonic() + 30
-            while not url and time.monotonic() < deadline:
-                m = READY.search(proc.stdout.readline().decode())
-                url = m.group(1) if m else url
             r = asyncio.run(asyncio.wait_for(one(url, args.jobs, args.seconds), 600))
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            stop_process_group(proc, 3)
         runs.append(r)
         print(f"rep {rep + 1}: wait min {r['min']:.3f} / median {r['median']:.3f} / p90 {r['p90']:.3f} / "
               f"max {r['max']:.3f} s; second principal {r['bob']:.3f} s; {r['jobs_per_s']:.1f} jobs/s", flush=True)

@@ -15,20 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
 import secrets
-import signal
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 from websockets.asyncio.client import connect
 
+from procgroup import started_server, stop_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-READY = re.compile(r"arcp-supervisor listening on (ws://\S+)")
 _C = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -64,19 +61,11 @@ def main() -> None:
             "--agent", "leaseops=bench_agents:leaseops"]
     p50s, p99s = [], []
     for rep in range(args.reps):
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc, url = started_server(argv, HERE)
         try:
-            assert proc.stdout is not None
-            url = ""
-            deadline = time.monotonic() + 30
-            while not url and time.monotonic() < deadline:
-                m = READY.search(proc.stdout.readline().decode())
-                url = m.group(1) if m else url
             r = asyncio.run(asyncio.wait_for(one(url, args.n), 300))
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            stop_process_group(proc, 3)
         p50s.append(r["p50_us"])
         p99s.append(r["p99_us"])
         print(f"[rep {rep + 1}] validate_lease_op round trip: p50 {r['p50_us']:.1f} us, p99 {r['p99_us']:.1f} us")

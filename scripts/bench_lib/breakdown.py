@@ -27,22 +27,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import secrets
 import statistics
-import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 from websockets.asyncio.client import connect
 
-from procgroup import stop_process_group
+from procgroup import started_server, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT.parent / "shared" / "bench"
-READY = re.compile(r"arcp-supervisor listening on (ws://\S+)")
 AGENTS = ["--agent", "noop@1.0.0=agents_bench:noop", "--agent", "burst@1.0.0=agents_bench:burst"]
 WARMUP = 50
 _C = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -138,22 +134,8 @@ async def drive(url: str, tree: Tree, jobs: int, events: int) -> dict[str, float
 
 
 def run_one(argv: list[str], ours: bool, jobs: int, events: int) -> dict[str, float]:
-    proc = subprocess.Popen(argv, cwd=BENCH, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc, url = started_server(argv, BENCH)
     try:
-        assert proc.stdout is not None
-        url = ""
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            m = READY.search(line)
-            if m:
-                url = m.group(1)
-                break
-            if not line and proc.poll() is not None:
-                break
-        if not url:
-            raise RuntimeError(f"server did not start: {argv}")
         time.sleep(1.0)  # the warm workers are forked
         return asyncio.run(drive(url, Tree(proc.pid, ours), jobs, events))
     finally:
