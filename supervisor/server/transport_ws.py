@@ -39,14 +39,14 @@ class WSTransport:
         except ConnectionClosed:
             return None
 
-    def can_write_now(self) -> bool:
+    def _can_write_now(self) -> bool:
         """Open, its transport not paused by flow control, and no close to be handled."""
         ws = self.ws
         return ws.protocol.state is State.OPEN and not ws.paused and not ws.transport.is_closing() \
             and not ws.protocol.close_expected()
 
-    def write_now(self, frames: list[bytes]) -> None:
-        """Frame a batch and write it (after `can_write_now`); the next `send_many` waits for
+    def _write_now(self, frames: list[bytes]) -> None:
+        """Frame a batch and write it (after `_can_write_now`); the next `send_many` waits for
         the socket to drain if this filled the transport's buffer."""
         protocol = self.ws.protocol
         for data in frames:
@@ -64,8 +64,8 @@ class WSTransport:
         instead of one per frame halves the supervisor's CPU per event.
         """
         ws = self.ws
-        if self.can_write_now():
-            self.write_now(frames)
+        if self._can_write_now():
+            self._write_now(frames)
             if ws.paused:
                 try:
                     await ws.drain()
